@@ -1,0 +1,38 @@
+"""The `scope` command line. Each `cli/cmd_*.py` module registers its own command(s).
+
+No logic lives here: commands parse options, call one `pipelines`/`scope_data` function,
+print its summary and exit non-zero with a one-line message on a user error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import typer
+
+import cli
+
+app = typer.Typer(
+    name="scope",
+    help="SCOPE: salvage failed RLVR rollouts (PRM first error + teacher correction) and train "
+    "on the mix.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+
+@app.callback()
+def _root() -> None:
+    """SCOPE: salvage failed RLVR rollouts and train on the mix. Stages exchange Parquet tables."""
+
+
+for _info in sorted(pkgutil.iter_modules(cli.__path__), key=lambda m: m.name):
+    if _info.name.startswith("cmd_"):
+        importlib.import_module(f"cli.{_info.name}").register(app)
+
+
+if __name__ == "__main__":
+    app()

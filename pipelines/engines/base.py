@@ -1,0 +1,131 @@
+"""One spec string per engine (DESIGN.md section 4) and the interfaces every engine implements.
+
+Generation engines (policy sampling and teachers) take token-id requests and return sampled
+token ids with their temperature-processed log-probs; PRM engines return P(step correct) per
+step, higher = correct. Engine modules import their heavy dependencies lazily.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+GENERATION_FORMS = ("hf:<path-or-hub-id>", "vllm:<path-or-hub-id>", "openai:<base_url>#<model>")
+PRM_FORMS = ("rule:arith", "hf-cls:<model>", "hf-tag:<model>", "vllm:<model>")
+TEACHER_FORMS = GENERATION_FORMS + ("oracle:arith", "reference")
+
+# kind -> "module:Class"; modules are imported only when a spec of that kind is loaded.
+GENERATION_ENGINES = {
+    "hf": "pipelines.engines.hf:HFGenerationEngine",
+    "vllm": "pipelines.engines.vllm_engine:VLLMGenerationEngine",
+    "openai": "pipelines.engines.openai_engine:OpenAIGenerationEngine",
+}
+PRM_ENGINES = {
+    "rule": "pipelines.engines.prm_rule:RulePRM",
+    "hf-cls": "pipelines.engines.prm_hf:HFClsPRM",
+    "hf-tag": "pipelines.engines.prm_hf:HFTagPRM",
+    "vllm": "pipelines.engines.prm_vllm:VLLMPRM",
+}
+
+
+class SpecError(ValueError):
+    """An engine spec string that does not parse; the message lists the valid forms."""
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """A parsed spec: `kind:target`, plus the model name for `openai:<base_url>#<model>`."""
+
+    kind: str
+    target: str
+    model: str | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "reference":
+            return "reference"
+        return f"{self.kind}:{self.target}" + (f"#{self.model}" if self.model else "")
+
+
+def parse_spec(spec: str, role: str = "generation") -> EngineSpec:
+    """Parse `spec` for `role` in {"generation", "prm", "teacher"}; SpecError lists valid forms."""
+    forms = {"generation": GENERATION_FORMS, "prm": PRM_FORMS, "teacher": TEACHER_FORMS}[role]
+    kinds = {f.split(":")[0] for f in forms}
+    text = (spec or "").strip()
+    kind, sep, target = text.partition(":")
+    if text == "reference" and "reference" in kinds:
+        return EngineSpec("reference", "")
+    if not sep or kind not in kinds or not target:
+        raise SpecError(f"unknown {role} engine spec {spec!r}; valid forms: {', '.join(forms)}")
+    if kind in ("rule", "oracle") and target != "arith":
+        raise SpecError(f"unknown {role} engine spec {spec!r}: only {kind}:arith exists")
+    if kind == "openai":
+        base_url, hash_sign, model = target.partition("#")
+        if not hash_sign or not base_url or not model:
+            raise SpecError(f"openai spec {spec!r} must look like openai:<base_url>#<model>")
+        return EngineSpec("openai", base_url, model)
+    return EngineSpec(kind, target)
+
+
+def _load(table: dict[str, str], spec: EngineSpec, **options: Any) -> Any:
+    module_name, class_name = table[spec.kind].split(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(spec, **options)
+
+
+@dataclass
+class GenerationRequest:
+    """Sample `n` continuations of prompt_token_ids (+ prefix_token_ids, a partial response)."""
+
+    prompt_token_ids: list[int]
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
+    prefix_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class GenerationResult:
+    """One sampled continuation: only the NEW tokens (after any prefix), their text and
+    log-probs under the temperature/top-p-processed distribution, and why it stopped
+    ("stop": EOS or a stop string, "length": max_new_tokens, "error": engine failure)."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: str
+
+
+class GenerationEngine(Protocol):
+    spec: EngineSpec
+    tokenizer: Any  # the engine's Hugging Face tokenizer
+    max_model_len: int
+
+    def generate(self, requests: list[GenerationRequest]) -> list[list[GenerationResult]]:
+        """One list of n results per request, in request order."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class PRMEngine(Protocol):
+    spec: EngineSpec
+    max_length: int
+
+    def score_batch(self, items: list[tuple[str, list[str]]]) -> list[list[float]]:
+        """P(step correct) for each (problem, steps) pair; NaN where the model gave NaN."""
+        ...
+
+
+def load_generation_engine(spec: str | EngineSpec, **options: Any) -> GenerationEngine:
+    """Instantiate the generation engine for `spec` (hf:, vllm:, openai:)."""
+    parsed = spec if isinstance(spec, EngineSpec) else parse_spec(spec, "generation")
+    return _load(GENERATION_ENGINES, parsed, **options)
+
+
+def load_prm(spec: str | EngineSpec, **options: Any) -> PRMEngine:
+    """Instantiate the PRM engine for `spec` (rule:arith, hf-cls:, hf-tag:, vllm:)."""
+    parsed = spec if isinstance(spec, EngineSpec) else parse_spec(spec, "prm")
+    return _load(PRM_ENGINES, parsed, **options)
