@@ -9,13 +9,13 @@ Timeout mechanism (works from any thread): math-verify's own timeout uses ``sign
 only works in the main thread, so it is disabled (``parsing_timeout=None``,
 ``timeout_seconds=None``) and each comparison runs instead in a small persistent pool of worker
 processes (plain ``python -c`` subprocesses talking over a socket: no fork next to torch
-threads, no re-import of the caller's ``__main__``). The caller waits on the
-worker's pipe with a deadline; on timeout the worker is killed (SIGKILL), which really stops a
-runaway sympy computation and frees its memory, and a fresh worker replaces it on next use.
-Worker start-up (importing sympy, ~1 s) is not counted against the timeout. Pool size:
-``SCOPE_GRADER_WORKERS`` (default ``min(2, cpu_count)``). Where processes cannot be started at
-all the call falls back to a daemon thread with a deadline:
-the caller still gets ``grader_timeout`` on time, but the stray computation cannot be stopped.
+threads, no re-import of the caller's ``__main__``). The caller waits on the socket with a
+deadline; on timeout the worker is killed (SIGKILL), which really stops a runaway sympy
+computation and frees its memory, and a fresh worker replaces it on next use. Worker start-up
+(importing sympy, ~0.5 s) is not counted against the timeout; workers cap their address space
+at 4 GiB. Pool size: ``SCOPE_GRADER_WORKERS`` (default ``min(2, cpu_count)``). Where processes
+cannot be started at all, calls fall back to a daemon thread with a deadline: the caller still
+gets ``grader_timeout`` on time, but the stray computation cannot be stopped.
 
 Results are cached (LRU) on ``(extracted answer, gold, timeout)``, so the G samples of a group
 that share an answer are verified once.
@@ -32,6 +32,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -46,7 +47,9 @@ GradeStatus = Literal["ok", "no_answer", "grader_timeout", "grader_error"]
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\b")
 _HASH_RE = re.compile(r"^[ \t]*####[ \t]*(\S.*?)[ \t]*$", re.MULTILINE)
 _ANSWER_RE = re.compile(
-    r"^.*?\banswer\b[ \t*]*(?:is[ \t]*)?[:：][ \t*]*(\S.*?)[ \t]*$", re.MULTILINE | re.IGNORECASE
+    r"^[ \t>*#_-]*(?:the[ \t]+)?(?:final[ \t]+)?answer[ \t*]*(?:is[ \t*]*)?[:：]"
+    r"[ \t*]*(\S.*?)[ \t]*$",
+    re.MULTILINE | re.IGNORECASE,
 )
 _WORKER_START_TIMEOUT_S = 120.0
 _WORKER_MEMORY_LIMIT_BYTES = 4 * 1024**3
@@ -169,6 +172,14 @@ def _worker_main(conn: Any) -> None:
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     import math_verify  # noqa: F401  (import before announcing readiness)
 
+    parent_pid = os.getppid()
+
+    def exit_when_orphaned() -> None:  # a killed parent must not leave sympy running
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=exit_when_orphaned, daemon=True).start()
     conn.send(("ready", None))
     while True:
         try:
@@ -200,6 +211,7 @@ class _Worker:
     """
 
     def __init__(self) -> None:
+        self.owner_pid = os.getpid()
         parent_sock, child_sock = socket.socketpair()
         package_root = str(Path(__file__).resolve().parents[1])
         env = dict(os.environ)
@@ -217,6 +229,8 @@ class _Worker:
         finally:
             child_sock.close()
         self.conn = Connection(parent_sock.detach())
+        with _live_workers_lock:
+            _live_workers.add(self)
         try:
             ready = self.conn.poll(_WORKER_START_TIMEOUT_S) and self.conn.recv()[0] == "ready"
         except (EOFError, OSError):
@@ -230,6 +244,12 @@ class _Worker:
             self.process.kill()
         self.process.wait(timeout=10)
         self.conn.close()
+        with _live_workers_lock:
+            _live_workers.discard(self)
+
+
+_live_workers: set[_Worker] = set()
+_live_workers_lock = threading.Lock()
 
 
 class _GraderPool:
@@ -271,18 +291,6 @@ class _GraderPool:
         finally:
             self._slots.put(worker)
 
-    def shutdown(self) -> None:
-        """Stop every started worker (slots stay usable: they restart on demand)."""
-        for _ in range(self.size):
-            worker = self._slots.get()
-            if worker is not None:
-                try:
-                    worker.conn.send(None)
-                except OSError:
-                    pass
-                worker.kill()
-            self._slots.put(None)
-
 
 def _run_in_thread(pred_answer: str, gold: str, timeout: float) -> GradeStatus | bool:
     """Fallback: run in a daemon thread and stop waiting at the deadline."""
@@ -301,16 +309,18 @@ def _run_in_thread(pred_answer: str, gold: str, timeout: float) -> GradeStatus |
 
 
 _pool: _GraderPool | None = None
+_pool_pid = 0
 _pool_lock = threading.Lock()
 
 
 def _get_pool() -> _GraderPool:
-    global _pool
+    """The process's pool; a forked child gets its own (it must not share the parent's)."""
+    global _pool, _pool_pid
     with _pool_lock:
-        if _pool is None:
+        if _pool is None or _pool_pid != os.getpid():
             default = min(2, os.cpu_count() or 1)
             size = int(os.environ.get("SCOPE_GRADER_WORKERS", default))
-            _pool = _GraderPool(max(1, size))
+            _pool, _pool_pid = _GraderPool(max(1, size)), os.getpid()
         return _pool
 
 
@@ -320,9 +330,17 @@ def pool_size() -> int:
 
 
 def shutdown_grader_pool() -> None:
-    """Stop the grader worker processes (also registered with atexit)."""
-    if _pool is not None:
-        _pool.shutdown()
+    """Kill this process's grader workers, idle or busy (also registered with atexit).
+
+    Later calls start a fresh pool; a call in flight on a killed worker gets ``grader_error``.
+    """
+    global _pool
+    with _pool_lock:
+        _pool = None
+        with _live_workers_lock:
+            workers = [w for w in _live_workers if w.owner_pid == os.getpid()]
+    for worker in workers:
+        worker.kill()
 
 
 atexit.register(shutdown_grader_pool)
@@ -331,11 +349,18 @@ atexit.register(shutdown_grader_pool)
 # --------------------------------------------------------------------------- grading
 
 
+class _UncachedGraderError(Exception):
+    """Raised through the cache so that a failed comparison is retried next time."""
+
+
 @lru_cache(maxsize=65536)
 def _grade_answer(pred_answer: str, gold: str, timeout: float) -> tuple[bool, GradeStatus]:
+    """Cached verdict; verdicts and timeouts are cached, errors (maybe transient) are not."""
     if normalize_whitespace(pred_answer) == normalize_whitespace(gold):
         return True, "ok"
     outcome = _get_pool().run(pred_answer, gold, timeout)
+    if outcome == "grader_error":
+        raise _UncachedGraderError
     if isinstance(outcome, bool):
         return outcome, "ok"
     return False, outcome
@@ -366,7 +391,10 @@ def grade(response_text: object, gold_answer: object, timeout: float = 5.0) -> G
         pred_answer = extract_answer(response_text)
         if pred_answer is None:
             return GradeResult(None, False, "no_answer")
-        correct, status = _grade_answer(pred_answer, gold, float(timeout))
+        try:
+            correct, status = _grade_answer(pred_answer, gold, float(timeout))
+        except _UncachedGraderError:
+            return GradeResult(pred_answer, False, "grader_error")
         return GradeResult(pred_answer, correct, status)
     except Exception:  # noqa: BLE001  (a bad row must never stop a stage)
         logger.warning("grading failed", exc_info=True)
@@ -384,6 +412,5 @@ def grade_many(
     """Grade pairs concurrently, one in flight per grader worker; results in input order."""
     if len(responses) != len(gold_answers):
         raise ValueError(f"{len(responses)} responses but {len(gold_answers)} gold answers")
-    with ThreadPoolExecutor(max_workers=pool_size(), thread_name_prefix="scope-grade") as ex:
-        return list(ex.map(lambda pair: grade(*pair, timeout=timeout),
-                           zip(responses, gold_answers, strict=True)))
+    with ThreadPoolExecutor(pool_size(), thread_name_prefix="scope-grade") as executor:
+        return list(executor.map(lambda r, g: grade(r, g, timeout), responses, gold_answers))

@@ -36,6 +36,29 @@ MANIFEST = "_manifest.json"
 _CHUNK = 8 << 20
 
 
+_SECRET_WORDS = {"secret", "password", "token", "credential", "credentials", "key", "apikey"}
+
+
+def redact(config: Any) -> Any:
+    """`config` without storage options and with secret-looking values masked.
+
+    Manifests and part markers record configs; credentials must never reach them.
+    """
+    if isinstance(config, dict):
+        out = {}
+        for k, v in config.items():
+            name = str(k).lower()
+            if name in ("storage_options", "client_kwargs"):
+                continue
+            words = set(name.replace("-", "_").split("_"))
+            secret = bool(words & _SECRET_WORDS) and isinstance(v, str)
+            out[k] = "***" if secret else redact(v)
+        return out
+    if isinstance(config, (list, tuple)):
+        return [redact(v) for v in config]
+    return config
+
+
 class ShardError(RuntimeError):
     """A table folder is missing, unfinished, corrupted or unsafe; the message names the path."""
 
@@ -220,6 +243,7 @@ class TableStore:
         `stats` (a dict the caller may fill while writing) is stored in the marker and summed
         into the manifest.
         """
+        config = redact(config)
         name = part_name(shard_index, num_shards)
         self.folder.remove(_marker_name(shard_index, num_shards))
         schema = schema_for(self.table_name)
@@ -249,7 +273,7 @@ class TableStore:
     def part_done(self, shard_index: int, num_shards: int, config: dict[str, Any]) -> bool:
         """True when part k of N exists with its marker and was written with this config."""
         marker = self._marker(shard_index, num_shards)
-        return marker is not None and marker["config_hash"] == config_hash(config)
+        return marker is not None and marker["config_hash"] == config_hash(redact(config))
 
     def missing_parts(self, num_shards: int, config: dict[str, Any]) -> list[str]:
         return [part_name(k, num_shards) for k in range(num_shards)
@@ -259,6 +283,7 @@ class TableStore:
         self, num_shards: int, config: dict[str, Any], inputs: list[Manifest] | None = None,
     ) -> Manifest:
         """Write `_manifest.json` once all parts exist; raise ShardError naming missing ones."""
+        config = redact(config)
         chash = config_hash(config)
         markers = []
         missing = []

@@ -15,3 +15,6 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"public test data not found at {SHARED_DATA} (see README: Test data)")
     return SHARED_DATA
+
+
+from tests.s3_server import s3_bucket, s3_server  # noqa: E402,F401

@@ -1,0 +1,240 @@
+"""`hf:<path-or-hub-id>`: sampling with a transformers causal LM, the CPU default and test path.
+
+A small sampling loop over `model(input_ids, past_key_values=cache)` (what `model.generate`
+does, minus its generality) so that every sample is reproducible on its own and its log-probs
+are exact:
+
+- every sample i of a request gets its own random stream, seeded `request.seed + i` (the same
+  rule vLLM uses for the children of an n > 1 request), drawn up front; the t-th token is the
+  inverse-CDF draw of uniform u_t from the processed distribution. So a sample depends on its
+  seed, prompt and the model, not on the other rows of its batch (up to the last-bit float noise
+  that a different batch shape can cause in the matmuls) nor on torch's global RNG;
+- the processed distribution at temperature T and nucleus p is
+      q = softmax(logits / T), restricted to the smallest top set of mass >= p, renormalised,
+  and the behaviour log-prob of token y is log q(y). With top_p = 1 this is exactly
+  `log_softmax(logits / T)[y]`, what the trainer recomputes; with top_p < 1 it is larger by
+  -log(nucleus mass) (vLLM's `processed_logprobs` follows the same rule). T = 0 is greedy
+  (argmax) and reports `log_softmax(logits)[y]` (T = 1), like vLLM;
+- rows are sorted by length and batched with left padding (position ids from the attention
+  mask, as `generate` computes them); finished rows are dropped from the KV cache;
+- a sample stops at an EOS token (kept as the last token id, with its log-prob, finish_reason
+  "stop") or after max_new_tokens ("length"). `text` is decoded without special tokens.
+
+`prefix_token_ids` are fed after the prompt and only the new tokens are returned.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines.engines.base import EngineSpec, GenerationRequest, GenerationResult
+
+
+@dataclass
+class _Sample:
+    index: tuple[int, int]  # (request index, sample index)
+    input_ids: list[int]
+    seed: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+
+
+def process_logits(logits: Any, temperature: Any, top_p: Any) -> Any:
+    """Log-probs of the processed distribution, rows of `logits` (B, V) float32.
+
+    `temperature`, `top_p`: (B, 1) tensors; temperature 0 rows use T = 1 (greedy rows).
+    """
+    import torch
+
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    logp = torch.log_softmax(logits.float() / t, dim=-1)
+    if bool((top_p < 1).any()):
+        sorted_logp, order = torch.sort(logp, dim=-1, descending=True, stable=True)
+        mass_before = torch.cumsum(sorted_logp.exp(), dim=-1) - sorted_logp.exp()
+        drop_sorted = (mass_before >= top_p) & (top_p < 1)
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logp = torch.log_softmax(logp.masked_fill(drop, float("-inf")), dim=-1)
+    return logp
+
+
+def sample_tokens(logp: Any, u: Any, greedy: Any) -> Any:
+    """Inverse-CDF draw of one token per row from log-probs `logp` (B, V) with uniforms `u` (B,);
+    `greedy` rows (B,) bool take the argmax."""
+    import torch
+
+    probs = logp.exp()
+    cdf = torch.cumsum(probs, dim=-1)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    vocab = probs.shape[-1]
+    last_nonzero = vocab - 1 - torch.argmax((probs > 0).flip(-1).int(), dim=-1)
+    idx = torch.minimum(idx, last_nonzero)  # float rounding at the very top of the CDF
+    return torch.where(greedy, torch.argmax(logp, dim=-1), idx)
+
+
+def resolve_model_path(target: str) -> str:
+    """A local folder as is; anything that looks like a path but is missing raises naming it."""
+    path = Path(target).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {target!r} has no config.json")
+        return str(path)
+    looks_local = target.startswith((".", "/", "~")) or target.count("/") != 1
+    if looks_local:
+        raise FileNotFoundError(f"model path {target!r} does not exist")
+    return target  # a hub id: from_pretrained resolves it (from the local HF cache offline)
+
+
+def load_model_and_tokenizer(
+    target: str, *, device: str, dtype: str | None, trust_remote_code: bool = False
+) -> tuple[Any, Any]:
+    """Load `AutoModelForCausalLM` (safetensors) + `AutoTokenizer` in eval mode on `device`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model_path(target)
+    torch_dtype = getattr(torch, dtype or ("float32" if device == "cpu" else "bfloat16"))
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load model {target!r}: {e}") from None
+    return model.to(device).eval(), tok
+
+
+class HFGenerationEngine:
+    """Batched sampling with a transformers model; see the module docstring for the maths."""
+
+    def __init__(
+        self,
+        spec: EngineSpec,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        batch_size: int = 64,
+        max_model_len: int | None = None,
+        trust_remote_code: bool = False,
+        num_threads: int | None = None,
+        **_ignored: Any,
+    ) -> None:
+        import torch
+
+        if num_threads or device in (None, "cpu"):
+            torch.set_num_threads(num_threads or min(2, os.cpu_count() or 1))
+        self.spec = spec
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, self.tokenizer = load_model_and_tokenizer(
+            spec.target, device=self.device, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+        self.dtype = str(self.model.dtype).removeprefix("torch.")
+        self.batch_size = batch_size
+        config_len = getattr(self.model.config, "max_position_embeddings", None) or 2048
+        self.max_model_len = min(max_model_len or config_len, config_len)
+        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else min(self.eos_ids)
+
+    def generate(self, requests: list[GenerationRequest]) -> list[list[GenerationResult]]:
+        """One list of `n` results per request, in request order."""
+        samples = []
+        for r, req in enumerate(requests):
+            ids = list(req.prompt_token_ids) + list(req.prefix_token_ids)
+            if len(ids) >= self.max_model_len:
+                raise ValueError(
+                    f"request {r}: {len(ids)} prompt+prefix tokens do not fit max_model_len "
+                    f"{self.max_model_len}"
+                )
+            room = min(req.max_new_tokens, self.max_model_len - len(ids))
+            for i in range(req.n):
+                samples.append(_Sample((r, i), ids, req.seed + i, req.temperature, req.top_p,
+                                       room))
+        samples.sort(key=lambda s: (len(s.input_ids), s.index))
+        out: dict[tuple[int, int], GenerationResult] = {}
+        for start in range(0, len(samples), self.batch_size):
+            batch = samples[start : start + self.batch_size]
+            for s, result in zip(batch, self._generate_batch(batch), strict=True):
+                out[s.index] = result
+        return [[out[(r, i)] for i in range(req.n)] for r, req in enumerate(requests)]
+
+    def _generate_batch(self, batch: list[_Sample]) -> list[GenerationResult]:
+        import torch
+        from transformers import DynamicCache
+
+        dev = self.device
+        width = max(len(s.input_ids) for s in batch)
+        input_ids = torch.tensor(
+            [[self.pad_id] * (width - len(s.input_ids)) + s.input_ids for s in batch], device=dev
+        )
+        mask = torch.tensor(
+            [[0] * (width - len(s.input_ids)) + [1] * len(s.input_ids) for s in batch], device=dev
+        )
+        steps = max(s.max_new_tokens for s in batch)
+        uniforms = torch.stack([
+            torch.rand(steps, generator=torch.Generator().manual_seed(s.seed))
+            for s in batch
+        ]).to(dev)
+        temp = torch.tensor([[s.temperature] for s in batch], device=dev)
+        top_p = torch.tensor([[s.top_p] for s in batch], device=dev)
+        limit = torch.tensor([s.max_new_tokens for s in batch], device=dev)
+        eos = torch.tensor(sorted(self.eos_ids), device=dev)
+        rows = torch.arange(len(batch), device=dev)  # batch row of each live cache row
+        tokens: list[list[int]] = [[] for _ in batch]
+        logprobs: list[list[float]] = [[] for _ in batch]
+        finish = ["length"] * len(batch)
+        cache = DynamicCache(config=self.model.config)
+        position = (mask.cumsum(-1) - 1).clamp(min=0)
+        step_ids, step_pos = input_ids, position
+        with torch.inference_mode():
+            for t in range(steps):
+                logits = self.model(
+                    input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1,
+                ).logits[:, -1, :]
+                logp = process_logits(logits, temp[rows], top_p[rows])
+                nxt = sample_tokens(logp, uniforms[rows, t], temp[rows, 0] <= 0)
+                chosen = logp.gather(-1, nxt[:, None]).squeeze(-1)
+                is_eos = torch.isin(nxt, eos)
+                done = is_eos | (t + 1 >= limit[rows])
+                for row, tok, lp, stop in zip(
+                    rows.tolist(), nxt.tolist(), chosen.tolist(), is_eos.tolist(), strict=True
+                ):
+                    tokens[row].append(tok)
+                    logprobs[row].append(lp)
+                    if stop:
+                        finish[row] = "stop"
+                keep = ~done
+                if not bool(keep.any()):
+                    break
+                if not bool(keep.all()):
+                    idx = keep.nonzero().squeeze(-1)
+                    cache.batch_select_indices(idx)
+                    rows, mask, nxt = rows[idx], mask[idx], nxt[idx]
+                    step_pos = step_pos[idx]
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+                step_pos = step_pos[:, -1:] + 1
+                step_ids = nxt[:, None]
+        return [
+            GenerationResult(tok, self.tokenizer.decode(tok, skip_special_tokens=True), lp, fin)
+            for tok, lp, fin in zip(tokens, logprobs, finish, strict=True)
+        ]
+
+    def close(self) -> None:
+        self.model = None
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    for value in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+    if not ids:
+        raise ValueError("the model has no eos_token_id (generation_config or tokenizer)")
+    return ids

@@ -1,0 +1,420 @@
+"""Tiny-model kit: a small Qwen2 policy warm-started on the arith task, built on CPU and cached.
+
+``build_tiny_policy`` makes a character tokenizer (``pipelines.tiny_tokenizer``) and a 2-layer
+Qwen2 causal LM, trains it with TRL's ``SFTTrainer`` (completion-only loss, prompt-completion
+rows) on canonical arith solutions of which a share ``error_rate`` carries one injected step
+error, and saves a normal model folder (safetensors, tokenizer, chat template) plus
+``scope_tiny.json`` (config, training figures and the measured response mix). Builds are cached
+under ``$SCOPE_CACHE/tiny/<config hash>`` (default ``~/.cache/scope``); a build happens in a
+temporary folder renamed into place, so a crashed or concurrent build never leaves a half-written
+folder behind. ``evaluate_mix`` measures the share of correct responses and where failed ones go
+wrong, on held-out problems.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scope_data.tasks import arith
+
+META_FILE = "scope_tiny.json"
+RECIPE_VERSION = 1  # bump when the training code changes what a config produces
+EVAL_SEED_OFFSET = 1_000_003  # evaluation problems come from another seed range than training
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """Everything that determines a tiny build (hashed into its cache key)."""
+
+    steps: tuple[int, int] = (3, 6)
+    modulus: int = 10
+    max_operand: int | None = None
+    error_rate: float = 0.3
+    seed: int = 0
+    num_layers: int = 2
+    hidden_size: int = 128
+    num_heads: int = 4
+    head_dim: int = 32
+    intermediate_size: int = 512
+    max_position_embeddings: int = 256
+    max_steps: int = 1000
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    num_examples: int = 20_000
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "steps": list(self.steps)}
+
+    def hash(self) -> str:
+        """Short stable hash of the config and recipe version."""
+        payload = json.dumps({"v": RECIPE_VERSION, **self.to_dict()}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    """``$SCOPE_CACHE`` (default ``~/.cache/scope``)."""
+    return Path(os.environ.get("SCOPE_CACHE") or Path.home() / ".cache" / "scope")
+
+
+def build_tiny_policy(
+    out_dir: str | Path | None = None,
+    *,
+    steps: tuple[int, int] = (3, 6),
+    modulus: int = 10,
+    max_operand: int | None = None,
+    error_rate: float = 0.3,
+    teacher: bool = False,
+    seed: int = 0,
+    max_steps: int | None = None,
+    batch_size: int | None = None,
+    learning_rate: float | None = None,
+    eval_problems: int = 256,
+    num_threads: int | None = None,
+    force: bool = False,
+    verbose: bool = False,
+    **overrides: Any,
+) -> Path:
+    """Build (or reuse) a warm-started tiny policy and return its model folder.
+
+    ``teacher=True`` trains on clean solutions only (``error_rate`` 0). ``overrides`` set any
+    other :class:`TinyConfig` field. Without ``out_dir`` the result lives in the cache,
+    keyed by the config hash; with it, a cached build is copied there (or built there).
+    """
+    fields: dict[str, Any] = {
+        "steps": tuple(steps),
+        "modulus": modulus,
+        "max_operand": max_operand,
+        "error_rate": 0.0 if teacher else error_rate,
+        "seed": seed,
+        **overrides,
+    }
+    for name, value in (
+        ("max_steps", max_steps),
+        ("batch_size", batch_size),
+        ("learning_rate", learning_rate),
+    ):
+        if value is not None:
+            fields[name] = value
+    cfg = TinyConfig(**fields)
+    key = cfg.hash()
+    cached = cache_root() / "tiny" / key
+    target = Path(out_dir) if out_dir is not None else cached
+    if not force and _is_build(target, key):
+        return target
+    if out_dir is not None and not force and _is_build(cached, key):
+        _atomic_place(target, lambda tmp: shutil.copytree(cached, tmp, dirs_exist_ok=True))
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / f".{target.name}.lock"):
+        if not force and _is_build(target, key):  # built by a concurrent process meanwhile
+            return target
+        with _quiet(verbose):
+            _atomic_place(
+                target, lambda tmp: _build(cfg, tmp, eval_problems, num_threads, verbose)
+            )
+    return target
+
+
+def _is_build(path: Path, key: str) -> bool:
+    meta = path / META_FILE
+    if not meta.is_file():
+        return False
+    try:
+        return json.loads(meta.read_text()).get("config_hash") == key
+    except (OSError, ValueError):
+        return False
+
+
+def _atomic_place(target: Path, fill: Any) -> None:
+    """Fill a temporary sibling folder of ``target``, then rename it into place.
+
+    An existing ``target`` is replaced only if it is empty or an earlier tiny build; any other
+    non-empty folder is refused.
+    """
+    if target.exists() and any(target.iterdir()) and not (target / META_FILE).is_file():
+        raise FileExistsError(f"{target} exists and is not a tiny build; refusing to overwrite")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        fill(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock (POSIX); a no-op where ``fcntl`` is missing."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def training_texts(cfg: TinyConfig) -> list[tuple[str, str]]:
+    """``(prompt, completion)`` pairs: canonical solutions, ``error_rate`` of them corrupted."""
+    rng = random.Random(f"tiny-train:{cfg.seed}")
+    problems = arith.generate_problems(
+        cfg.num_examples, seed=cfg.seed, steps=cfg.steps, modulus=cfg.modulus,
+        max_operand=cfg.max_operand,
+    )
+    pairs = []
+    for p in problems:
+        text = arith.inject_error(p, rng)[0] if rng.random() < cfg.error_rate else p.solution
+        pairs.append((p.prompt, text))
+    return pairs
+
+
+def _set_threads(num_threads: int | None) -> None:
+    import torch
+
+    torch.set_num_threads(num_threads or min(4, os.cpu_count() or 1))
+
+
+def _build(
+    cfg: TinyConfig, out: Path, eval_problems: int, num_threads: int | None, verbose: bool
+) -> None:
+    """Train the tiny policy into ``out`` and write ``scope_tiny.json``."""
+    import torch
+    import transformers
+    import trl
+    from datasets import Dataset
+    from transformers import GenerationConfig, PrinterCallback, Qwen2Config, Qwen2ForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from pipelines.tiny_tokenizer import save_char_tokenizer
+
+    t0 = time.time()
+    _set_threads(num_threads)
+    tok = save_char_tokenizer(out, model_max_length=cfg.max_position_embeddings)
+    torch.manual_seed(cfg.seed)
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tok),
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_heads,
+            head_dim=cfg.head_dim,
+            max_position_embeddings=cfg.max_position_embeddings,
+            tie_word_embeddings=True,
+            bos_token_id=None,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            use_cache=True,
+        )
+    )
+    gen_prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "{}"}], add_generation_prompt=True, tokenize=False
+    )
+    rows = [
+        {"prompt": gen_prompt.replace("{}", p), "completion": c} for p, c in training_texts(cfg)
+    ]
+    with tempfile.TemporaryDirectory() as scratch:
+        args = SFTConfig(
+            output_dir=scratch,
+            max_steps=cfg.max_steps,
+            per_device_train_batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=int(cfg.warmup_ratio * cfg.max_steps),
+            weight_decay=cfg.weight_decay,
+            max_length=cfg.max_position_embeddings,
+            completion_only_loss=True,
+            gradient_checkpointing=False,
+            bf16=False,
+            use_cpu=True,
+            seed=cfg.seed,
+            data_seed=cfg.seed,
+            logging_steps=max(1, cfg.max_steps // 10),
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=not verbose,
+            dataloader_num_workers=0,
+        )
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok
+        )
+        if not verbose:
+            trainer.remove_callback(PrinterCallback)
+        t_train = time.time()
+        result = trainer.train()
+        train_seconds = time.time() - t_train
+        losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    model.generation_config = GenerationConfig(
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    model.save_pretrained(str(out))
+    figures = evaluate_mix(out, n_problems=eval_problems, num_threads=num_threads, _cfg=cfg)
+    meta = {
+        "format": "scope-tiny",
+        "recipe_version": RECIPE_VERSION,
+        "config_hash": cfg.hash(),
+        "config": cfg.to_dict(),
+        "train": {
+            "steps": result.global_step,
+            "seconds": round(train_seconds, 1),
+            "final_loss": losses[-1] if losses else None,
+            "losses": losses,
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+        },
+        "mix": figures,
+        "build_seconds": round(time.time() - t0, 1),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "trl": trl.__version__},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    if verbose:
+        print(json.dumps({k: meta[k] for k in ("mix", "build_seconds")}, indent=2))
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool) -> Iterator[None]:
+    """Silence datasets/transformers progress bars unless ``verbose``."""
+    if verbose:
+        yield
+        return
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+        hf_logging.enable_progress_bar()
+
+
+def load_meta(model_dir: str | Path) -> dict[str, Any]:
+    """The ``scope_tiny.json`` of a build."""
+    return json.loads((Path(model_dir) / META_FILE).read_text())
+
+
+def sample_responses(
+    model: Any,
+    tok: Any,
+    prompts: list[str],
+    *,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 128,
+    max_new_tokens: int = 128,
+) -> list[str]:
+    """Sample one response per prompt with HF ``generate`` (left padding, batched)."""
+    import torch
+
+    tok.padding_side = "left"
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                tokenize=False)
+        for p in prompts
+    ]
+    out: list[str] = []
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True,
+                      add_special_tokens=False)
+            sample = temperature > 0
+            gen = model.generate(
+                **enc,
+                do_sample=sample,
+                temperature=temperature if sample else None,
+                top_k=0 if sample else None,
+                top_p=1.0 if sample else None,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
+            new = gen[:, enc["input_ids"].shape[1] :]
+            out.extend(tok.batch_decode(new, skip_special_tokens=True))
+    return out
+
+
+def evaluate_mix(
+    model_dir: str | Path,
+    n_problems: int = 256,
+    temperature: float = 1.0,
+    seed: int = 0,
+    *,
+    batch_size: int = 128,
+    num_threads: int | None = None,
+    _cfg: TinyConfig | None = None,
+) -> dict[str, Any]:
+    """Response mix of a tiny policy on held-out arith problems, one sample per problem.
+
+    Returns ``correct_share`` (verifier: final answer right), ``process_correct_share`` (every
+    step right), ``non_step0_share`` (among failed responses, the share whose first error by
+    ``arith.first_error`` is after step 0), ``first_error_hist`` (failed responses per first-error
+    index) and the counts. Problems come from a seed range disjoint from training and exclude
+    any prompt seen in training.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = _cfg or TinyConfig(**_config_fields(load_meta(model_dir)["config"]))
+    _set_threads(num_threads)
+    seen = {p for p, _ in training_texts(cfg)}
+    pool = arith.generate_problems(
+        2 * n_problems + 64, seed=EVAL_SEED_OFFSET + cfg.seed + seed, steps=cfg.steps,
+        modulus=cfg.modulus, max_operand=cfg.max_operand,
+    )
+    problems = [p for p in pool if p.prompt not in seen][:n_problems]
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    responses = sample_responses(
+        model, tok, [p.prompt for p in problems], temperature=temperature, seed=seed,
+        batch_size=batch_size, max_new_tokens=cfg.max_position_embeddings // 2,
+    )
+    correct = [arith.is_correct(p, r) for p, r in zip(problems, responses, strict=True)]
+    errors = [arith.first_error(p, r) for p, r in zip(problems, responses, strict=True)]
+    failed = [e for e, ok in zip(errors, correct, strict=True) if not ok]
+    hist = Counter(failed)
+    n = len(problems)
+    return {
+        "n": n,
+        "temperature": temperature,
+        "correct_share": sum(correct) / n,
+        "process_correct_share": sum(e == -1 for e in errors) / n,
+        "failed": len(failed),
+        "non_step0_share": sum(e != 0 for e in failed) / len(failed) if failed else 0.0,
+        "first_error_hist": {str(k): hist[k] for k in sorted(hist)},
+    }
+
+
+def _config_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    known = {f.name for f in dataclasses.fields(TinyConfig)}
+    fields = {k: v for k, v in raw.items() if k in known}
+    if "steps" in fields:
+        fields["steps"] = tuple(fields["steps"])
+    return fields
