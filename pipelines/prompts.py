@@ -32,7 +32,7 @@ def render_prompt(tokenizer: Any, prompt: str, template: str = "chat") -> str:
 
 def encode_prompt(tokenizer: Any, text: str, template: str = "chat") -> list[int]:
     """Token ids of a rendered prompt (special tokens added only for `raw`)."""
-    return list(tokenizer(text, add_special_tokens=template == "raw")["input_ids"])
+    return list(tokenizer(text, add_special_tokens=template == "raw", verbose=False)["input_ids"])
 
 
 def render_and_encode(tokenizer: Any, prompts: list[str], template: str = "chat"

@@ -16,6 +16,7 @@ import polars as pl
 import pyarrow as pa
 
 from scope_data.hashing import sha256_hex
+from scope_data.schema import SchemaError, conform, schema_for, validate
 from scope_data.shards import Manifest, TableStore, add_stats, read_manifest, scan
 
 ProcessFn = Callable[[pa.Table, int], tuple[pa.Table, dict[str, Any]]]
@@ -24,6 +25,15 @@ ProcessFn = Callable[[pa.Table, int], tuple[pa.Table, dict[str, Any]]]
 def shard_of(problem_id: str, num_shards: int) -> int:
     """The shard that owns a problem (and all its rollouts); stable across runs."""
     return int(sha256_hex(problem_id)[:8], 16) % num_shards
+
+
+def check_input_columns(url: str, table_name: str, lf: pl.LazyFrame) -> None:
+    """SchemaError naming the input table and its first missing column (types and nulls are
+    checked per part, when the rows are read)."""
+    names = set(lf.collect_schema().names())
+    for f in schema_for(table_name):
+        if f.name not in names:
+            raise SchemaError(f"{table_name} table {url}: missing column {f.name!r} ({f.type})")
 
 
 @dataclass
@@ -69,6 +79,7 @@ def run_stage(
     full_config = {**config, "input": upstream.content_hash, "num_shards": num_shards}
     store = TableStore(output_url, output_table, storage_options)
     lf = scan(input_url, storage_options)
+    check_input_columns(input_url, upstream.table, lf)
     if input_filter is not None:
         lf = input_filter(lf)
     shards = range(num_shards) if shard_index is None else [shard_index]
@@ -78,7 +89,10 @@ def run_stage(
         if store.part_done(k, num_shards, full_config):
             skipped += 1
             continue
-        table, part_stats = process(input_rows(lf, k, num_shards), k)
+        rows = input_rows(lf, k, num_shards)
+        rows = conform(upstream.table, rows, f"{input_url} (rows of part {k})")
+        validate(upstream.table, rows, f"{input_url} (rows of part {k})")
+        table, part_stats = process(rows, k)
         store.write_part(table, k, num_shards, full_config, part_stats)
         add_stats(stats, part_stats)
         written += 1

@@ -71,6 +71,36 @@ def cache_root() -> Path:
     return Path(os.environ.get("SCOPE_CACHE") or Path.home() / ".cache" / "scope")
 
 
+def tiny_config(
+    *,
+    steps: tuple[int, int] = (3, 6),
+    modulus: int = 10,
+    max_operand: int | None = None,
+    error_rate: float = 0.3,
+    teacher: bool = False,
+    seed: int = 0,
+    **overrides: Any,
+) -> TinyConfig:
+    """The :class:`TinyConfig` of a build; ``teacher=True`` forces ``error_rate`` 0.
+
+    ``overrides`` set any other field; ``None`` values keep the default.
+    """
+    fields = {k: v for k, v in overrides.items() if v is not None}
+    return TinyConfig(
+        steps=(int(steps[0]), int(steps[1])),
+        modulus=modulus,
+        max_operand=max_operand,
+        error_rate=0.0 if teacher else error_rate,
+        seed=seed,
+        **fields,
+    )
+
+
+def tiny_cache_dir(cfg: TinyConfig) -> Path:
+    """Where the cached build of ``cfg`` lives: ``$SCOPE_CACHE/tiny/<hash>``."""
+    return cache_root() / "tiny" / cfg.hash()
+
+
 def build_tiny_policy(
     out_dir: str | Path | None = None,
     *,
@@ -91,28 +121,19 @@ def build_tiny_policy(
 ) -> Path:
     """Build (or reuse) a warm-started tiny policy and return its model folder.
 
-    ``teacher=True`` trains on clean solutions only (``error_rate`` 0). ``overrides`` set any
-    other :class:`TinyConfig` field. Without ``out_dir`` the result lives in the cache,
-    keyed by the config hash; with it, a cached build is copied there (or built there).
+    ``teacher=True`` trains on clean solutions only (``error_rate`` 0). ``max_steps``,
+    ``batch_size``, ``learning_rate`` and ``overrides`` set :class:`TinyConfig` fields (``None``:
+    default). Without ``out_dir`` the build lives in the cache, keyed by the config hash; with
+    it, a cached build is copied there, or the build happens there. ``eval_problems`` sizes the
+    mix measurement written to ``scope_tiny.json``; ``force`` rebuilds.
     """
-    fields: dict[str, Any] = {
-        "steps": tuple(steps),
-        "modulus": modulus,
-        "max_operand": max_operand,
-        "error_rate": 0.0 if teacher else error_rate,
-        "seed": seed,
-        **overrides,
-    }
-    for name, value in (
-        ("max_steps", max_steps),
-        ("batch_size", batch_size),
-        ("learning_rate", learning_rate),
-    ):
-        if value is not None:
-            fields[name] = value
-    cfg = TinyConfig(**fields)
+    cfg = tiny_config(
+        steps=steps, modulus=modulus, max_operand=max_operand, error_rate=error_rate,
+        teacher=teacher, seed=seed, max_steps=max_steps, batch_size=batch_size,
+        learning_rate=learning_rate, **overrides,
+    )
     key = cfg.hash()
-    cached = cache_root() / "tiny" / key
+    cached = tiny_cache_dir(cfg)
     target = Path(out_dir) if out_dir is not None else cached
     if not force and _is_build(target, key):
         return target

@@ -5,17 +5,17 @@
 answer: first a string fast path, then `math-verify` (``verify(gold, pred)``, gold first, as its
 docs require: the comparison is not symmetric).
 
-Timeout mechanism (works from any thread): math-verify's own timeout uses ``signal.alarm``, which
-only works in the main thread, so it is disabled (``parsing_timeout=None``,
-``timeout_seconds=None``) and each comparison runs instead in a small persistent pool of worker
-processes (plain ``python -c`` subprocesses talking over a socket: no fork next to torch
-threads, no re-import of the caller's ``__main__``). The caller waits on the socket with a
-deadline; on timeout the worker is killed (SIGKILL), which really stops a runaway sympy
-computation and frees its memory, and a fresh worker replaces it on next use. Worker start-up
-(importing sympy, ~0.5 s) is not counted against the timeout; workers cap their address space
-at 4 GiB. Pool size: ``SCOPE_GRADER_WORKERS`` (default ``min(2, cpu_count)``). Where processes
-cannot be started at all, calls fall back to a daemon thread with a deadline: the caller still
-gets ``grader_timeout`` on time, but the stray computation cannot be stopped.
+Timeout mechanism (works from any thread): math-verify's own timeout uses ``signal.alarm`` (main
+thread only), so it is disabled (``parsing_timeout=None``, ``timeout_seconds=None``); each
+comparison runs in a small persistent pool of worker processes (plain ``python -c``
+subprocesses on a socket: no fork next to torch threads, no re-import of the caller's
+``__main__``). The caller waits with a deadline; on timeout the worker is SIGKILLed, which really
+stops a runaway sympy computation and frees its memory, and a fresh worker (~0.5 s start-up, not
+counted in the timeout) takes its slot on next use. Workers cap their address space at 4 GiB
+and, per request, their CPU time at timeout + 5 s, so one orphaned mid-request by a killed
+parent still dies (an idle one exits on EOF). Pool size: ``SCOPE_GRADER_WORKERS`` (default
+``min(2, cpu_count)``). If no process can be started, calls fall back to a daemon thread with a
+deadline: ``grader_timeout`` still comes on time, but the computation cannot be stopped.
 
 Results are cached (LRU) on ``(extracted answer, gold, timeout)``, so the G samples of a group
 that share an answer are verified once.
@@ -32,7 +32,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -161,37 +160,51 @@ def _parse_cached(latex: str) -> Any:
     return parse(latex, parsing_timeout=None)
 
 
-def _worker_main(conn: Any) -> None:
-    """Worker process loop: receive (pred, gold), reply ("ok", bool) or ("error", message)."""
+def _limit_resources(cpu_budget_s: float | None = None) -> None:
+    """Worker limits: address space, no core files, and (per request) a CPU-time cap.
+
+    The CPU cap (SIGXCPU, enforced by the kernel whatever the GIL is doing) only matters when the
+    parent died mid-request and so cannot kill the worker: it bounds the orphan's lifetime.
+    """
     try:
         import resource
 
-        resource.setrlimit(resource.RLIMIT_AS, (_WORKER_MEMORY_LIMIT_BYTES, resource.RLIM_INFINITY))
-    except (ImportError, ValueError, OSError):
+        if cpu_budget_s is None:
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            limit = _WORKER_MEMORY_LIMIT_BYTES
+            resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+            return
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        soft = int(usage.ru_utime + usage.ru_stime + cpu_budget_s) + 5
+        hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+        if hard != resource.RLIM_INFINITY:
+            soft = min(soft, hard)
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+    except (ImportError, ValueError, OSError, OverflowError):
         pass
+
+
+def _worker_main(conn: Any) -> None:
+    """Worker loop: receive (pred, gold, timeout), reply ("ok", bool) or ("error", message).
+
+    Exits on a None request or when the parent goes away (EOF on the socket).
+    """
+    _limit_resources()
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     import math_verify  # noqa: F401  (import before announcing readiness)
 
-    parent_pid = os.getppid()
-
-    def exit_when_orphaned() -> None:  # a killed parent must not leave sympy running
-        while os.getppid() == parent_pid:
-            time.sleep(1.0)
-        os._exit(0)
-
-    threading.Thread(target=exit_when_orphaned, daemon=True).start()
-    conn.send(("ready", None))
-    while True:
-        try:
-            request = conn.recv()
-        except (EOFError, OSError):
-            return
-        if request is None:
-            return
-        try:
-            conn.send(("ok", _verify_in_process(*request)))
-        except BaseException as error:  # noqa: BLE001  (report, keep serving)
-            conn.send(("error", f"{type(error).__name__}: {error}"[:500]))
+    try:
+        conn.send(("ready", None))
+        while (request := conn.recv()) is not None:
+            pred_answer, gold, timeout = request
+            _limit_resources(cpu_budget_s=timeout)
+            try:
+                reply = ("ok", _verify_in_process(pred_answer, gold))
+            except Exception as error:  # report it, keep serving
+                reply = ("error", f"{type(error).__name__}: {error}"[:500])
+            conn.send(reply)
+    except (EOFError, OSError):  # the parent went away
+        return
 
 
 _WORKER_BOOT = (
@@ -275,7 +288,7 @@ class _GraderPool:
                     logger.warning("grader: no worker process (%s); using deadline threads", error)
                     self._processes_unavailable = True
                     return _run_in_thread(pred_answer, gold, timeout)
-            worker.conn.send((pred_answer, gold))
+            worker.conn.send((pred_answer, gold, timeout))
             if not worker.conn.poll(timeout):
                 worker.kill()
                 worker = None
@@ -299,7 +312,7 @@ def _run_in_thread(pred_answer: str, gold: str, timeout: float) -> GradeStatus |
     def target() -> None:
         try:
             outcome.append(_verify_in_process(pred_answer, gold))
-        except Exception:  # noqa: BLE001
+        except Exception:
             outcome.append("grader_error")
 
     thread = threading.Thread(target=target, daemon=True, name="scope-grader")
@@ -396,7 +409,7 @@ def grade(response_text: object, gold_answer: object, timeout: float = 5.0) -> G
         except _UncachedGraderError:
             return GradeResult(pred_answer, False, "grader_error")
         return GradeResult(pred_answer, correct, status)
-    except Exception:  # noqa: BLE001  (a bad row must never stop a stage)
+    except Exception:  # a bad row must never stop a stage
         logger.warning("grading failed", exc_info=True)
         return GradeResult(None, False, "grader_error")
 

@@ -20,6 +20,7 @@ import os
 import posixpath
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,8 +114,13 @@ class Folder:
             f.write(text.encode("utf-8"))
 
     @contextmanager
-    def open_atomic(self, name: str) -> Iterator[Any]:
-        """A binary file handle whose content appears under `name` only on success."""
+    def open_atomic(self, name: str, fsync: bool = True) -> Iterator[Any]:
+        """A binary file handle whose content appears under `name` only on success.
+
+        `fsync=False` skips flushing to the disk before the rename (part files: their sha256 in
+        the marker and manifest catches a file torn by a power loss, and an fsync of hundreds of
+        MB costs more than the write).
+        """
         if self.is_local:
             os.makedirs(self.root, exist_ok=True)
             tmp = self.path(f".{name}.{uuid.uuid4().hex}.tmp")
@@ -122,16 +128,30 @@ class Folder:
                 with open(tmp, "wb") as f:
                     yield f
                     f.flush()
-                    os.fsync(f.fileno())
+                    if fsync:
+                        os.fsync(f.fileno())
                 os.replace(tmp, self.path(name))
             finally:
                 if os.path.exists(tmp):
                     os.remove(tmp)
         else:
             self.fs.makedirs(self.root, exist_ok=True)
-            # Object stores: the object becomes visible only when the upload completes.
-            with self.fs.open(self.path(name), "wb") as f:
+            # Object stores: the object becomes visible only when the upload completes. On an
+            # error the upload is discarded (a `with` block would commit the partial object).
+            path = self.path(name)
+            f = self.fs.open(path, "wb")
+            try:
                 yield f
+            except BaseException:
+                discard = getattr(f, "discard", None)
+                if callable(discard):
+                    discard()
+                if not f.closed and not callable(discard):
+                    f.close()
+                if self.fs.exists(path):  # filesystems (memory://) that commit on close anyway
+                    self.fs.rm(path)
+                raise
+            f.close()
 
     def remove(self, name: str) -> None:
         if self.exists(name):
@@ -247,7 +267,7 @@ class TableStore:
         name = part_name(shard_index, num_shards)
         self.folder.remove(_marker_name(shard_index, num_shards))
         schema = schema_for(self.table_name)
-        with self.folder.open_atomic(name) as raw:
+        with self.folder.open_atomic(name, fsync=False) as raw:
             hashing = _HashingWriter(raw)
             writer = pq.ParquetWriter(hashing, schema)
             shard = ShardWriter(writer, self.table_name, f"{self.url}/{name}")
@@ -350,21 +370,22 @@ def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Ma
     """Parse and check a table's manifest; ShardError names the path on any problem."""
     folder = Folder(url, storage_options)
     if not folder.exists(MANIFEST):
-        parts = []
-        if folder.fs.exists(folder.root):
-            parts = [p for p in folder.fs.ls(folder.root, detail=False) if p.endswith(".parquet")]
-        hint = f" ({len(parts)} part files present)" if parts else ""
         raise ShardError(
             f"{folder.url}: no {MANIFEST}; the stage that writes this table has not finished"
-            f"{hint}"
+            f"{_unfinished_hint(folder)}"
         )
-    text = folder.read_text(MANIFEST)
     try:
+        text = folder.read_text(MANIFEST)
         body = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{folder.url}/{MANIFEST}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardError(f"{folder.url}/{MANIFEST}: not valid UTF-8 JSON ({e})") from None
+    if not isinstance(body, dict) or not isinstance(body.get("files", []), list):
+        raise ShardError(f"{folder.url}/{MANIFEST}: not a table manifest (expected an object "
+                         "with a 'files' list)")
     version = body.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
+    if not isinstance(version, int):
+        raise ShardError(f"{folder.url}/{MANIFEST}: schema_version {version!r} is not an integer")
+    if version > SCHEMA_VERSION:
         raise ShardError(
             f"{folder.url}/{MANIFEST}: schema_version {version!r} is newer than this code "
             f"supports ({SCHEMA_VERSION}); upgrade scope to read it"
@@ -376,6 +397,30 @@ def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Ma
                     **{k: v for k, v in body.items() if k in known})
 
 
+def _unfinished_hint(folder: Folder) -> str:
+    """" (k of N parts done; missing: part-...)" for a folder holding parts of an unfinished
+    table, "" when it holds none."""
+    import re
+
+    if not folder.fs.exists(folder.root):
+        return ""
+    names = {posixpath.basename(p.rstrip("/")) for p in folder.fs.ls(folder.root, detail=False)}
+    done: dict[int, set[int]] = {}
+    for name in names:
+        m = re.fullmatch(r"part-(\d{5})-of-(\d{5})\.json", name)
+        if m and m.group(0)[:-5] + ".parquet" in names:
+            done.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
+    if not done:
+        parts = sum(n.endswith(".parquet") for n in names)
+        return f" ({parts} unfinished part files present)" if parts else ""
+    n, have = max(done.items(), key=lambda kv: len(kv[1]))
+    missing = [part_name(k, n) for k in range(n) if k not in have]
+    if not missing:
+        return f" (all {n} parts done but not finalized: rerun the stage to write the manifest)"
+    more = " ..." if len(missing) > 5 else ""
+    return f" ({len(have)} of {n} parts done; missing: {', '.join(missing[:5])}{more})"
+
+
 def _check_relative(url: str, path: str) -> None:
     """Refuse manifest entries that could point outside the table folder."""
     parts = path.replace("\\", "/").split("/")
@@ -384,16 +429,52 @@ def _check_relative(url: str, path: str) -> None:
 
 
 def verify(manifest: Manifest, storage_options: dict[str, Any] | None = None) -> None:
-    """Check every part file's sha256 against the manifest."""
+    """Check every part file's sha256 against the manifest (files hashed in parallel)."""
+    pending = _start_verify(manifest, storage_options)
+    _finish_verify(manifest, pending)
+
+
+def _start_verify(
+    manifest: Manifest, storage_options: dict[str, Any] | None,
+) -> list[tuple[dict[str, Any], Future[str | None]]]:
+    """Hash the parts in background threads (hashlib releases the GIL) while the caller reads."""
     folder = Folder(manifest.url, storage_options)
-    for entry in manifest.files:
-        if not folder.exists(entry["path"]):
+
+    def digest(name: str) -> str | None:
+        try:
+            return folder.sha256(name)
+        except FileNotFoundError:
+            return None
+
+    pool = ThreadPoolExecutor(max_workers=max(1, min(len(manifest.files), os.cpu_count() or 1)))
+    pending = [(entry, pool.submit(digest, entry["path"])) for entry in manifest.files]
+    pool.shutdown(wait=False)
+    return pending
+
+
+def _finish_verify(
+    manifest: Manifest, pending: list[tuple[dict[str, Any], Future[str | None]]],
+) -> None:
+    for entry, future in pending:
+        found = future.result()
+        if found is None:
             raise ShardError(f"{manifest.url}/{entry['path']}: listed in the manifest but missing")
-        if folder.sha256(entry["path"]) != entry["sha256"]:
+        if found != entry["sha256"]:
             raise ShardError(
                 f"{manifest.url}/{entry['path']}: sha256 does not match the manifest "
                 "(file changed or corrupted after the stage finished)"
             )
+
+
+def _arrow_source(manifest: Manifest, storage_options: dict[str, Any] | None) -> tuple:
+    """(paths, pyarrow filesystem or None for local disk) of the manifest's part files."""
+    folder = Folder(manifest.url, storage_options)
+    paths = [folder.path(f["path"]) for f in manifest.files]
+    if folder.is_local:
+        return paths, None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return paths, PyFileSystem(FSSpecHandler(folder.fs))
 
 
 def scan(
@@ -403,34 +484,35 @@ def scan(
     manifest = read_manifest(url, storage_options)
     if check:
         verify(manifest, storage_options)
-    folder = Folder(manifest.url, storage_options)
-    paths = [folder.path(f["path"]) for f in manifest.files]
+    paths, filesystem = _arrow_source(manifest, storage_options)
     if not paths:
         return pl.from_arrow(empty_table(manifest.table)).lazy()
-    if folder.is_local:
+    if filesystem is None:
         return pl.scan_parquet(paths)
     import pyarrow.dataset as ds
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    dataset = ds.dataset(paths, format="parquet", filesystem=PyFileSystem(FSSpecHandler(folder.fs)))
-    return pl.scan_pyarrow_dataset(dataset)
+    return pl.scan_pyarrow_dataset(ds.dataset(paths, format="parquet", filesystem=filesystem))
 
 
 def read_arrow(
     url: str, storage_options: dict[str, Any] | None = None, check: bool = True,
 ) -> pa.Table:
-    """The whole table as one Arrow table, in manifest file order."""
+    """The whole table as one Arrow table, in manifest file order.
+
+    With `check`, the sha256 of each part is computed in background threads (on local disk
+    while pyarrow decodes), and the table is returned only if every checksum matches.
+    """
     manifest = read_manifest(url, storage_options)
-    if check:
-        verify(manifest, storage_options)
-    folder = Folder(manifest.url, storage_options)
-    tables = []
-    for entry in manifest.files:
-        try:
-            with folder.fs.open(folder.path(entry["path"]), "rb") as f:
-                tables.append(pq.read_table(f))
-        except (pa.ArrowInvalid, OSError) as e:
-            raise ShardError(f"{manifest.url}/{entry['path']}: unreadable Parquet ({e})") from None
-    if not tables:
+    paths, filesystem = _arrow_source(manifest, storage_options)
+    pending = _start_verify(manifest, storage_options) if check else []
+    if filesystem is not None:  # fsspec file objects may be shared (memory://): hash first
+        _finish_verify(manifest, pending)
+    if not paths:
         return empty_table(manifest.table)
-    return pa.concat_tables(tables, promote_options="default")
+    try:
+        table = pq.read_table(paths, filesystem=filesystem)
+    except (pa.ArrowInvalid, OSError) as e:
+        _finish_verify(manifest, pending)  # a checksum error explains a broken file best
+        raise ShardError(f"{manifest.url}: unreadable Parquet part ({e})") from None
+    _finish_verify(manifest, pending)
+    return table

@@ -119,6 +119,43 @@ class PRMEngine(Protocol):
         ...
 
 
+@dataclass
+class PRMScores:
+    """Step scores of one (problem, steps) item and why some may be missing.
+
+    status: "ok"; "truncated" (the input exceeded the PRM's context: the steps past it are NaN);
+    "nan" (the model gave a non-finite score, stored as NaN).
+    """
+
+    scores: list[float]
+    status: str = "ok"
+
+
+def score_with_status(prm: PRMEngine, items: list[tuple[str, list[str]]]) -> list[PRMScores]:
+    """`prm.score_batch_with_status(items)` when the engine has it, else `score_batch` with
+    status "nan" for rows holding a non-finite score. Non-finite values become NaN."""
+    import math
+
+    rich = getattr(prm, "score_batch_with_status", None)
+    if rich is not None:
+        results = list(rich(items))
+    else:
+        results = [PRMScores([float(x) for x in row]) for row in prm.score_batch(items)]
+    if len(results) != len(items):
+        raise RuntimeError(f"PRM {prm.spec} returned {len(results)} rows for {len(items)} items")
+    for (_, steps), res in zip(items, results, strict=True):
+        if len(res.scores) != len(steps):
+            raise RuntimeError(
+                f"PRM {prm.spec} returned {len(res.scores)} scores for {len(steps)} steps"
+            )
+        bad = [i for i, x in enumerate(res.scores) if not math.isfinite(x)]
+        for i in bad:
+            res.scores[i] = math.nan
+        if bad and res.status == "ok":
+            res.status = "nan"
+    return results
+
+
 def load_generation_engine(spec: str | EngineSpec, **options: Any) -> GenerationEngine:
     """Instantiate the generation engine for `spec` (hf:, vllm:, openai:)."""
     parsed = spec if isinstance(spec, EngineSpec) else parse_spec(spec, "generation")

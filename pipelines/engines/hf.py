@@ -94,7 +94,9 @@ def load_model_and_tokenizer(
     """Load `AutoModelForCausalLM` (safetensors) + `AutoTokenizer` in eval mode on `device`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar in stage output
     source = resolve_model_path(target)
     torch_dtype = getattr(torch, dtype or ("float32" if device == "cpu" else "bfloat16"))
     try:

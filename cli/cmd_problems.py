@@ -1,0 +1,72 @@
+"""`scope problems SRC --out DIR`: ingest a problem set (or generate arith problems)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from cli.common import STORAGE_OPTIONS_HELP, storage_options, user_errors
+
+
+def register(app: typer.Typer) -> None:
+    app.command("problems")(problems)
+
+
+@user_errors
+def problems(
+    src: Annotated[str, typer.Argument(
+        help="JSONL/JSON/Parquet file (local or fsspec URL), a `datasets.save_to_disk` folder, "
+        "a Hugging Face dataset name (offline when cached), or `arith` to generate problems")],
+    out: Annotated[str, typer.Option("--out", "-o", help="output table folder (path or URL)")],
+    problem_field: Annotated[str | None, typer.Option(
+        help="field holding the problem text (default: auto-detect)")] = None,
+    answer_field: Annotated[str | None, typer.Option(
+        help="field holding the answer (default: auto-detect; '#### N' lines are split)")] = None,
+    split: Annotated[str, typer.Option(help="dataset split (Hugging Face datasets)")] = "test",
+    subset: Annotated[str | None, typer.Option(
+        help="dataset configuration name (Hugging Face datasets, e.g. `main` for gsm8k)")] = None,
+    source: Annotated[str | None, typer.Option(
+        help="`source` column value (default: file stem or dataset name)")] = None,
+    index_field: Annotated[str | None, typer.Option(
+        help="field giving source_index (default: the record's position)")] = None,
+    skip_invalid: Annotated[bool, typer.Option(
+        "--skip-invalid", help="skip records without problem text or answer (counted)")] = False,
+    limit: Annotated[int | None, typer.Option(help="write at most this many problems")] = None,
+    count: Annotated[int, typer.Option(help="arith: number of problems")] = 1000,
+    seed: Annotated[int, typer.Option(help="arith: generator seed")] = 0,
+    steps: Annotated[str, typer.Option(help="arith: operations per problem, e.g. 3-6")] = "3-6",
+    modulus: Annotated[int, typer.Option(help="arith: modulus")] = 10,
+    storage: Annotated[str | None, typer.Option("--storage-options", help=STORAGE_OPTIONS_HELP)]
+    = None,
+) -> None:
+    """Write a problems table from a data set file, a dataset name, or generated arith problems."""
+    from pipelines.console import print_summary
+    from scope_data import problems as pr
+
+    options = storage_options(storage)
+    if src == "arith":
+        result = pr.write_arith(out, count=count, seed=seed, steps=pr.parse_steps(steps),
+                                modulus=modulus, storage_options=options)
+        print_summary("problems (arith)", [
+            ("rows", result.rows), ("source", result.source), ("steps", steps),
+            ("modulus", modulus), ("output", result.output),
+        ])
+        return
+    result = pr.ingest(src, out, problem_field=problem_field, answer_field=answer_field,
+                       split=split, subset=subset, source=source, index_field=index_field,
+                       skip_invalid=skip_invalid, limit=limit, storage_options=options)
+    fields = result.fields
+    assert fields is not None
+    answer = {"field": f"field {fields.answer!r}",
+              "gsm8k": f"'#### N' line of field {fields.answer!r}",
+              "boxed": f"last \\boxed{{}} of field {fields.solution!r}"}[fields.answer_from]
+    print_summary(f"problems from {src}", [
+        ("rows", result.rows), ("source", result.source), ("format", result.format),
+        ("problem", f"field {fields.problem!r}"), ("answer", answer),
+        ("skipped (invalid)", result.skipped), ("output", result.output),
+    ])
+    if result.skipped_examples:
+        typer.echo("first skipped rows:", err=True)
+        for message in result.skipped_examples:
+            typer.echo(f"  {message}", err=True)

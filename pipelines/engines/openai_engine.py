@@ -1,0 +1,171 @@
+"""`openai:<base_url>#<model>`: an OpenAI-compatible completions endpoint (e.g. `vllm serve`).
+
+Each request becomes one POST `{base_url}/completions` with the prompt as token ids:
+`{"model", "prompt": [ids], "n", "seed", "temperature", "top_p", "max_tokens", "logprobs": 0,
+"return_token_ids": true, "return_tokens_as_token_ids": true}` (the last two are vLLM
+extensions; other servers ignore them). For n > 1 vLLM seeds child i with seed + i, like our hf
+engine. Behaviour log-probs are the server's `token_logprobs`: start vLLM with
+`--logprobs-mode processed_logprobs` so they are temperature/top-p processed (its default,
+`raw_logprobs`, reports the untempered model distribution).
+
+Response token ids, in order of preference: the choice's `token_ids` (vLLM
+`return_token_ids`), the `token_id:<id>` strings of `logprobs.tokens`, else the response text
+re-tokenised with the policy tokenizer (then log-probs are kept only if their count matches,
+else they are NaN: such rows need the trainer to recompute old log-probs).
+
+Requests run on a thread pool (`max_concurrency` in flight). HTTP 429/5xx, timeouts and refused
+connections are retried with exponential backoff (`backoff * 2**k` seconds, `max_retries`
+retries); after the last one a RuntimeError names the URL and the last status. Other 4xx fail at
+once. Every successful response is stored in `cache_dir` as `<sha256 of the payload>.json`, so a
+rerun re-sends nothing that already succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from pipelines.engines.base import EngineSpec, GenerationRequest, GenerationResult
+from scope_data.hashing import canonical_json, sha256_hex
+
+RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+
+class OpenAIGenerationEngine:
+    """Completions-API client with bounded concurrency, retries and a payload-hash cache."""
+
+    def __init__(
+        self,
+        spec: EngineSpec,
+        *,
+        tokenizer: str | None = None,
+        max_model_len: int | None = None,
+        cache_dir: str | None = None,
+        max_concurrency: int = 16,
+        max_retries: int = 5,
+        backoff: float = 1.0,
+        timeout: float = 600.0,
+        api_key: str | None = None,
+        trust_remote_code: bool = False,
+        **_ignored: Any,
+    ) -> None:
+        from transformers import AutoTokenizer
+
+        self.spec = spec
+        self.base_url = spec.target.rstrip("/")
+        self.model = spec.model
+        source = tokenizer or spec.model
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                source, trust_remote_code=trust_remote_code
+            )
+        except OSError as e:
+            raise FileNotFoundError(
+                f"openai engine: cannot load the policy tokenizer {source!r} (pass the model "
+                f"folder with --tokenizer): {e}"
+            ) from None
+        self.max_model_len = max_model_len or _context_length(self.tokenizer)
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.max_concurrency = max(1, max_concurrency)
+        self.max_retries, self.backoff, self.timeout = max_retries, backoff, timeout
+        self.api_key = api_key or os.environ.get("OPENAI_API_KEY")
+        self.sent = 0  # requests that reached the network (not served from the cache)
+
+    def payload(self, req: GenerationRequest) -> dict[str, Any]:
+        """The JSON body of one completions request."""
+        return {
+            "model": self.model,
+            "prompt": list(req.prompt_token_ids) + list(req.prefix_token_ids),
+            "n": req.n, "seed": req.seed, "temperature": req.temperature, "top_p": req.top_p,
+            "max_tokens": req.max_new_tokens, "logprobs": 0,
+            "return_token_ids": True, "return_tokens_as_token_ids": True,
+        }
+
+    def generate(self, requests: list[GenerationRequest]) -> list[list[GenerationResult]]:
+        """One list of n results per request, in request order."""
+        with ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="scope-openai") as ex:
+            bodies = list(ex.map(self._complete, [self.payload(r) for r in requests]))
+        return [[self._result(c) for c in sorted(b["choices"], key=lambda c: c["index"])]
+                for b in bodies]
+
+    # -- one request ---------------------------------------------------------------------
+    def _complete(self, payload: dict[str, Any]) -> dict[str, Any]:
+        key = sha256_hex(canonical_json(payload))
+        cached = self.cache_dir / f"{key}.json" if self.cache_dir else None
+        if cached is not None and cached.is_file():
+            return json.loads(cached.read_text())
+        body = self._post("/completions", payload)
+        if len(body.get("choices", [])) != payload["n"]:
+            raise RuntimeError(f"openai engine: {self.base_url}/completions returned "
+                               f"{len(body.get('choices', []))} choices, expected {payload['n']}")
+        if cached is not None:
+            _write_atomic(cached, json.dumps(body))
+        return body
+
+    def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        url = self.base_url + path
+        data = json.dumps(payload).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            self.sent += 1
+            try:
+                req = urllib.request.Request(url, data=data, headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    return json.loads(resp.read())
+            except urllib.error.HTTPError as e:
+                detail = e.read().decode(errors="replace")[:300]
+                last = f"HTTP {e.code} {detail}".strip()
+                if e.code not in RETRY_STATUS:
+                    raise RuntimeError(f"openai engine: POST {url} failed: {last}") from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+        raise RuntimeError(
+            f"openai engine: POST {url} failed after {self.max_retries + 1} attempts; "
+            f"last error: {last}"
+        )
+
+    def _result(self, choice: dict[str, Any]) -> GenerationResult:
+        text = choice.get("text") or ""
+        lp = choice.get("logprobs") or {}
+        logprobs = [float("nan") if x is None else float(x) for x in lp.get("token_logprobs") or []]
+        ids = choice.get("token_ids")
+        if ids is None and lp.get("tokens") and all(
+            str(t).startswith("token_id:") for t in lp["tokens"]
+        ):
+            ids = [int(str(t).split(":", 1)[1]) for t in lp["tokens"]]
+        if ids is None:  # plain OpenAI-compatible server: re-tokenise with the policy tokenizer
+            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if len(logprobs) != len(ids):
+            logprobs = [math.nan] * len(ids)
+        finish = choice.get("finish_reason") or "error"
+        return GenerationResult(list(ids), text, logprobs,
+                                finish if finish in ("stop", "length") else "error")
+
+    def close(self) -> None:
+        pass
+
+
+def _context_length(tokenizer: Any) -> int:
+    n = getattr(tokenizer, "model_max_length", None)
+    return n if isinstance(n, int) and 0 < n < 10**7 else 32768
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

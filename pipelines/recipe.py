@@ -1,0 +1,149 @@
+"""Recipes: one YAML file naming everything a `scope run` needs (problems, models, options).
+
+```yaml
+name: arith-tiny
+algo: scope                 # grpo | luffy | prm_dense | scope
+seed: 0
+rounds: 3
+policy: tiny                # an engine spec (hf:/path, vllm:...) or `tiny` (built and cached)
+tiny: {max_steps: 1000}     # options of pipelines.tiny.build_tiny_policy when policy is tiny
+prm: rule:arith
+teacher: oracle:arith
+problems:                   # training problems: {path: TABLE} or {arith: {count, seed, ...}}
+  arith: {count: 64, seed: 1}
+eval:                       # held-out sets, same forms plus a name
+  - {name: heldout, arith: {count: 128, seed: 2}}
+generate: {n: 4, temperature: 1.0, max_new_tokens: 64}   # per-stage options: the fields of
+score: {}                                                 # each stage's config dataclass
+correct: {}
+train: {}
+evaluate: {n: 4, temperature: 0.6}
+```
+
+Keys are checked: a typo names the valid keys. Relative `path:` entries resolve against the
+recipe file's folder. Per-stage option names are checked when the stage config is built.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ALGOS = ("grpo", "luffy", "prm_dense", "scope")
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+STAGE_KEYS = ("generate", "score", "correct", "train", "evaluate")
+
+
+@dataclass
+class Recipe:
+    """A parsed recipe; `source` is the file it came from (None when built in code)."""
+
+    name: str
+    algo: str
+    seed: int
+    rounds: int
+    policy: str
+    problems: dict[str, Any]
+    eval: list[dict[str, Any]]
+    prm: str = "rule:arith"
+    teacher: str = "oracle:arith"
+    tiny: dict[str, Any] = field(default_factory=dict)
+    generate: dict[str, Any] = field(default_factory=dict)
+    score: dict[str, Any] = field(default_factory=dict)
+    correct: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    evaluate: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: copy.deepcopy(getattr(self, k)) for k in self.__dataclass_fields__
+                if k != "source"}
+
+
+REQUIRED = ("name", "algo", "policy", "problems", "eval")
+KNOWN = tuple(f for f in Recipe.__dataclass_fields__ if f != "source")
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    """A file path, or the name of a bundled recipe (`arith-tiny` -> pipelines/recipes/...)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    bundled = RECIPES_DIR / f"{name_or_path.removesuffix('.yaml')}.yaml"
+    if bundled.is_file():
+        return bundled
+    known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    raise FileNotFoundError(
+        f"recipe {name_or_path!r} not found (not a file; bundled recipes: {', '.join(known)})"
+    )
+
+
+def load_recipe(name_or_path: str, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Parse and check a recipe file; `overrides` (e.g. {"algo": "grpo", "seed": 1}) win."""
+    import yaml
+
+    path = resolve_recipe_path(name_or_path)
+    try:
+        body = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(body, dict):
+        raise ValueError(f"{path}: a recipe must be a YAML mapping")
+    return recipe_from_dict({**body, **(overrides or {})}, source=str(path))
+
+
+def recipe_from_dict(body: dict[str, Any], source: str | None = None) -> Recipe:
+    where = source or "recipe"
+    unknown = sorted(set(body) - set(KNOWN))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {', '.join(KNOWN)}")
+    missing = [k for k in REQUIRED if k not in body]
+    if missing:
+        raise ValueError(f"{where}: missing required key(s) {missing}")
+    body = copy.deepcopy(body)
+    if body["algo"] not in ALGOS:
+        raise ValueError(f"{where}: algo {body['algo']!r} is not one of {', '.join(ALGOS)}")
+    body.setdefault("seed", 0)
+    body.setdefault("rounds", 1)
+    if int(body["rounds"]) < 1:
+        raise ValueError(f"{where}: rounds must be >= 1, got {body['rounds']}")
+    base = Path(source).parent if source else Path.cwd()
+    body["problems"] = _problem_source(body["problems"], base, f"{where}: problems")
+    evals = body["eval"]
+    if isinstance(evals, dict):
+        evals = [evals]
+    if not evals:
+        raise ValueError(f"{where}: eval needs at least one problem set")
+    body["eval"] = []
+    for i, entry in enumerate(evals):
+        entry = _problem_source(entry, base, f"{where}: eval[{i}]")
+        entry.setdefault("name", f"eval{i}")
+        body["eval"].append(entry)
+    names = [e["name"] for e in body["eval"]]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{where}: eval set names must be unique, got {names}")
+    for key in (*STAGE_KEYS, "tiny"):
+        value = body.get(key) or {}
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: {key} must be a mapping of options")
+        body[key] = value
+    body["seed"], body["rounds"] = int(body["seed"]), int(body["rounds"])
+    return Recipe(**body, source=source)
+
+
+def _problem_source(entry: Any, base: Path, where: str) -> dict[str, Any]:
+    if isinstance(entry, str):
+        entry = {"path": entry}
+    if not isinstance(entry, dict) or ("path" in entry) == ("arith" in entry):
+        raise ValueError(f"{where}: give exactly one of `path: TABLE` or `arith: {{count, seed}}`")
+    entry = dict(entry)
+    if "path" in entry and "://" not in str(entry["path"]):
+        entry["path"] = str((base / str(entry["path"])).expanduser())
+    if "arith" in entry:
+        opts = dict(entry["arith"] or {})
+        if "count" not in opts:
+            raise ValueError(f"{where}: arith problems need a count")
+        entry["arith"] = opts
+    return entry

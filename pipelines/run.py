@@ -1,0 +1,239 @@
+"""`scope run RECIPE --out RUN_DIR`: the round loop (DESIGN.md section 1, step 7).
+
+Layout of a run folder::
+
+    RUN_DIR/recipe.json                  the resolved recipe
+    RUN_DIR/problems/train/              problems table (training)
+    RUN_DIR/problems/<eval name>/        problems table per held-out set
+    RUN_DIR/round-0000/eval/<name>/      evaluation of the initial policy
+    RUN_DIR/round-XXXX/generate/         rollouts of the policy of round XXXX-1
+    RUN_DIR/round-XXXX/score/            scored table          (algos that use the PRM)
+    RUN_DIR/round-XXXX/correct/          corrected table       (every algo: one code path)
+    RUN_DIR/round-XXXX/train/            new checkpoint + train_metrics.parquet
+    RUN_DIR/round-XXXX/eval/<name>/      evaluation of the new checkpoint
+    RUN_DIR/round-XXXX/_stages/<s>.json  completion marker: the stage's config hash
+    RUN_DIR/metrics.parquet              one row per (round, eval set), rebuilt after each round
+
+A stage's hash covers its own config and the hashes of the stages it reads, so `--resume` skips
+a stage whose marker holds the same hash, and a changed option reruns that stage and everything
+downstream of it. Inside a stage, the shard store skips finished part files. Every stage is the
+same `run(cfg)` the CLI calls; `--dry-run` prints the equivalent `scope <stage>` commands.
+
+Algorithms share one code path and one budget (problems, n samples, seeds, train options):
+`grpo` trains on the rollouts (no PRM, no teacher), `prm_dense` scores every response and trains
+on the scored table (dense step rewards), `luffy` and `scope` score, correct (`--mode luffy`:
+whole teacher solutions; `--mode scope`: teacher suffix after the PRM's first error) and train
+on the corrected table. A round whose groups all have zero advantage trains nothing and keeps
+the policy (recorded in `round-XXXX/train_skipped.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from pipelines import run_stages as stages
+from pipelines.recipe import Recipe, load_recipe
+from scope_data.hashing import config_hash
+
+METRICS_FILE = "metrics.parquet"
+
+
+@dataclass
+class RunConfig:
+    """Options of `scope run`."""
+
+    recipe: str | Recipe
+    out: str
+    rounds: int | None = None
+    resume: bool = False
+    dry_run: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)
+    verbose: bool = True
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    metrics: pl.DataFrame
+    commands: list[str]
+    ran: list[str]
+    skipped: list[str]
+
+
+class _Runner:
+    """Runs (or prints) the stages of one run folder, skipping those already done."""
+
+    def __init__(self, run_dir: Path, resume: bool, dry_run: bool, verbose: bool):
+        self.run_dir, self.resume, self.dry_run, self.verbose = run_dir, resume, dry_run, verbose
+        self.commands: list[str] = []
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+
+    def relative(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Paths inside the run folder written as $RUN_DIR/...: a moved run still resumes."""
+        text = json.dumps(config, default=str)
+        return json.loads(text.replace(str(self.run_dir) + "/", "$RUN_DIR/"))
+
+    def stage(self, where: str, name: str, cfg: Any, upstream: list[str], action: Any) -> str:
+        """Run `action()` unless the marker `where/_stages/name.json` has this config's hash."""
+        body = {"stage": name, "config": self.relative(stages.config_dict(cfg)),
+                "upstream": upstream}
+        digest = config_hash(body)
+        label = f"{where}/{name}"
+        self.commands.append(stages.command_line(name, cfg))
+        if self.dry_run:
+            return digest
+        marker = self.run_dir / where / "_stages" / f"{name}.json"
+        if marker.is_file():
+            old = json.loads(marker.read_text())
+            if old.get("config_hash") == digest and self.resume:
+                self.skipped.append(label)
+                return digest
+            if old.get("config_hash") == digest:
+                raise FileExistsError(
+                    f"{self.run_dir}: {label} is already done; pass --resume to continue this "
+                    "run, or choose a new --out"
+                )
+        t0 = time.time()
+        if self.verbose:
+            from pipelines.console import console
+
+            console.print(f"[bold cyan]>> {label}[/]", highlight=False)
+        action()
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**body, "config_hash": digest,
+                                   "seconds": round(time.time() - t0, 2)}, default=str))
+        tmp.replace(marker)
+        self.ran.append(label)
+        return digest
+
+
+def round_dir(run_dir: str | Path, r: int) -> Path:
+    return Path(run_dir) / f"round-{r:04d}"
+
+
+def run(cfg: RunConfig) -> RunResult:
+    """Run (or resume, or print) every round of a recipe; return the metrics table."""
+    recipe = cfg.recipe if isinstance(cfg.recipe, Recipe) else load_recipe(cfg.recipe,
+                                                                             cfg.overrides)
+    rounds = cfg.rounds if cfg.rounds is not None else recipe.rounds
+    if rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {rounds}")
+    run_dir = Path(cfg.out).expanduser().resolve()
+    if not cfg.dry_run:
+        _check_run_dir(run_dir, recipe, cfg.resume)
+    runner = _Runner(run_dir, cfg.resume, cfg.dry_run, cfg.verbose)
+    policy = stages.initial_policy(recipe, dry_run=cfg.dry_run)
+
+    # problems
+    problem_hashes: dict[str, str] = {}
+    train_problems, problem_hashes["train"] = _problems(
+        runner, recipe.problems, run_dir / "problems" / "train", None, [])
+    eval_sets: dict[str, str] = {}
+    for entry in recipe.eval:
+        eval_sets[entry["name"]], problem_hashes[entry["name"]] = _problems(
+            runner, entry, run_dir / "problems" / entry["name"], train_problems,
+            [problem_hashes["train"]])
+
+    # round 0: the initial policy
+    policy_hash = config_hash({"policy": policy})
+    _evaluate(runner, recipe, run_dir, 0, policy, policy_hash, eval_sets, problem_hashes)
+    if not cfg.dry_run:
+        _write_metrics(run_dir, recipe, 0)
+    for r in range(1, rounds + 1):
+        policy, policy_hash = _round(runner, recipe, run_dir, r, policy, policy_hash,
+                                     train_problems, problem_hashes)
+        _evaluate(runner, recipe, run_dir, r, policy, policy_hash, eval_sets, problem_hashes)
+        if not cfg.dry_run:
+            _write_metrics(run_dir, recipe, r)
+    if cfg.dry_run:
+        for line in runner.commands:
+            print(line)
+        return RunResult(str(run_dir), pl.DataFrame(), runner.commands, [], [])
+    metrics = pl.read_parquet(run_dir / METRICS_FILE)
+    return RunResult(str(run_dir), metrics, runner.commands, runner.ran, runner.skipped)
+
+
+def _problems(runner: _Runner, entry: dict[str, Any], out: Path, exclude_from: str | None,
+              upstream: list[str]) -> tuple[str, str]:
+    """(table url, hash) of a problem set: an existing table, or generated arith problems."""
+    pcfg = stages.problems_config(entry, str(out), exclude_from=exclude_from)
+    if isinstance(pcfg, str):
+        if runner.dry_run:
+            return pcfg, config_hash({"path": pcfg})
+        from scope_data.shards import read_manifest
+
+        return pcfg, config_hash({"path": pcfg, "content": read_manifest(pcfg).content_hash})
+    digest = runner.stage("problems", out.name, pcfg, upstream,
+                          lambda: stages.write_problems(pcfg))
+    return pcfg.out, digest
+
+
+def _check_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
+    path = run_dir / "recipe.json"
+    text = json.dumps(recipe.to_dict(), indent=1, sort_keys=True, default=str)
+    if path.is_file() and not resume:
+        raise FileExistsError(
+            f"{run_dir} already holds a run; pass --resume to continue it, or choose a new --out"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _round(runner: _Runner, recipe: Recipe, run_dir: Path, r: int, policy: str,
+           policy_hash: str, train_problems: str, problem_hashes: dict[str, str]
+           ) -> tuple[str, str]:
+    """generate -> score -> correct -> train for round r; returns the new policy spec + hash."""
+    where = f"round-{r:04d}"
+    rd = round_dir(run_dir, r)
+    gcfg = stages.generate_config(recipe, train_problems, policy, str(rd / "generate"), r)
+    h = runner.stage(where, "generate", gcfg, [problem_hashes["train"], policy_hash],
+                     lambda: stages.run_generate(gcfg))
+    table = gcfg.out
+    scores, mode = stages.ALGO_PLAN[recipe.algo]
+    if scores or mode:
+        scfg = stages.score_config(recipe, table, str(rd / "score"))
+        h = runner.stage(where, "score", scfg, [h], lambda: stages.run_score(scfg))
+        table = scfg.out
+    if mode:
+        ccfg = stages.correct_config(recipe, table, str(rd / "correct"), r)
+        h = runner.stage(where, "correct", ccfg, [h], lambda: stages.run_correct(ccfg))
+        table = ccfg.out
+    tcfg = stages.train_config(recipe, table, policy, str(rd / "train"), r)
+    h = runner.stage(where, "train", tcfg, [h, policy_hash], lambda: stages.run_train(tcfg))
+    return stages.trained_policy(tcfg), h
+
+
+def _evaluate(runner: _Runner, recipe: Recipe, run_dir: Path, r: int, policy: str,
+              policy_hash: str, eval_sets: dict[str, str], problem_hashes: dict[str, str]
+              ) -> None:
+    from pipelines import evaluate
+
+    where = f"round-{r:04d}"
+    for name, url in eval_sets.items():
+        ecfg = stages.eval_config(recipe, policy, url, str(round_dir(run_dir, r) / "eval" / name),
+                                  r)
+        runner.stage(where, f"eval-{name}", ecfg, [problem_hashes[name], policy_hash],
+                     lambda ecfg=ecfg: evaluate.run(ecfg))
+
+
+def _write_metrics(run_dir: Path, recipe: Recipe, last_round: int) -> None:
+    """Rebuild RUN_DIR/metrics.parquet from every finished round (idempotent on resume)."""
+    rows: list[dict[str, Any]] = []
+    for r in range(0, last_round + 1):
+        rows.extend(stages.round_metrics(recipe, round_dir(run_dir, r), r))
+    frame = pl.DataFrame(rows, infer_schema_length=None)
+    tmp = run_dir / f".{METRICS_FILE}.tmp"
+    frame.write_parquet(tmp)
+    tmp.replace(run_dir / METRICS_FILE)
+
+
+def config_summary(recipe: Recipe) -> dict[str, Any]:
+    return {k: v for k, v in asdict(recipe).items() if k != "source"}

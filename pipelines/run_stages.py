@@ -1,0 +1,324 @@
+"""How the round loop builds each stage's config from a recipe, runs it, and reads its metrics.
+
+One function per stage turns (recipe, input table, output folder) into that stage's own config
+dataclass (the object `scope <stage>` builds from its options), so a loop stage and a hand-run
+stage are the same call. Recipe per-stage options are checked against the dataclass fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from pipelines.recipe import Recipe
+
+# algo -> (scores steps?, correction mode or None)
+ALGO_PLAN: dict[str, tuple[bool, str | None]] = {
+    "grpo": (False, None),
+    "prm_dense": (True, None),
+    "luffy": (False, "luffy"),
+    "scope": (True, "scope"),
+}
+
+
+def uses_prm(algo: str) -> bool:
+    return ALGO_PLAN[algo][0]
+
+
+# -- generic helpers ------------------------------------------------------------------------
+def make_config(cls: type, options: dict[str, Any], where: str, **fixed: Any) -> Any:
+    """`cls(**fixed, **options)`; unknown option names raise ValueError listing the valid ones."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        valid = sorted(names - set(fixed))
+        raise ValueError(f"recipe {where}: unknown option(s) {unknown}; valid: {', '.join(valid)}")
+    clash = sorted(set(options) & set(fixed))
+    if clash:
+        raise ValueError(f"recipe {where}: option(s) {clash} are set by the round loop")
+    return cls(**{k: v for k, v in fixed.items() if k in names}, **options)
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    """The config as a dict for hashing (storage options and engine handles left out)."""
+    body = dataclasses.asdict(cfg)
+    body.pop("storage_options", None)
+    return body
+
+
+def command_line(stage: str, cfg: Any) -> str:
+    """The `scope <stage>` command equivalent to `cfg` (non-default options only)."""
+    command = {"problems": "problems arith", "evaluate": "eval"}.get(stage.split("-")[0], stage)
+    parts = ["scope", *command.split()]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in ("storage_options",) or value is None:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else object()
+        )
+        if value == default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else f"--no-{f.name.replace('_', '-')}")
+        elif isinstance(value, dict):
+            if value:
+                parts += [flag, json.dumps(value, separators=(",", ":"))]
+        elif isinstance(value, (list, tuple)):
+            parts += [flag, "-".join(str(v) for v in value)]
+        else:
+            parts += [flag, str(value)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+# -- policy ---------------------------------------------------------------------------------
+def initial_policy(recipe: Recipe, dry_run: bool = False) -> str:
+    """The round-1 policy spec; `tiny` builds (or reuses) the cached warm-started tiny model."""
+    if recipe.policy != "tiny":
+        return recipe.policy
+    from pipelines import tiny
+
+    if dry_run:
+        return "hf:$(scope tiny-policy ...)"
+    return f"hf:{tiny.build_tiny_policy(**recipe.tiny)}"
+
+
+# -- problems -------------------------------------------------------------------------------
+@dataclass
+class ProblemsConfig:
+    """Generated arith problems (the `scope problems arith` options)."""
+
+    out: str
+    count: int
+    seed: int
+    steps: tuple[int, int] = (3, 6)
+    modulus: int = 10
+    max_operand: int | None = None
+    exclude_from: str | None = None  # a problems table whose prompts must not appear
+
+
+def problems_config(entry: dict[str, Any], out: str, exclude_from: str | None = None
+                    ) -> ProblemsConfig | str:
+    """A ProblemsConfig for an `arith:` entry, or the table path of a `path:` entry."""
+    if "path" in entry:
+        return entry["path"]
+    opts = dict(entry["arith"])
+    if "steps" in opts:
+        opts["steps"] = tuple(opts["steps"])
+    return make_config(ProblemsConfig, opts, "problems", out=out, exclude_from=exclude_from)
+
+
+def write_problems(cfg: ProblemsConfig) -> None:
+    """Write `count` seeded arith problems, skipping prompts of `exclude_from` (held-out sets)."""
+    from scope_data.hashing import stable_id
+    from scope_data.shards import TableStore, scan
+    from scope_data.tasks import arith
+
+    seen: set[str] = set()
+    if cfg.exclude_from:
+        seen = set(scan(cfg.exclude_from).select("prompt").collect()["prompt"].to_list())
+    pool = arith.generate_problems(4 * cfg.count + 64, seed=cfg.seed, steps=cfg.steps,
+                                   modulus=cfg.modulus, max_operand=cfg.max_operand)
+    source = f"arith:seed={cfg.seed}"
+    rows: list[dict[str, Any]] = []
+    prompts: set[str] = set()
+    for i, p in enumerate(pool):
+        if p.prompt in seen or p.prompt in prompts:
+            continue
+        prompts.add(p.prompt)
+        rows.append({"problem_id": stable_id(source, i, p.prompt), "source": source,
+                     "source_index": i, "task": "arith", "prompt": p.prompt,
+                     "answer": p.answer, "solution": p.solution})
+        if len(rows) == cfg.count:
+            break
+    if len(rows) < cfg.count:
+        raise ValueError(f"only {len(rows)} distinct arith problems available, asked {cfg.count}")
+    config = {**dataclasses.asdict(cfg), "out": None}
+    TableStore(cfg.out, "problems").write(pl.DataFrame(rows).to_arrow(), config,
+                                          stats={"rows": len(rows)})
+
+
+# -- stages ---------------------------------------------------------------------------------
+def _seed(recipe: Recipe, stage: str, r: int) -> int:
+    """A per-(seed, stage, round) seed, so rounds never reuse each other's random streams."""
+    from scope_data.hashing import derive_seed
+
+    return derive_seed(recipe.seed, stage, r)
+
+
+def generate_config(recipe: Recipe, problems: str, policy: str, out: str, r: int) -> Any:
+    from pipelines.generate import GenerateConfig
+
+    opts = dict(recipe.generate)
+    opts.setdefault("seed", _seed(recipe, "generate", r))
+    return make_config(GenerateConfig, opts, "generate", problems=problems, policy=policy,
+                       out=out, round=r)
+
+
+def run_generate(cfg: Any) -> None:
+    from pipelines import generate
+
+    _finished(generate.run(cfg), cfg.out)
+
+
+def score_config(recipe: Recipe, rollouts: str, out: str) -> Any:
+    from pipelines.score import ScoreConfig
+
+    opts = dict(recipe.score)
+    if recipe.algo == "prm_dense":
+        opts.setdefault("only_failed", False)  # dense shaping needs every response's scores
+    return make_config(ScoreConfig, opts, "score", rollouts=rollouts, out=out, prm=recipe.prm)
+
+
+def run_score(cfg: Any) -> None:
+    from pipelines import score
+
+    _finished(score.run(cfg), cfg.out)
+
+
+def correct_config(recipe: Recipe, scored: str, out: str, r: int) -> Any:
+    from pipelines.correct import CorrectConfig
+
+    opts = dict(recipe.correct)
+    opts.setdefault("seed", _seed(recipe, "correct", r))
+    return make_config(CorrectConfig, opts, "correct", scored=scored, out=out,
+                       teacher=recipe.teacher, mode=ALGO_PLAN[recipe.algo][1])
+
+
+def run_correct(cfg: Any) -> None:
+    from pipelines import correct
+
+    _finished(correct.run(cfg), cfg.out)
+
+
+def train_config(recipe: Recipe, data: str, policy: str, out: str, r: int) -> Any:
+    from pipelines.train import TrainConfig
+
+    opts = dict(recipe.train)
+    opts.setdefault("seed", _seed(recipe, "train", r))
+    return make_config(TrainConfig, opts, "train", data=data, policy=policy, output_dir=out,
+                       algo=recipe.algo)
+
+
+SKIPPED_TRAIN = "train_skipped.json"
+
+
+def run_train(cfg: Any) -> None:
+    """Train; a round where every group has zero advantage keeps the old policy (recorded)."""
+    from pipelines import train
+
+    note = Path(cfg.output_dir).parent / SKIPPED_TRAIN
+    note.unlink(missing_ok=True)
+    try:
+        train.run(cfg)
+    except ValueError as e:
+        if "zero advantage" not in str(e):
+            raise
+        from pipelines.console import console
+
+        console.print(f"[yellow]train skipped:[/] {e}", highlight=False)
+        note.write_text(json.dumps({"reason": str(e), "policy": cfg.policy}))
+
+
+def trained_policy(cfg: Any) -> str:
+    """The policy spec after a train stage (the old one when the round had nothing to train)."""
+    if (Path(cfg.output_dir).parent / SKIPPED_TRAIN).is_file():
+        return cfg.policy
+    kind = cfg.policy.partition(":")[0]
+    return f"{kind if kind in ('hf', 'vllm') else 'hf'}:{cfg.output_dir}"
+
+
+def eval_config(recipe: Recipe, policy: str, problems: str, out: str, r: int) -> Any:
+    from pipelines.evaluate import EvalConfig
+
+    opts = dict(recipe.evaluate)
+    opts.setdefault("seed", _seed(recipe, "eval", 0))  # the same draws every round: paired
+    return make_config(EvalConfig, opts, "evaluate", model=policy, problems=problems, out=out,
+                       round=r)
+
+
+def _finished(result: Any, out: str) -> None:
+    if getattr(result, "manifest", None) is None:
+        missing = getattr(result, "missing", [])
+        raise RuntimeError(f"{out}: stage did not finish ({len(missing)} parts missing)")
+
+
+# -- metrics --------------------------------------------------------------------------------
+def round_metrics(recipe: Recipe, rd: Path, r: int) -> list[dict[str, Any]]:
+    """One row per eval set of round r: eval metrics plus this round's training figures."""
+    from pipelines.evaluate import read_metrics
+
+    base: dict[str, Any] = {"run_name": recipe.name, "algo": recipe.algo, "seed": recipe.seed,
+                            "round": r}
+    if r > 0:
+        base.update(training_figures(rd))
+    rows = []
+    for entry in recipe.eval:
+        m = read_metrics(str(rd / "eval" / entry["name"]))
+        m.pop("config", None)
+        rows.append({**base, "eval_set": entry["name"], **m})
+    return rows
+
+
+def training_figures(rd: Path) -> dict[str, Any]:
+    """Figures of a round's training side, read back from its tables."""
+    from scope_data.shards import scan
+
+    out: dict[str, Any] = {}
+    roll = scan(str(rd / "generate"), check=False).select(
+        "prompt", "task", "response_text", "correct", "problem_id").collect()
+    out["train_accuracy"] = float(roll["correct"].cast(pl.Float64).mean())
+    out["first_error_hist"] = first_error_hist(roll)
+    failed = int((~roll["correct"]).sum())
+    out["failed"] = failed
+    by_problem = roll.group_by("problem_id").agg(pl.col("correct").any().alias("any"))
+    out["all_failed_groups"] = int((~by_problem["any"]).sum())
+    if (rd / "correct" / "_manifest.json").is_file():
+        corr = scan(str(rd / "correct"), check=False).select(
+            "problem_id", "kind", "correct_status").collect()
+        accepted = corr.filter(pl.col("kind") == "corrected")
+        out["corrections"] = accepted.height
+        out["salvage_rate"] = accepted.height / failed if failed else None
+        dead = by_problem.filter(~pl.col("any"))["problem_id"]
+        out["rescued_groups"] = int(accepted.filter(pl.col("problem_id").is_in(dead.implode()))
+                                    ["problem_id"].n_unique())
+    train_dir = rd / "train"
+    metrics = train_dir / "train_metrics.parquet"
+    if metrics.is_file():
+        tm = pl.read_parquet(metrics)
+        summary = json.loads((train_dir / "train_manifest.json").read_text())["summary"]
+        out["train_steps"] = tm.height
+        out["train_loss"] = float(tm["loss"].mean()) if tm.height else None
+        for key in ("clip_fraction", "off_policy_share", "mean_entropy", "corrections_used",
+                    "groups_trained", "groups_zero_advantage"):
+            if key in summary:
+                out[key] = summary[key]
+    else:
+        out["train_steps"] = 0
+    return out
+
+
+def first_error_hist(rollouts: pl.DataFrame, size: int = 10) -> list[int] | None:
+    """Failed responses per first wrong step (exact checker; arith rows only), index < size."""
+    from scope_data.tasks import arith
+
+    counts: Counter[int] = Counter()
+    rows = rollouts.filter((pl.col("task") == "arith") & ~pl.col("correct"))
+    if rows.height == 0:
+        return None
+    for prompt, text in rows.select("prompt", "response_text").iter_rows():
+        try:
+            k = arith.first_error(arith.parse_prompt(prompt), text)
+        except ValueError:
+            continue
+        if k >= 0:
+            counts[min(k, size - 1)] += 1
+    return [counts.get(k, 0) for k in range(size)]

@@ -1,0 +1,268 @@
+"""A tiny learned `hf-tag` PRM for the arith task, trained on CPU in about two minutes, cached.
+
+The tokenizer is the tiny kit's character tokenizer plus the step tag ``ки`` (one added token;
+``+`` and ``-`` are already characters). The model is a small Qwen2 causal LM trained from
+scratch on arith responses labelled by the exact checker (``arith.check_steps``): canonical
+solutions and solutions with one injected slip (a wrong result, a wrong operand, or a line that
+does not continue from the previous result), each continued consistently. Input and read-out
+are exactly those of :class:`pipelines.engines.prm_hf.HFTagPRM`::
+
+    text = problem + " " + "\\n".join(step + " ки" for step in steps)
+    loss = CE(softmax([z_+, z_-]) at each tag, label "+" if the step is correct else "-")
+
+so the built folder loads as ``hf-tag:<folder>``. Builds are cached under
+``$SCOPE_CACHE/tiny-prm/<config hash>`` (written to a temporary folder, then renamed).
+:func:`init_tiny_prm` makes random-init PRMs of both families for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines.tiny import META_FILE, _atomic_place, _file_lock, _is_build, cache_root
+from scope_data.first_error import locate, subset_metrics
+from scope_data.tasks import arith
+
+TAG = "ки"
+STEP_TOKEN = " " + TAG
+SEPARATOR = "<extra_0>"
+RECIPE_VERSION = 1
+
+
+def prm_tokenizer(extra_tokens: tuple[str, ...] = (TAG,), model_max_length: int = 512) -> Any:
+    """The tiny kit's char tokenizer with `extra_tokens` added (right padding for scoring)."""
+    from pipelines.tiny_tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer(model_max_length)
+    tok.add_tokens(list(extra_tokens))
+    tok.padding_side = "right"
+    return tok
+
+
+def _qwen2_config(tok: Any, **kw: Any) -> Any:
+    from transformers import Qwen2Config
+
+    heads = kw.pop("num_heads", 2)
+    return Qwen2Config(
+        vocab_size=len(tok), num_attention_heads=heads, num_key_value_heads=heads,
+        bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True, **kw,
+    )
+
+
+def init_tiny_prm(
+    out_dir: str | Path,
+    kind: str = "tag",
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    head_dim: int = 32,
+    intermediate_size: int = 128,
+    max_position_embeddings: int = 512,
+    seed: int = 0,
+) -> Path:
+    """Save a random-init tiny PRM: kind "tag" (Qwen2ForCausalLM, tag ``ки``) or "cls"
+    (Qwen2ForTokenClassification, 2 labels, separator ``<extra_0>``)."""
+    import torch
+    from transformers import Qwen2ForCausalLM, Qwen2ForTokenClassification
+
+    if kind not in ("tag", "cls"):
+        raise ValueError(f"kind must be 'tag' or 'cls', got {kind!r}")
+    out = Path(out_dir)
+    tok = prm_tokenizer((TAG,) if kind == "tag" else (SEPARATOR,), max_position_embeddings)
+    cfg = _qwen2_config(
+        tok, hidden_size=hidden_size, num_hidden_layers=num_layers, num_heads=num_heads,
+        head_dim=head_dim, intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+    )
+    torch.manual_seed(seed)
+    if kind == "cls":
+        cfg.num_labels = 2
+        model = Qwen2ForTokenClassification(cfg)
+    else:
+        model = Qwen2ForCausalLM(cfg)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+# -- training data ---------------------------------------------------------------------------
+def slipped_solution(problem: arith.ArithProblem, rng: random.Random) -> str:
+    """A solution with one slip at a random step, continued consistently from it."""
+    kind = rng.choice(["result", "operand", "carry"])
+    if kind == "result":
+        return arith.inject_error(problem, rng)[0]
+    m = problem.modulus
+    j = rng.randrange(len(problem.ops))
+    lines, value = [], problem.start
+    for i, (op, operand) in enumerate(problem.ops):
+        if i == j and kind == "operand":
+            operand = rng.choice([b for b in range(max(m, operand + 2)) if b != operand])
+        if i == j and kind == "carry":
+            value = rng.choice([v for v in range(m) if v != value])
+        result = arith.apply_op(value, op, operand, m)
+        lines.append(arith.step_line(value, op, operand, result))
+        value = result
+    lines.append(f"Answer: {value}")
+    return "\n".join(lines)
+
+
+def labelled_responses(
+    count: int, seed: int, steps: tuple[int, int], modulus: int, error_share: float
+) -> list[tuple[str, list[str], list[bool]]]:
+    """(prompt, step lines, rule-checker verdicts) for `count` synthetic responses."""
+    rng = random.Random(f"tiny-prm:{seed}")
+    rows = []
+    for p in arith.generate_problems(count, seed=seed, steps=steps, modulus=modulus):
+        text = slipped_solution(p, rng) if rng.random() < error_share else p.solution
+        lines = arith.response_lines(text)
+        rows.append((p.prompt, lines, arith.check_steps(p, text)))
+    return rows
+
+
+@dataclass(frozen=True)
+class TinyPRMConfig:
+    """Everything that determines a tiny PRM build (hashed into its cache key)."""
+
+    steps: tuple[int, int] = (3, 6)
+    modulus: int = 10
+    error_share: float = 0.5
+    seed: int = 0
+    num_examples: int = 20_000
+    num_layers: int = 2
+    hidden_size: int = 128
+    num_heads: int = 4
+    head_dim: int = 32
+    intermediate_size: int = 512
+    max_position_embeddings: int = 320
+    max_steps: int = 700
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    eval_examples: int = 500
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "steps": list(self.steps)}
+
+    def hash(self) -> str:
+        from scope_data.hashing import config_hash
+
+        return config_hash({"v": RECIPE_VERSION, "kind": "tiny-prm", **self.to_dict()})
+
+
+def build_tiny_prm(
+    out_dir: str | Path | None = None, *, force: bool = False, num_threads: int | None = 2,
+    verbose: bool = False, **overrides: Any,
+) -> Path:
+    """Train (or reuse from the cache) the tiny hf-tag PRM and return its folder.
+
+    `overrides` set :class:`TinyPRMConfig` fields. The folder's ``scope_tiny.json`` holds the
+    config, training figures and the held-out arith first-error metrics.
+    """
+    if "steps" in overrides:
+        overrides["steps"] = tuple(overrides["steps"])
+    cfg = TinyPRMConfig(**overrides)
+    key = cfg.hash()
+    cached = cache_root() / "tiny-prm" / key
+    target = Path(out_dir) if out_dir is not None else cached
+    if not force and _is_build(target, key):
+        return target
+    source = cached if out_dir is not None and not force and _is_build(cached, key) else None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / f".{target.name}.lock"):
+        if not force and _is_build(target, key):
+            return target
+        if source is not None:
+            import shutil
+
+            _atomic_place(target, lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True))
+        else:
+            _atomic_place(target, lambda tmp: _train(cfg, tmp, num_threads, verbose))
+    return target
+
+
+def _train(cfg: TinyPRMConfig, out: Path, num_threads: int | None, verbose: bool) -> None:
+    import torch
+    import torch.nn.functional as F
+    from transformers import Qwen2ForCausalLM
+
+    t0 = time.time()
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    torch.manual_seed(cfg.seed)
+    tok = prm_tokenizer((TAG,), cfg.max_position_embeddings)
+    model = Qwen2ForCausalLM(_qwen2_config(
+        tok, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_heads=cfg.num_heads, head_dim=cfg.head_dim, intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+    ))
+    tag_id = tok.convert_tokens_to_ids(TAG)
+    good_bad = torch.tensor([tok.convert_tokens_to_ids("+"), tok.convert_tokens_to_ids("-")])
+    rows = labelled_responses(cfg.num_examples, cfg.seed, cfg.steps, cfg.modulus, cfg.error_share)
+    encoded = []
+    for prompt, lines, verdicts in rows:
+        ids = tok.encode(prompt + " " + "\n".join(s + STEP_TOKEN for s in lines))
+        encoded.append((ids, [0 if ok else 1 for ok in verdicts]))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 30) * max(0.05, 1 - s / cfg.max_steps)
+    )
+    rng = random.Random(cfg.seed)
+    model.train()
+    losses = []
+    for step in range(cfg.max_steps):
+        batch = [encoded[rng.randrange(len(encoded))] for _ in range(cfg.batch_size)]
+        longest = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), longest), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for r, (ids, _) in enumerate(batch):
+            input_ids[r, : len(ids)] = torch.tensor(ids)
+            mask[r, : len(ids)] = 1
+        targets = torch.tensor([y for _, ys in batch for y in ys])
+        hidden = model.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        z = hidden[input_ids == tag_id] @ model.lm_head.weight[good_bad].T
+        loss = F.cross_entropy(z, targets)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if verbose and step % 50 == 0:
+            print(f"step {step} loss {loss.item():.4f}", flush=True)
+    train_seconds = time.time() - t0
+    model.eval()
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    metrics = evaluate_tiny_prm(out, cfg)
+    meta = {
+        "format": "scope-tiny-prm", "recipe_version": RECIPE_VERSION, "config_hash": cfg.hash(),
+        "config": cfg.to_dict(), "spec": f"hf-tag:{out}",
+        "train": {"steps": cfg.max_steps, "seconds": round(train_seconds, 1),
+                  "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+                  "num_parameters": sum(p.numel() for p in model.parameters())},
+        "eval": metrics, "build_seconds": round(time.time() - t0, 1),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def evaluate_tiny_prm(model_dir: str | Path, cfg: TinyPRMConfig) -> dict[str, Any]:
+    """Held-out arith first-error metrics (ProcessBench protocol, threshold 0.5)."""
+    from pipelines.engines.base import EngineSpec
+    from pipelines.engines.prm_hf import HFTagPRM
+
+    prm = HFTagPRM(EngineSpec("hf-tag", str(model_dir)), device="cpu", dtype="float32")
+    rows = labelled_responses(
+        cfg.eval_examples, cfg.seed + 7_000_001, cfg.steps, cfg.modulus, cfg.error_share
+    )
+    scores = prm.score_batch([(p, lines) for p, lines, _ in rows])
+    gold = [next((k for k, ok in enumerate(v) if not ok), -1) for _, _, v in rows]
+    preds = [locate(s, 0.5) for s in scores]
+    return subset_metrics("arith-synthetic", preds, gold).as_dict()

@@ -1,0 +1,141 @@
+"""Splicing a teacher suffix onto the policy's kept prefix (DESIGN.md section 1, step 4).
+
+A failed rollout with first error k* keeps the policy's OWN sampled tokens for steps
+0..k*-1, exactly as sampled::
+
+    prefix_ids = response_token_ids[: steps[k*].token_start]
+
+(never re-tokenised from text: re-encoding decoded text can give other ids, and the trainer
+needs the ids whose behaviour log-probs were recorded). The teacher continues from there and
+returns TEXT, because its tokenizer may differ from the policy's; the suffix is re-encoded with
+the POLICY tokenizer::
+
+    response_token_ids = prefix_ids + encode_policy(suffix_text)      off_policy_start = |prefix|
+    response_text      = decode_policy(prefix_ids) + suffix_text
+    behaviour_logprobs = prefix_logprobs + [NaN] * |suffix ids|
+
+Suffix tokens get NaN behaviour log-probs: they were not sampled by the policy, and the trainer
+treats tokens at or after ``off_policy_start`` as off-policy (LUFFY policy shaping takes the
+behaviour probability as 1) and never reads their behaviour log-probs. A suffix that does not
+fit ``max_response_tokens`` is cut and the splice gets status ``truncated``.
+
+Pure logic: tokenizers enter as ``encode``/``decode`` callables.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+Encode = Callable[[str], list[int]]
+Decode = Callable[[list[int]], str]
+
+
+class CorrectionError(ValueError):
+    """A scored row whose step offsets cannot be spliced (names the rollout)."""
+
+
+@dataclass(frozen=True)
+class Splice:
+    """A corrected response: the kept policy prefix followed by the teacher suffix."""
+
+    response_token_ids: list[int]
+    response_text: str
+    behaviour_logprobs: list[float]
+    off_policy_start: int  # == len(prefix ids); tokens from here on are off-policy
+    status: str  # "ok" | "truncated"
+
+
+def check_step_offsets(
+    rollout_id: str,
+    steps: Sequence[Mapping[str, Any]],
+    num_tokens: int,
+    num_logprobs: int | None = None,
+) -> None:
+    """Raise CorrectionError unless the step token spans fit the response ids.
+
+    Spans must satisfy ``0 <= token_start <= token_end <= num_tokens``, be ordered and
+    non-overlapping; ``behaviour_logprobs`` (when given) has one value per response token.
+    """
+    if num_logprobs is not None and num_logprobs != num_tokens:
+        raise CorrectionError(
+            f"rollout {rollout_id}: {num_logprobs} behaviour_logprobs for {num_tokens} "
+            "response_token_ids"
+        )
+    previous_end = 0
+    for k, step in enumerate(steps):
+        start, end = step.get("token_start"), step.get("token_end")
+        if start is None or end is None:
+            raise CorrectionError(f"rollout {rollout_id}: step {k} has no token offsets")
+        if not 0 <= start <= end <= num_tokens:
+            raise CorrectionError(
+                f"rollout {rollout_id}: step {k} token span [{start}, {end}) does not fit its "
+                f"{num_tokens} response_token_ids (scored table does not match the rollouts)"
+            )
+        if start < previous_end:
+            raise CorrectionError(
+                f"rollout {rollout_id}: step {k} starts at token {start}, before step {k - 1} "
+                f"ends ({previous_end}); step token spans must be ordered"
+            )
+        previous_end = end
+
+
+def check_prefix_text(
+    rollout_id: str, prefix_text: str, response_text: str, char_start: int
+) -> None:
+    """Raise CorrectionError unless the decoded prefix is the response text up to step k*.
+
+    ``prefix_text`` (decode of the kept ids) must be a prefix of the response text that ends
+    at ``char_start`` of step k*, give or take the whitespace between two steps. Call it only
+    with tokenizers whose decode reproduces ``response_text`` from its ids.
+    """
+    if not response_text.startswith(prefix_text) or (
+        len(prefix_text) > char_start or response_text[len(prefix_text) : char_start].strip()
+    ):
+        raise CorrectionError(
+            f"rollout {rollout_id}: the tokens before step k* decode to {prefix_text[-40:]!r}, "
+            f"which is not the response text before char {char_start} "
+            f"({response_text[max(0, char_start - 40) : char_start]!r}); the scored table's "
+            "token offsets do not match response_token_ids"
+        )
+
+
+def prefix_token_end(steps: Sequence[Mapping[str, Any]], k: int) -> int:
+    """Number of response tokens kept when step k is the first error (token_start of step k)."""
+    return int(steps[k]["token_start"])
+
+
+def splice(
+    prefix_ids: Sequence[int],
+    prefix_logprobs: Sequence[float],
+    suffix_text: str,
+    encode: Encode,
+    decode: Decode,
+    *,
+    max_response_tokens: int | None = None,
+    eos_token_id: int | None = None,
+) -> Splice:
+    """Prefix ids + ``encode(suffix_text)`` (+ ``eos_token_id`` if given), cut to fit.
+
+    The prefix itself is never cut (it is at most the original response); when the suffix
+    (and EOS) would pass ``max_response_tokens`` the suffix ids are cut, no EOS is appended,
+    the text becomes ``decode(prefix) + decode(kept suffix ids)`` and the status is
+    ``truncated``.
+    """
+    if len(prefix_logprobs) != len(prefix_ids):
+        raise ValueError(f"{len(prefix_logprobs)} log-probs for {len(prefix_ids)} prefix ids")
+    prefix = [int(t) for t in prefix_ids]
+    suffix = [int(t) for t in encode(suffix_text)] if suffix_text else []
+    tail = [] if eos_token_id is None else [int(eos_token_id)]
+    status = "ok"
+    if max_response_tokens is not None and len(prefix) + len(suffix) + len(tail) > max(
+        max_response_tokens, len(prefix)
+    ):
+        room = max(0, max_response_tokens - len(prefix))
+        suffix, tail, status = suffix[:room], [], "truncated"
+        suffix_text = decode(suffix) if suffix else ""
+    ids = prefix + suffix + tail
+    logprobs = [float(x) for x in prefix_logprobs] + [math.nan] * (len(suffix) + len(tail))
+    return Splice(ids, decode(prefix) + suffix_text, logprobs, len(prefix), status)

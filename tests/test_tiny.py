@@ -1,0 +1,178 @@
+"""Tests for the tiny-model kit (pipelines.tiny, pipelines.tiny_tokenizer)."""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipelines import tiny
+from pipelines.tiny_tokenizer import CHARS, SPECIAL_TOKENS, save_char_tokenizer
+from tests.fixtures_tiny import tiny_policy, tiny_teacher  # noqa: F401  (session fixtures)
+
+PROMPT = "Mod 10. Start with 1. Subtract 7. Multiply by 7. Add 3."
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory: pytest.TempPathFactory):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tok")
+    save_char_tokenizer(folder)
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def test_tokenizer_is_fast_with_expected_specials(tok) -> None:
+    assert tok.is_fast
+    assert len(tok) == len(SPECIAL_TOKENS) + len(CHARS) == 102
+    assert (tok.pad_token, tok.pad_token_id) == ("<|pad|>", 0)
+    assert (tok.eos_token, tok.eos_token_id) == ("<|eos|>", 1)
+    assert tok.padding_side == "left"
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.text(alphabet=string.ascii_letters + string.digits + " .:=+-*\n", max_size=60))
+def test_tokenizer_round_trip_and_offsets(tok, text: str) -> None:
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    assert len(enc["input_ids"]) == len(text)
+    assert enc["offset_mapping"] == [(i, i + 1) for i in range(len(text))]
+    assert tok.decode(enc["input_ids"]) == text
+
+
+def test_tokenizer_unknown_char_and_specials(tok) -> None:
+    ids = tok("a\u00e9<|eos|>", add_special_tokens=False)["input_ids"]
+    assert ids == [tok.convert_tokens_to_ids("a"), tok.unk_token_id, tok.eos_token_id]
+    assert tok.decode(ids, skip_special_tokens=True) == "a"
+
+
+def test_chat_template(tok) -> None:
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False
+    )
+    assert text == f"<|user|>{PROMPT}\n<|assistant|>"
+    full = tok.apply_chat_template(
+        [{"role": "user", "content": "Mod 10."}, {"role": "assistant", "content": "Answer: 1"}],
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
+    assert tok.decode(full["input_ids"]) == "<|user|>Mod 10.\n<|assistant|>Answer: 1<|eos|>"
+    # assistant mask covers the response and its <|eos|>, not the <|assistant|> header
+    assert full["assistant_masks"] == [0] * 10 + [1] * 10
+
+
+def test_cache_key_changes_with_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCOPE_CACHE", str(tmp_path))
+    base = tiny.tiny_config()
+    assert base == tiny.TinyConfig()
+    assert tiny.tiny_config().hash() == base.hash()
+    others = [
+        tiny.tiny_config(error_rate=0.2),
+        tiny.tiny_config(teacher=True),
+        tiny.tiny_config(modulus=7),
+        tiny.tiny_config(steps=(2, 4)),
+        tiny.tiny_config(seed=1),
+        tiny.tiny_config(max_steps=base.max_steps + 1),
+        tiny.tiny_config(learning_rate=1e-3),
+    ]
+    assert len({base.hash(), *(c.hash() for c in others)}) == len(others) + 1
+    assert tiny.tiny_config(teacher=True).error_rate == 0.0
+    assert tiny.tiny_cache_dir(base) == tmp_path / "tiny" / base.hash()
+
+
+def _fake_build(calls: list[str]):
+    def build(cfg, out, eval_problems, num_threads, verbose) -> None:
+        calls.append(cfg.hash())
+        (out / "weights.txt").write_text("w")
+        (out / tiny.META_FILE).write_text(json.dumps({"config_hash": cfg.hash()}))
+
+    return build
+
+
+def test_build_is_cached_and_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCOPE_CACHE", str(tmp_path / "cache"))
+    calls: list[str] = []
+    monkeypatch.setattr(tiny, "_build", _fake_build(calls))
+    first = tiny.build_tiny_policy()
+    assert first == tmp_path / "cache" / "tiny" / tiny.TinyConfig().hash()
+    assert (first / "weights.txt").read_text() == "w"
+    assert tiny.build_tiny_policy() == first and len(calls) == 1  # cache hit
+    # out_dir: the cached build is copied, not retrained
+    copied = tiny.build_tiny_policy(tmp_path / "copy")
+    assert (copied / "weights.txt").is_file() and len(calls) == 1
+    # another config builds again; force rebuilds
+    tiny.build_tiny_policy(error_rate=0.1)
+    tiny.build_tiny_policy(force=True)
+    assert len(calls) == 3
+    # a crashing build leaves no folder (only temp-free siblings)
+    def crash(cfg, out, *args) -> None:
+        (out / "half.bin").write_text("x")
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(tiny, "_build", crash)
+    with pytest.raises(RuntimeError, match="boom"):
+        tiny.build_tiny_policy(seed=5)
+    names = sorted(p.name for p in (tmp_path / "cache" / "tiny").iterdir())
+    assert tiny.tiny_config(seed=5).hash() not in names
+    assert not [n for n in names if ".tmp-" in n]
+
+
+def test_build_refuses_foreign_out_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCOPE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tiny, "_build", _fake_build([]))
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        tiny.build_tiny_policy(foreign)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_training_texts_error_share() -> None:
+    cfg = tiny.TinyConfig(num_examples=2000)
+    pairs = tiny.training_texts(cfg)
+    assert pairs == tiny.training_texts(cfg)
+    from scope_data.tasks.arith import first_error, parse_prompt
+
+    wrong = sum(first_error(parse_prompt(p), c) != -1 for p, c in pairs)
+    assert 0.26 < wrong / len(pairs) < 0.34
+    clean = tiny.training_texts(tiny.tiny_config(teacher=True, num_examples=500))
+    assert all(first_error(parse_prompt(p), c) == -1 for p, c in clean)
+
+
+@pytest.mark.slow
+def test_tiny_policy_loads(tiny_policy: Path) -> None:  # noqa: F811
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_policy))
+    tok = AutoTokenizer.from_pretrained(str(tiny_policy))
+    cfg = model.config
+    assert cfg.model_type == "qwen2"
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads) == (2, 128, 4)
+    assert cfg.head_dim == 32 and cfg.vocab_size == len(tok)
+    assert tok.is_fast and tok.eos_token_id == model.generation_config.eos_token_id
+    assert (tiny_policy / "model.safetensors").is_file()
+    meta = tiny.load_meta(tiny_policy)
+    assert meta["config_hash"] == tiny.TinyConfig().hash()
+
+
+@pytest.mark.slow
+def test_tiny_policy_mix_requirement(tiny_policy: Path) -> None:  # noqa: F811
+    mix = tiny.evaluate_mix(tiny_policy, n_problems=256, seed=1)
+    assert mix["n"] == 256
+    assert 0.2 <= mix["correct_share"] <= 0.7
+    assert mix["non_step0_share"] > 0.5
+    assert sum(mix["first_error_hist"].values()) == mix["failed"]
+    recorded = tiny.load_meta(tiny_policy)["mix"]
+    assert 0.2 <= recorded["correct_share"] <= 0.7 and recorded["non_step0_share"] > 0.5
+
+
+@pytest.mark.slow
+def test_tiny_teacher_is_clean_and_better(tiny_teacher: Path, tiny_policy: Path) -> None:  # noqa: F811
+    meta = tiny.load_meta(tiny_teacher)
+    assert meta["config"]["error_rate"] == 0.0
+    assert meta["mix"]["correct_share"] > tiny.load_meta(tiny_policy)["mix"]["correct_share"]

@@ -1,0 +1,30 @@
+"""Run the vllm engine in its own process (vLLM spawns workers): used by test_engine_vllm.py.
+
+usage: python tests/vllm_generate_script.py MODEL_DIR REQUESTS.json OUT.json
+REQUESTS.json: a list of GenerationRequest fields; OUT.json: per request, a list of results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+
+def main() -> None:
+    model_dir, req_path, out_path = sys.argv[1:4]
+    from pipelines.engines.base import GenerationRequest, load_generation_engine
+
+    requests = [GenerationRequest(**r) for r in json.load(open(req_path))]
+    engine = load_generation_engine(
+        f"vllm:{model_dir}", dtype="float32", gpu_memory_utilization=0.3, max_model_len=256,
+        enforce_eager=True,
+    )
+    results = engine.generate(requests)
+    json.dump({"max_model_len": engine.max_model_len,
+               "results": [[dataclasses.asdict(r) for r in rs] for rs in results]},
+              open(out_path, "w"))
+
+
+if __name__ == "__main__":
+    main()
