@@ -17,6 +17,7 @@ problems (``--ops`` operations) make prompts and prefixes a few hundred tokens e
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -95,7 +96,7 @@ def child(args: argparse.Namespace) -> None:
         "caching": caching, "items": len(items), "seconds": seconds,
         "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
         "statuses": sorted({o.status for o in outs}),
-        "texts_hash": hash(tuple(o.text for o in outs)),
+        "texts_sha256": hashlib.sha256("\x1f".join(o.text for o in outs).encode()).hexdigest(),
     }))
     teacher.close()
 
@@ -137,6 +138,8 @@ def main() -> None:
               f"{(r['prompt_tokens'] + r['new_tokens']) / r['seconds']:10.0f} tokens/s "
               f"(prompt+prefix {r['prompt_tokens']}, new {r['new_tokens']}, "
               f"{r['seconds']:.2f} s, statuses {r['statuses']})")
+    same = results["on"]["texts_sha256"] == results["off"]["texts_sha256"]
+    print(f"  same continuations with and without caching: {same}")
     ratio = results["off"]["seconds"] / results["on"]["seconds"]
     print(f"speed-up from prefix caching: {ratio:.2f}x")
 

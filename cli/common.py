@@ -46,7 +46,7 @@ def user_errors(fn: F) -> F:
         except (ShardError, SchemaError, ValueError, FileNotFoundError, RuntimeError) as e:
             if isinstance(e, typer.Exit):
                 raise
-            Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+            Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]

@@ -18,7 +18,11 @@ score: {}                                                 # each stage's config 
 correct: {}
 train: {}
 evaluate: {n: 4, temperature: 0.6}
+launch: {train: accelerate launch --config_file zero3.yaml -m cli.main}  # optional
 ```
+
+`launch` only changes what `scope run --dry-run` prints for a stage run by hand (the loop
+itself runs every stage in its own process).
 
 Keys are checked: a typo names the valid keys. Relative `path:` entries resolve against the
 recipe file's folder. Per-stage option names are checked when the stage config is built.
@@ -55,6 +59,7 @@ class Recipe:
     correct: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     evaluate: dict[str, Any] = field(default_factory=dict)
+    launch: dict[str, str] = field(default_factory=dict)  # stage -> launcher for --dry-run
     source: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,7 +129,7 @@ def recipe_from_dict(body: dict[str, Any], source: str | None = None) -> Recipe:
     names = [e["name"] for e in body["eval"]]
     if len(set(names)) != len(names):
         raise ValueError(f"{where}: eval set names must be unique, got {names}")
-    for key in (*STAGE_KEYS, "tiny"):
+    for key in (*STAGE_KEYS, "tiny", "launch"):
         value = body.get(key) or {}
         if not isinstance(value, dict):
             raise ValueError(f"{where}: {key} must be a mapping of options")

@@ -17,7 +17,8 @@ Layout of a run folder::
 A stage's hash covers its own config and the hashes of the stages it reads, so `--resume` skips
 a stage whose marker holds the same hash, and a changed option reruns that stage and everything
 downstream of it. Inside a stage, the shard store skips finished part files. Every stage is the
-same `run(cfg)` the CLI calls; `--dry-run` prints the equivalent `scope <stage>` commands.
+same `run(cfg)` the CLI calls; `--dry-run` returns the plan (stage, config) that
+`scope run --dry-run` prints as the equivalent `scope <stage>` commands.
 
 Algorithms share one code path and one budget (problems, n samples, seeds, train options):
 `grpo` trains on the rollouts (no PRM, no teacher), `prm_dense` scores every response and trains
@@ -61,9 +62,10 @@ class RunConfig:
 class RunResult:
     run_dir: str
     metrics: pl.DataFrame
-    commands: list[str]
-    ran: list[str]
+    plan: list[tuple[str, Any]]  # (stage kind, its config) in run order; `scope run --dry-run`
+    ran: list[str]               # prints them as `scope <stage>` commands
     skipped: list[str]
+    launch: dict[str, str] = field(default_factory=dict)  # the recipe's launcher prefixes
 
 
 class _Runner:
@@ -71,7 +73,7 @@ class _Runner:
 
     def __init__(self, run_dir: Path, resume: bool, dry_run: bool, verbose: bool):
         self.run_dir, self.resume, self.dry_run, self.verbose = run_dir, resume, dry_run, verbose
-        self.commands: list[str] = []
+        self.plan: list[tuple[str, Any]] = []
         self.ran: list[str] = []
         self.skipped: list[str] = []
 
@@ -86,7 +88,7 @@ class _Runner:
                 "upstream": upstream}
         digest = config_hash(body)
         label = f"{where}/{name}"
-        self.commands.append(stages.command_line(name, cfg))
+        self.plan.append((name.split("-")[0] if where != "problems" else "problems", cfg))
         if self.dry_run:
             return digest
         marker = self.run_dir / where / "_stages" / f"{name}.json"
@@ -154,11 +156,10 @@ def run(cfg: RunConfig) -> RunResult:
         if not cfg.dry_run:
             _write_metrics(run_dir, recipe, r)
     if cfg.dry_run:
-        for line in runner.commands:
-            print(line)
-        return RunResult(str(run_dir), pl.DataFrame(), runner.commands, [], [])
+        return RunResult(str(run_dir), pl.DataFrame(), runner.plan, [], [], recipe.launch)
     metrics = pl.read_parquet(run_dir / METRICS_FILE)
-    return RunResult(str(run_dir), metrics, runner.commands, runner.ran, runner.skipped)
+    return RunResult(str(run_dir), metrics, runner.plan, runner.ran, runner.skipped,
+                     recipe.launch)
 
 
 def _problems(runner: _Runner, entry: dict[str, Any], out: Path, exclude_from: str | None,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shlex
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,32 +52,6 @@ def config_dict(cfg: Any) -> dict[str, Any]:
     return body
 
 
-def command_line(stage: str, cfg: Any) -> str:
-    """The `scope <stage>` command equivalent to `cfg` (non-default options only)."""
-    command = {"problems": "problems arith", "evaluate": "eval"}.get(stage.split("-")[0], stage)
-    parts = ["scope", *command.split()]
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if f.name in ("storage_options",) or value is None:
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else object()
-        )
-        if value == default:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            parts.append(flag if value else f"--no-{f.name.replace('_', '-')}")
-        elif isinstance(value, dict):
-            if value:
-                parts += [flag, json.dumps(value, separators=(",", ":"))]
-        elif isinstance(value, (list, tuple)):
-            parts += [flag, "-".join(str(v) for v in value)]
-        else:
-            parts += [flag, str(value)]
-    return " ".join(shlex.quote(p) for p in parts)
-
-
 # -- policy ---------------------------------------------------------------------------------
 def initial_policy(recipe: Recipe, dry_run: bool = False) -> str:
     """The round-1 policy spec; `tiny` builds (or reuses) the cached warm-started tiny model."""
@@ -87,7 +60,7 @@ def initial_policy(recipe: Recipe, dry_run: bool = False) -> str:
     from pipelines import tiny
 
     if dry_run:
-        return "hf:$(scope tiny-policy ...)"
+        return "hf:TINY_POLICY"  # `scope tiny-policy --out TINY_POLICY` builds it
     return f"hf:{tiny.build_tiny_policy(**recipe.tiny)}"
 
 
@@ -117,33 +90,20 @@ def problems_config(entry: dict[str, Any], out: str, exclude_from: str | None = 
 
 
 def write_problems(cfg: ProblemsConfig) -> None:
-    """Write `count` seeded arith problems, skipping prompts of `exclude_from` (held-out sets)."""
-    from scope_data.hashing import stable_id
-    from scope_data.shards import TableStore, scan
-    from scope_data.tasks import arith
+    """Write `count` seeded arith problems, skipping prompts of `exclude_from` (held-out sets).
 
-    seen: set[str] = set()
+    Same rows as `scope problems arith` (`scope_data.problems.arith_table`) plus the exclusion.
+    """
+    from scope_data.problems import arith_table
+    from scope_data.shards import TableStore, scan
+
+    seen: list[str] = []
     if cfg.exclude_from:
-        seen = set(scan(cfg.exclude_from).select("prompt").collect()["prompt"].to_list())
-    pool = arith.generate_problems(4 * cfg.count + 64, seed=cfg.seed, steps=cfg.steps,
-                                   modulus=cfg.modulus, max_operand=cfg.max_operand)
-    source = f"arith:seed={cfg.seed}"
-    rows: list[dict[str, Any]] = []
-    prompts: set[str] = set()
-    for i, p in enumerate(pool):
-        if p.prompt in seen or p.prompt in prompts:
-            continue
-        prompts.add(p.prompt)
-        rows.append({"problem_id": stable_id(source, i, p.prompt), "source": source,
-                     "source_index": i, "task": "arith", "prompt": p.prompt,
-                     "answer": p.answer, "solution": p.solution})
-        if len(rows) == cfg.count:
-            break
-    if len(rows) < cfg.count:
-        raise ValueError(f"only {len(rows)} distinct arith problems available, asked {cfg.count}")
+        seen = scan(cfg.exclude_from).select("prompt").collect()["prompt"].to_list()
+    table = arith_table(cfg.count, cfg.seed, tuple(cfg.steps), cfg.modulus, cfg.max_operand,
+                        exclude_prompts=seen)
     config = {**dataclasses.asdict(cfg), "out": None}
-    TableStore(cfg.out, "problems").write(pl.DataFrame(rows).to_arrow(), config,
-                                          stats={"rows": len(rows)})
+    TableStore(cfg.out, "problems").write(table, config, stats={"status": {"ok": len(table)}})
 
 
 # -- stages ---------------------------------------------------------------------------------

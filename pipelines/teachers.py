@@ -136,7 +136,7 @@ class EngineTeacher:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 512
-    deterministic: bool = False
+    deterministic: bool = field(init=False)  # greedy (temperature 0): one attempt is enough
     name: str = field(init=False)
     same_vocab: bool = field(init=False)
 

@@ -10,6 +10,8 @@ are exactly those of :class:`pipelines.engines.prm_hf.HFTagPRM`::
     text = problem + " " + "\\n".join(step + " ки" for step in steps)
     loss = CE(softmax([z_+, z_-]) at each tag, label "+" if the step is correct else "-")
 
+over the steps up to and including the first error (later steps carry no first-error signal),
+
 so the built folder loads as ``hf-tag:<folder>``. Builds are cached under
 ``$SCOPE_CACHE/tiny-prm/<config hash>`` (written to a temporary folder, then renamed).
 :func:`init_tiny_prm` makes random-init PRMs of both families for tests and benchmarks.
@@ -142,8 +144,8 @@ class TinyPRMConfig:
     head_dim: int = 32
     intermediate_size: int = 512
     max_position_embeddings: int = 320
-    max_steps: int = 700
-    batch_size: int = 64
+    max_steps: int = 400
+    batch_size: int = 32
     learning_rate: float = 3e-3
     eval_examples: int = 500
 
@@ -208,7 +210,10 @@ def _train(cfg: TinyPRMConfig, out: Path, num_threads: int | None, verbose: bool
     encoded = []
     for prompt, lines, verdicts in rows:
         ids = tok.encode(prompt + " " + "\n".join(s + STEP_TOKEN for s in lines))
-        encoded.append((ids, [0 if ok else 1 for ok in verdicts]))
+        # labels up to the first error only: later steps are wrong by definition of the
+        # running values, but first-error location never reads them (PRM800K phase 2 style)
+        first = next((k for k, ok in enumerate(verdicts) if not ok), len(verdicts) - 1)
+        encoded.append((ids, [0 if ok else 1 for ok in verdicts[: first + 1]]))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 30) * max(0.05, 1 - s / cfg.max_steps)
@@ -225,8 +230,11 @@ def _train(cfg: TinyPRMConfig, out: Path, num_threads: int | None, verbose: bool
             input_ids[r, : len(ids)] = torch.tensor(ids)
             mask[r, : len(ids)] = 1
         targets = torch.tensor([y for _, ys in batch for y in ys])
+        rows = [r for r, (_, ys) in enumerate(batch) for _ in ys]
+        cols = [c for ids, ys in batch for c in [t for t, x in enumerate(ids) if x == tag_id][
+            : len(ys)]]
         hidden = model.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        z = hidden[input_ids == tag_id] @ model.lm_head.weight[good_bad].T
+        z = hidden[rows, cols] @ model.lm_head.weight[good_bad].T
         loss = F.cross_entropy(z, targets)
         opt.zero_grad()
         loss.backward()

@@ -182,11 +182,16 @@ def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = Non
     cfg.check()
     out = Path(cfg.output_dir)
     _check_output(out)
+    if rows.height == 0:
+        raise ValueError("no training rows: nothing to train, no checkpoint written")
     transformers.set_seed(cfg.seed)
     rows = rows.sample(fraction=1.0, shuffle=True, seed=cfg.seed)
     dataset = ResponseDataset(rows, cfg.max_length, cfg.old_logprobs)
     path = model_path(cfg.policy)
     trust = cfg.trust_remote_code
+    from pipelines.engines.base import check_remote_code
+
+    check_remote_code(path, trust)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust)
@@ -211,10 +216,11 @@ def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = Non
         learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
         lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_steps, optim=cfg.optim,
         max_grad_norm=cfg.max_grad_norm, bf16=cfg.bf16, seed=cfg.seed, data_seed=cfg.seed,
-        use_cpu=cfg.use_cpu, gradient_checkpointing=cfg.gradient_checkpointing,
+        use_cpu=cfg.use_cpu or not _has_accelerator(),
+        gradient_checkpointing=cfg.gradient_checkpointing,
         logging_steps=1, save_strategy="no", report_to="none", remove_unused_columns=False,
         disable_tqdm=True, dataloader_num_workers=0, logging_nan_inf_filter=False,
-        dataloader_pin_memory=torch.cuda.is_available())
+        dataloader_pin_memory=torch.cuda.is_available(), ddp_find_unused_parameters=False)
     from transformers import PrinterCallback, ProgressCallback
 
     trainer = trainer_class()(
@@ -237,6 +243,13 @@ def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = Non
         print_summary(f"scope train ({cfg.algo}) -> {out}", list(summary.items()))
     return TrainResult(str(out), trainer.state.global_step, int(summary["tokens"]), metrics,
                        summary)
+
+
+def _has_accelerator() -> bool:
+    """CUDA or MPS present; without one, use_cpu makes `accelerate launch` use gloo DDP."""
+    import torch
+
+    return torch.cuda.is_available() or torch.backends.mps.is_available()
 
 
 def _summary(metrics: pl.DataFrame, dataset: Any, stats: dict[str, Any]) -> dict[str, Any]:

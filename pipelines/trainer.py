@@ -69,6 +69,8 @@ def trainer_class() -> type:
             was_training = policy.training
             policy.eval()
             old, ref = [], []
+            if self.ref_model is not None:
+                self.ref_model.to(self.args.device)
             ds, bs = self.train_dataset, self.args.per_device_train_batch_size
             for start in range(0, len(ds), bs):
                 batch = self.data_collator([ds[i] for i in range(start, min(start + bs, len(ds)))])
@@ -80,8 +82,9 @@ def trainer_class() -> type:
                                                   chunk_rows=self.cfg.logprob_chunk_rows)
                     old += [lp[b, : n[b]].float().cpu() for b in range(len(n))]
                 if self.ref_model is not None:
-                    lp, _ = response_logprobs(self.ref_model, batch, self.cfg.temperature,
-                                              chunk_rows=self.cfg.logprob_chunk_rows)
+                    with self.compute_loss_context_manager():
+                        lp, _ = response_logprobs(self.ref_model, batch, self.cfg.temperature,
+                                                  chunk_rows=self.cfg.logprob_chunk_rows)
                     ref += [lp[b, : n[b]].float().cpu() for b in range(len(n))]
             self.old_store = old or None
             self.ref_store = ref or None

@@ -211,7 +211,8 @@ def _load_hub_dataset(name: str, split: str, subset: str | None) -> tuple[list[R
         raise ValueError(
             f"{name}: not a file and not a loadable (or cached) Hugging Face dataset "
             f"(split {split!r}{f', subset {subset!r}' if subset else ''}): "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            "(offline: set HF_HUB_OFFLINE=1 to use only the local cache)"
         ) from None
     return _table_records(ds, f"{name}[{split}]"), "hub", ds._fingerprint
 

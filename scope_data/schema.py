@@ -127,8 +127,19 @@ def conform(table_name: str, table: pa.Table, where: str = "") -> pa.Table:
             raise SchemaError(f"{table_name}{place}: missing column {f.name!r} ({f.type})")
     try:
         return table.select(schema.names).cast(schema)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
-        raise SchemaError(f"{table_name}{place}: cannot cast to the schema: {e}") from None
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, ValueError) as e:
+        error = e
+    for f in schema:  # name the first column at fault
+        column = table.column(f.name)
+        if not f.nullable and column.null_count:
+            raise SchemaError(f"{table_name}{place}: column {f.name!r} has {column.null_count} "
+                              "null values but may not be null")
+        try:
+            column.cast(f.type)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+            raise SchemaError(f"{table_name}{place}: cannot cast column {f.name!r} "
+                              f"({column.type}) to {f.type}: {e}") from None
+    raise SchemaError(f"{table_name}{place}: cannot cast to the schema: {error}")
 
 
 def empty_table(table_name: str) -> pa.Table:

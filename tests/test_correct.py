@@ -343,7 +343,8 @@ class CompletionsServer:
                     self.send_error(503, "overloaded")
                     return
                 if server.mode == "slow":
-                    time.sleep(2.0)
+                    time.sleep(3.0)
+                    return
                 req = GenerationRequest(body["prompt"], body["n"], body["temperature"],
                                         body["top_p"], body["max_tokens"], body["seed"])
                 with lock:
@@ -408,10 +409,19 @@ def test_model_teacher_hf_and_openai_agree(scored: tuple[str, list[dict]], tmp_p
     assert (corrected["correct_status"] == "accepted").sum() >= corrected.height // 2
 
 
+@pytest.fixture(scope="module")
+def random_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.helpers_engines import build_random_tiny
+
+    return build_random_tiny(tmp_path_factory.mktemp("random_teacher"))
+
+
 @pytest.mark.slow
 def test_openai_teacher_errors_are_row_statuses(scored: tuple[str, list[dict]], tmp_path: Path,
-                                                tiny_teacher: Path) -> None:
+                                                random_teacher: Path) -> None:
+    """An endpoint that returns empty text, times out, or stays down (503): row statuses."""
     url, rows = scored
+    tiny_teacher = random_teacher
     n = len({r["problem_id"] for r in rows})
     for mode, status in (("empty", "empty_response"), ("slow", "teacher_error"),
                          ("down", "teacher_error")):
@@ -419,7 +429,8 @@ def test_openai_teacher_errors_are_row_statuses(scored: tuple[str, list[dict]], 
         try:
             run(CorrectConfig(scored=url, out=str(tmp_path / mode), max_new_tokens=8,
                               teacher=f"openai:{server.url}#{tiny_teacher}",
-                              engine_options={"timeout": 0.5, "max_retries": 1, "backoff": 0.01}))
+                              engine_options={"timeout": 1.0 if mode == "slow" else 60.0,
+                                              "max_retries": 1, "backoff": 0.01}))
         finally:
             server.close()
         df = read(str(tmp_path / mode))
@@ -561,3 +572,20 @@ def test_end_to_end_generate_score_correct(tmp_path: Path, tiny_policy: Path,
         assert c["response_token_ids"][:start] == s["response_token_ids"][:start]
         assert c["behaviour_logprobs"][:start] == pytest.approx(s["behaviour_logprobs"][:start])
         assert arith.first_error(arith.parse_prompt(c["prompt"]), c["response_text"]) == -1
+
+
+def test_attempts_retry_until_verified(scored: tuple[str, list[dict]], tmp_path: Path,
+                                       random_teacher: Path) -> None:
+    """A random-init teacher never verifies: every selected rollout uses all its attempts, and
+    (require_correct off) the last attempt's correction is written."""
+    url, rows = scored
+    out = str(tmp_path / "c")
+    result = run(CorrectConfig(scored=url, out=out, teacher=f"hf:{random_teacher}", attempts=3,
+                               max_new_tokens=6, require_correct=False))
+    stats = result.manifest.stats
+    assert stats["teacher_calls"] == 3 * stats["attempted"] > 0
+    corrected = read(out).filter(pl.col("kind") == "corrected")
+    teacher = f"hf:{random_teacher}"
+    for c in corrected.iter_rows(named=True):
+        assert c["rollout_id"] == stable_id(c["source_rollout_id"], teacher, 2)
+        assert c["correct_status"] == "rejected_wrong" and not c["correct"]

@@ -67,7 +67,7 @@ def test_greedy_tokens_and_logprobs_match_hf(runs):
     assert out["max_model_len"] == 256
     greedy = reqs[:2]
     hf_results = hf.generate(greedy)
-    for req, (v,), (h,) in zip(greedy, out["results"][:2], hf_results, strict=True):
+    for (v,), (h,) in zip(out["results"][:2], hf_results, strict=True):
         assert v["token_ids"] == h.token_ids
         assert v["finish_reason"] == h.finish_reason
         diff = (torch.tensor(v["logprobs"]) - torch.tensor(h.logprobs)).abs().max().item()

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from tests.helpers_engines import build_random_tiny
 from pipelines.engines.base import GenerationRequest, load_generation_engine
 from pipelines.prompts import render_and_encode
+from tests.helpers_engines import build_random_tiny
 
 PROMPTS = ["Mod 10. Start with 1. Add 3.", "Mod 10. Start with 5. Add 3. Multiply by 2.",
            "Mod 10. Start with 9. Subtract 4. Add 8. Multiply by 3. Add 1."]

@@ -95,9 +95,13 @@ def test_resume_after_crash_regenerates_only_missing_parts(setup, monkeypatch):
         run(cfg(root, policy, "crash", num_shards=3), quiet=True)
     with pytest.raises(ShardError, match="no _manifest.json"):
         read_manifest(str(root / "crash"))
+    done = {p.name: p.stat().st_mtime_ns for p in (root / "crash").glob("part-*.parquet")}
+    assert 1 <= len(done) <= 2  # the part that crashed left no file
     monkeypatch.setattr(hf.HFGenerationEngine, "generate", real)
     resumed = run(cfg(root, policy, "crash", num_shards=3), quiet=True)
-    assert resumed.parts_skipped == 1 and resumed.parts_written == 2
+    assert resumed.parts_skipped == len(done) and resumed.parts_written == 3 - len(done)
+    for name, mtime in done.items():  # finished parts were not regenerated
+        assert (root / "crash" / name).stat().st_mtime_ns == mtime
     clean = run(cfg(root, policy, "clean", num_shards=3), quiet=True)
     key = ["rollout_id"]
     got = read_arrow(str(root / "crash")).sort_by([(k, "ascending") for k in key])

@@ -29,7 +29,7 @@ from scope_data.shards import (
     scan,
 )
 
-SETTINGS = settings(max_examples=20, deadline=None,
+SETTINGS = settings(max_examples=15, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 CONFIG = {"stage": "test", "seed": 0}
 
@@ -159,7 +159,7 @@ def test_part_without_marker_is_unfinished(tmp_path: Path) -> None:
     assert store.missing_parts(1, CONFIG) == [part_name(0, 1)]
     with pytest.raises(ShardError, match="1 of 1 parts missing"):
         store.finalize(1, CONFIG)
-    with pytest.raises(ShardError, match=r"no _manifest.json.*1 part files present"):
+    with pytest.raises(ShardError, match=r"no _manifest.json.*1 unfinished part files present"):
         read_arrow(url)
 
 
@@ -213,7 +213,7 @@ def test_folder_without_manifest(tmp_path: Path) -> None:
 
 def test_invalid_manifest_json(written: str) -> None:
     (Path(written) / MANIFEST).write_text("{not json")
-    with pytest.raises(ShardError, match=f"{written}/_manifest.json: not valid JSON"):
+    with pytest.raises(ShardError, match=f"{written}/_manifest.json: not valid (UTF-8 )?JSON"):
         read_manifest(written)
 
 
@@ -251,7 +251,8 @@ def test_sharded_write_finalizes_only_when_complete(tmp_path: Path, where: str) 
     assert store.missing_parts(3, CONFIG) == [part_name(1, 3)]
     with pytest.raises(ShardError, match=r"1 of 3 parts missing.*part-00001-of-00003.parquet"):
         store.finalize(3, CONFIG)
-    with pytest.raises(ShardError, match="no _manifest.json"):
+    with pytest.raises(ShardError, match=r"no _manifest.json.*2 of 3 parts done; missing: "
+                                         r"part-00001-of-00003.parquet"):
         read_manifest(url)
     # a part written under another config does not count
     other = {**CONFIG, "seed": 1}

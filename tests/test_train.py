@@ -162,7 +162,6 @@ def test_nan_loss_stops_with_step_and_rollouts(tiny, tmp_path: Path) -> None:
 
 def test_bad_inputs(tiny, tmp_path: Path) -> None:
     from pipelines.train import TrainConfig, model_path, run
-
     from scope_data.schema import empty_table
     from scope_data.shards import TableStore
 
@@ -237,3 +236,19 @@ def test_cli_train(tiny, tmp_path: Path) -> None:
                               str(tmp_path / "o3")])
     assert bad.exit_code == 1 and "zero advantage" in " ".join(bad.output.split())
     assert not (tmp_path / "o3").exists()
+
+
+def test_prm_dense_trains_all_failed_group_with_token_advantages(tiny, tmp_path: Path) -> None:
+    from pipelines.train import run
+
+    path, tok, model = tiny
+    rows = scope_group(tok, model, "6")[:3]  # three failed policy rollouts, no correction
+    for r, score in zip(rows, (0.9, 0.2, 0.6), strict=True):
+        r["steps"] = [{"text": "s", "char_start": 0, "char_end": 1, "token_start": 0,
+                       "token_end": 5, "score": score}]
+    data = write_corrected(tmp_path / "c", rows)
+    with pytest.raises(ValueError, match="zero advantage"):
+        run(config(data, path, tmp_path / "grpo", algo="grpo"))
+    res = run(config(data, path, tmp_path / "dense", algo="prm_dense", prm_alpha=2.0))
+    assert res.summary["groups_trained"] == 1 and res.steps == 1
+    assert res.metrics["grad_norm"][0] > 0

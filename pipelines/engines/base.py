@@ -67,6 +67,33 @@ def parse_spec(spec: str, role: str = "generation") -> EngineSpec:
     return EngineSpec(kind, target)
 
 
+def check_remote_code(target: str, trust_remote_code: bool = False) -> None:
+    """Refuse a local model folder whose config asks for custom Python code (an `auto_map` in
+    config.json or tokenizer_config.json) unless the user passed --trust-remote-code.
+
+    transformers would otherwise ignore the `auto_map` of a known `model_type` and silently load
+    a different (built-in) class than the folder declares.
+    """
+    import json
+    from pathlib import Path
+
+    folder = Path(target).expanduser()
+    if trust_remote_code or not folder.is_dir():
+        return
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            auto_map = json.loads((folder / name).read_text(encoding="utf-8")).get("auto_map")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if auto_map:
+            classes = ", ".join(sorted({str(v) for v in auto_map.values()}))[:200]
+            raise ValueError(
+                f"{folder / name} asks for custom code (auto_map: {classes}); scope does not run "
+                "code shipped with a model unless you pass --trust-remote-code "
+                "(trust_remote_code=True)"
+            )
+
+
 def _load(table: dict[str, str], spec: EngineSpec, **options: Any) -> Any:
     module_name, class_name = table[spec.kind].split(":")
     cls = getattr(importlib.import_module(module_name), class_name)

@@ -30,7 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.engines.base import EngineSpec, GenerationRequest, GenerationResult
+from pipelines.engines.base import (
+    EngineSpec,
+    GenerationRequest,
+    GenerationResult,
+    check_remote_code,
+)
 
 
 @dataclass
@@ -43,16 +48,17 @@ class _Sample:
     max_new_tokens: int
 
 
-def process_logits(logits: Any, temperature: Any, top_p: Any) -> Any:
-    """Log-probs of the processed distribution, rows of `logits` (B, V) float32.
+def process_logits(logits: Any, temperature: Any, top_p: Any, nucleus: bool = True) -> Any:
+    """Log-probs of the processed distribution, rows of `logits` (B, V).
 
     `temperature`, `top_p`: (B, 1) tensors; temperature 0 rows use T = 1 (greedy rows).
+    `nucleus=False` skips the top-p step (a fast path when every row has top_p = 1).
     """
     import torch
 
     t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     logp = torch.log_softmax(logits.float() / t, dim=-1)
-    if bool((top_p < 1).any()):
+    if nucleus and bool((top_p < 1).any()):
         sorted_logp, order = torch.sort(logp, dim=-1, descending=True, stable=True)
         mass_before = torch.cumsum(sorted_logp.exp(), dim=-1) - sorted_logp.exp()
         drop_sorted = (mass_before >= top_p) & (top_p < 1)
@@ -61,18 +67,14 @@ def process_logits(logits: Any, temperature: Any, top_p: Any) -> Any:
     return logp
 
 
-def sample_tokens(logp: Any, u: Any, greedy: Any) -> Any:
-    """Inverse-CDF draw of one token per row from log-probs `logp` (B, V) with uniforms `u` (B,);
-    `greedy` rows (B,) bool take the argmax."""
+def sample_tokens(logp: Any, u: Any) -> Any:
+    """Inverse-CDF draw of one token per row of log-probs `logp` (B, V), `u` (B, 1) uniform in
+    [0, 1): the first token whose CDF reaches (1 - u) * total mass. The threshold lies in
+    (0, total], so a zero-probability token is never chosen and no index runs past the end."""
     import torch
 
-    probs = logp.exp()
-    cdf = torch.cumsum(probs, dim=-1)
-    idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
-    vocab = probs.shape[-1]
-    last_nonzero = vocab - 1 - torch.argmax((probs > 0).flip(-1).int(), dim=-1)
-    idx = torch.minimum(idx, last_nonzero)  # float rounding at the very top of the CDF
-    return torch.where(greedy, torch.argmax(logp, dim=-1), idx)
+    cdf = torch.cumsum(logp.exp(), dim=-1)
+    return torch.searchsorted(cdf, (1 - u) * cdf[:, -1:]).squeeze(-1)
 
 
 def resolve_model_path(target: str) -> str:
@@ -98,6 +100,7 @@ def load_model_and_tokenizer(
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bar in stage output
     source = resolve_model_path(target)
+    check_remote_code(source, trust_remote_code)
     torch_dtype = getattr(torch, dtype or ("float32" if device == "cpu" else "bfloat16"))
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -176,47 +179,53 @@ class HFGenerationEngine:
             [[0] * (width - len(s.input_ids)) + [1] * len(s.input_ids) for s in batch], device=dev
         )
         steps = max(s.max_new_tokens for s in batch)
-        uniforms = torch.stack([
-            torch.rand(steps, generator=torch.Generator().manual_seed(s.seed))
-            for s in batch
-        ]).to(dev)
+        # per live row (re-indexed only when rows finish): uniforms, temperature, top-p
+        u = torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(s.seed))
+                         for s in batch]).to(dev)
         temp = torch.tensor([[s.temperature] for s in batch], device=dev)
         top_p = torch.tensor([[s.top_p] for s in batch], device=dev)
-        limit = torch.tensor([s.max_new_tokens for s in batch], device=dev)
-        eos = torch.tensor(sorted(self.eos_ids), device=dev)
-        rows = torch.arange(len(batch), device=dev)  # batch row of each live cache row
+        nucleus = any(s.top_p < 1 for s in batch)
+        any_greedy = any(s.temperature <= 0 for s in batch)
+        greedy = temp[:, 0] <= 0
+        rows = list(range(len(batch)))  # batch row of each cache row
+        live = [True] * len(batch)  # per cache row: still sampling
         tokens: list[list[int]] = [[] for _ in batch]
         logprobs: list[list[float]] = [[] for _ in batch]
         finish = ["length"] * len(batch)
         cache = DynamicCache(config=self.model.config)
-        position = (mask.cumsum(-1) - 1).clamp(min=0)
-        step_ids, step_pos = input_ids, position
+        step_ids, step_pos = input_ids, (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.inference_mode():
             for t in range(steps):
                 logits = self.model(
                     input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
                     past_key_values=cache, use_cache=True, logits_to_keep=1,
                 ).logits[:, -1, :]
-                logp = process_logits(logits, temp[rows], top_p[rows])
-                nxt = sample_tokens(logp, uniforms[rows, t], temp[rows, 0] <= 0)
+                logp = process_logits(logits, temp, top_p, nucleus)
+                nxt = sample_tokens(logp, u[:, t : t + 1])
+                if any_greedy:
+                    nxt = torch.where(greedy, logp.argmax(-1), nxt)
                 chosen = logp.gather(-1, nxt[:, None]).squeeze(-1)
-                is_eos = torch.isin(nxt, eos)
-                done = is_eos | (t + 1 >= limit[rows])
-                for row, tok, lp, stop in zip(
-                    rows.tolist(), nxt.tolist(), chosen.tolist(), is_eos.tolist(), strict=True
+                for j, (row, tok, lp) in enumerate(
+                    zip(rows, nxt.tolist(), chosen.tolist(), strict=True)
                 ):
+                    if not live[j]:
+                        continue
                     tokens[row].append(tok)
                     logprobs[row].append(lp)
-                    if stop:
+                    if tok in self.eos_ids:
                         finish[row] = "stop"
-                keep = ~done
-                if not bool(keep.any()):
+                        live[j] = False
+                    elif len(tokens[row]) >= batch[row].max_new_tokens:
+                        live[j] = False
+                keep = [j for j, alive in enumerate(live) if alive]
+                if not keep:
                     break
-                if not bool(keep.all()):
-                    idx = keep.nonzero().squeeze(-1)
+                if 4 * (len(rows) - len(keep)) >= len(rows):  # drop finished rows in bulk
+                    idx = torch.tensor(keep, device=dev)
                     cache.batch_select_indices(idx)
-                    rows, mask, nxt = rows[idx], mask[idx], nxt[idx]
-                    step_pos = step_pos[idx]
+                    rows, live = [rows[j] for j in keep], [True] * len(keep)
+                    mask, nxt, step_pos = mask[idx], nxt[idx], step_pos[idx]
+                    u, temp, top_p, greedy = u[idx], temp[idx], top_p[idx], greedy[idx]
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
                 step_pos = step_pos[:, -1:] + 1
                 step_ids = nxt[:, None]

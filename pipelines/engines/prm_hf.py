@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pipelines.engines.base import EngineSpec, PRMScores
+from pipelines.engines.base import EngineSpec, PRMScores, check_remote_code
 
 QWEN_PRM_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -201,6 +201,7 @@ class _HFPRM:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.torch_dtype = resolve_dtype(dtype, self.device)
         self.batch_tokens = int(batch_tokens)
+        check_remote_code(spec.target, trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(spec.target, trust_remote_code=trust_remote_code)
         try:
             self.input = PRMInput(tokenizer, self.family, step_token=step_token,

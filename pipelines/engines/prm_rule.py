@@ -8,16 +8,36 @@ segmentation) is correct iff all of its lines are, and a step with no text is Na
 from __future__ import annotations
 
 import math
+import re
 from functools import lru_cache
 from typing import Any
 
 from pipelines.engines.base import EngineSpec, PRMScores
 from scope_data.tasks import arith
 
+_PROMPT_RE = re.compile(
+    r"Mod (\d+)\. Start with (\d+)\.((?: (?:Add|Subtract|Multiply by) \d+\.)+)"
+)
+_OP_RE = re.compile(r" (Add|Subtract|Multiply by) (\d+)\.")
+_SYMBOL = {word: sym for sym, word in arith.OP_WORDS.items()}
+
 
 @lru_cache(maxsize=65536)
 def _expected_lines(prompt: str) -> tuple[str, ...]:
-    return tuple(arith.parse_prompt(prompt).solution_lines)
+    """The canonical solution lines of an arith prompt (a fast path of `arith.parse_prompt`,
+    which handles, and raises for, anything the fast pattern does not cover)."""
+    m = _PROMPT_RE.fullmatch(prompt.strip())
+    modulus, value = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    if m is None or modulus < 2 or value >= modulus:
+        return tuple(arith.parse_prompt(prompt).solution_lines)
+    lines = []
+    for word, operand in _OP_RE.findall(m.group(3)):
+        op = _SYMBOL[word]
+        result = arith.apply_op(value, op, int(operand), modulus)
+        lines.append(arith.step_line(value, op, int(operand), result))
+        value = result
+    lines.append(f"Answer: {value}")
+    return tuple(lines)
 
 
 class RulePRM:

@@ -4,8 +4,9 @@
     llm.encode([{"prompt_token_ids": ids}, ...], pooling_task="token_classify")
 
 The input is rendered exactly as the transformers engines do (`prm_hf.PRMInput`), vLLM returns
-per-token outputs (STEP pooling with no step tag = every token, activation off), and the step
-scores are read at the same tag positions, so both engines agree and the column order is ours:
+per-token outputs with the activation off (ALL pooling; for "tag", STEP pooling without a tag id,
+which keeps every token), and the step scores are read at the same tag positions, so both
+engines agree and the column order is ours:
 
 - family "cls" (default; `Qwen2ForProcessRewardModel` and other token classifiers): the 2 label
   logits per token; p_k = softmax(z)[1] (a 1-label head: sigmoid).
@@ -61,9 +62,13 @@ class VLLMPRM:
             from vllm.config import PoolerConfig
         except ImportError as e:
             raise RuntimeError(f"{spec}: vllm is not installed ({e}); use hf-cls:/hf-tag:") from e
-        returned = [self.input.good_id, self.input.bad_id] if family == "tag" else None
-        pooler = PoolerConfig(task="token_classify", tok_pooling_type="STEP",
-                              use_activation=False, returned_token_ids=returned)
+        if family == "tag":  # STEP without a tag id keeps every token; 2 vocabulary columns
+            pooler = PoolerConfig(task="token_classify", tok_pooling_type="STEP",
+                                  use_activation=False,
+                                  returned_token_ids=[self.input.good_id, self.input.bad_id])
+        else:  # ALL: every token (STEP would filter on Qwen's hard-coded tag id 151651)
+            pooler = PoolerConfig(task="token_classify", tok_pooling_type="ALL",
+                                  use_activation=False)
         kwargs: dict[str, Any] = {}
         if max_length is not None:
             kwargs["max_model_len"] = int(max_length)
@@ -97,8 +102,7 @@ class VLLMPRM:
             if data.shape[0] != len(ids):
                 raise RuntimeError(
                     f"{self.spec}: vLLM returned {data.shape[0]} token rows for {len(ids)} "
-                    "tokens; the model's pooler config restricts the output (set STEP pooling "
-                    "without step_tag_id)"
+                    "tokens; the model's pooler config restricts the output"
                 )
             keep = [k for k, p in enumerate(pos) if p < len(ids)]
             z = data[[pos[k] for k in keep]]

@@ -18,7 +18,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.engines.base import EngineSpec, GenerationRequest, GenerationResult
+from pipelines.engines.base import (
+    EngineSpec,
+    GenerationRequest,
+    GenerationResult,
+    check_remote_code,
+)
 from pipelines.engines.hf import resolve_model_path
 
 
@@ -43,6 +48,7 @@ class VLLMGenerationEngine:
         from vllm import LLM
 
         self.spec = spec
+        check_remote_code(resolve_model_path(spec.target), trust_remote_code)
         kwargs: dict[str, Any] = {
             "model": resolve_model_path(spec.target),
             "dtype": dtype or "auto",

@@ -1,0 +1,219 @@
+"""Throughput of our generation engines against the raw library call, same requests, one run.
+
+hf:   `HFGenerationEngine.generate` (own sampling loop, per-sample seeds, exact processed
+      log-probs, finished rows dropped from the KV cache) vs `model.generate(do_sample=True)`
+      (no log-probs), same model, same sorted batches, same batch size.
+vllm: `VLLMGenerationEngine.generate` vs `llm.generate` on the SAME `vllm.LLM` instance (so
+      start-up is paid once), in a subprocess (vLLM needs a `__main__` guard).
+
+Tokens = generated tokens up to and including EOS. Prints tokens/s of each and the ratio
+ours/raw (target: >= 0.9, i.e. overhead <= 10%). The model is the cached tiny policy
+(`--model DIR`) or a random-init Qwen2 of the tiny shape or `--shape qwen2.5-0.5b` (for GPUs).
+
+    python benchmarks/bench_generate.py [--requests 128] [--max-new-tokens 96] [--vllm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHAPES = {
+    "tiny": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4, head_dim=32),
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, head_dim=64),
+}
+
+
+def build_model(out: Path, shape: str) -> Path:
+    """Random-init Qwen2 of `shape` with the char tokenizer (vocab padded for big shapes)."""
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    from pipelines.tiny_tokenizer import save_char_tokenizer
+
+    tok = save_char_tokenizer(out, model_max_length=512)
+    torch.manual_seed(0)
+    vocab = len(tok) if shape == "tiny" else 151936
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=vocab, max_position_embeddings=512, tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **SHAPES[shape]))
+    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id)
+    model.save_pretrained(str(out))
+    return out
+
+
+def make_requests(tokenizer, count: int, max_new_tokens: int):
+    from pipelines.engines.base import GenerationRequest
+    from pipelines.prompts import render_and_encode
+    from scope_data.tasks import arith
+
+    problems = arith.generate_problems(count, seed=123, steps=(3, 6), modulus=10)
+    ids = render_and_encode(tokenizer, [p.prompt for p in problems])[1]
+    return [GenerationRequest(x, temperature=1.0, max_new_tokens=max_new_tokens, seed=i)
+            for i, x in enumerate(ids)]
+
+
+def count_tokens(rows, eos: set[int]) -> int:
+    total = 0
+    for row in rows:
+        n = 0
+        for t in row:
+            n += 1
+            if t in eos:
+                break
+        total += n
+    return total
+
+
+def bench_hf(model_dir: str, args) -> dict:
+    import torch
+
+    from pipelines.engines.base import load_generation_engine
+
+    engine = load_generation_engine(f"hf:{model_dir}", batch_size=args.batch_size,
+                                    device=args.device, dtype=args.dtype,
+                                    num_threads=args.threads)
+    model, tok, dev = engine.model, engine.tokenizer, engine.device
+    reqs = make_requests(tok, args.requests, args.max_new_tokens)
+    order = sorted(reqs, key=lambda r: len(r.prompt_token_ids))
+    eos = engine.eos_ids
+
+    def ours() -> int:
+        res = engine.generate(reqs)
+        return sum(len(r[0].token_ids) for r in res)
+
+    def raw() -> int:
+        total = 0
+        for s in range(0, len(order), args.batch_size):
+            batch = [r.prompt_token_ids for r in order[s : s + args.batch_size]]
+            width = max(map(len, batch))
+            ids = torch.tensor([[engine.pad_id] * (width - len(b)) + b for b in batch], device=dev)
+            mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch],
+                                device=dev)
+            with torch.inference_mode():
+                out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
+                                     temperature=1.0, top_p=1.0, top_k=0,
+                                     max_new_tokens=args.max_new_tokens,
+                                     pad_token_id=engine.pad_id)
+            total += count_tokens(out[:, width:].tolist(), eos)
+        return total
+
+    return compare(ours, raw, args.repeat, sync=torch.cuda.synchronize
+                   if dev.startswith("cuda") else None) | {
+        "device": torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu",
+        "dtype": engine.dtype}
+
+
+def compare(ours, raw, repeat: int, sync=None) -> dict:
+    """Best-of-`repeat` tokens/s of both, alternating (one warm-up call each first)."""
+    best = {"ours": 0.0, "raw": 0.0}
+    tokens = {}
+    ours(), raw()  # warm-up
+    for _ in range(repeat):
+        for name, fn in (("raw", raw), ("ours", ours)):
+            if sync:
+                sync()
+            t0 = time.perf_counter()
+            n = fn()
+            if sync:
+                sync()
+            dt = time.perf_counter() - t0
+            tokens[name] = n
+            best[name] = max(best[name], n / dt)
+    return {"ours_tok_s": best["ours"], "raw_tok_s": best["raw"],
+            "ratio": best["ours"] / best["raw"], "tokens": tokens}
+
+
+def vllm_worker(model_dir: str, args) -> None:
+    """Runs in a subprocess: our vllm engine and raw llm.generate on one LLM instance."""
+    from pipelines.engines.base import load_generation_engine
+
+    engine = load_generation_engine(
+        f"vllm:{model_dir}", dtype=args.dtype or ("float32" if args.device == "cpu" else None),
+        gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=512,
+    )
+    reqs = make_requests(engine.tokenizer, args.requests, args.max_new_tokens)
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
+    params = [engine.sampling_params(r) for r in reqs]
+
+    def ours() -> int:
+        return sum(len(r[0].token_ids) for r in engine.generate(reqs))
+
+    def raw() -> int:
+        outs = engine.llm.generate(prompts, params, use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outs)
+
+    print("RESULT " + json.dumps(compare(ours, raw, args.repeat)))
+
+
+def bench_vllm(model_dir: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--vllm-worker", model_dir,
+           "--requests", str(args.requests), "--max-new-tokens", str(args.max_new_tokens),
+           "--repeat", str(args.repeat), "--device", args.device or "cpu",
+           "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    if args.dtype:
+        cmd += ["--dtype", args.dtype]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.vllm_timeout,
+                          env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"vllm worker failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", help="model folder (default: random-init --shape)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    ap.add_argument("--requests", type=int, default=128)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--vllm", action="store_true", help="also benchmark the vllm engine")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    ap.add_argument("--vllm-timeout", type=int, default=1800)
+    ap.add_argument("--vllm-worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.vllm_worker:
+        vllm_worker(args.vllm_worker, args)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model or str(build_model(Path(tmp) / "model", args.shape))
+        print(f"model: {args.model or 'random-init ' + args.shape}; {args.requests} requests, "
+              f"max_new_tokens {args.max_new_tokens}, temperature 1.0, batch {args.batch_size}")
+        r = bench_hf(model_dir, args)
+        print(f"hf   [{r['device']}, {r['dtype']}]: ours {r['ours_tok_s']:.0f} tok/s, "
+              f"raw model.generate {r['raw_tok_s']:.0f} tok/s, ratio {r['ratio']:.3f} "
+              f"(tokens ours {r['tokens']['ours']}, raw {r['tokens']['raw']})")
+        if args.vllm:
+            v = bench_vllm(model_dir, args)
+            print(f"vllm [{args.device or 'cpu'}]: ours {v['ours_tok_s']:.0f} tok/s, "
+                  f"raw LLM.generate {v['raw_tok_s']:.0f} tok/s, ratio {v['ratio']:.3f} "
+                  f"(tokens ours {v['tokens']['ours']}, raw {v['tokens']['raw']})")
+        try:
+            import torch
+
+            gpu = torch.cuda.is_available()
+        except ImportError:
+            gpu = False
+        if not gpu:
+            print("no GPU on this machine: GPU figures (Qwen2.5-0.5B shape) not measured; run "
+                  "with --shape qwen2.5-0.5b --device cuda on a GPU machine")
+
+
+if __name__ == "__main__":
+    main()
