@@ -56,6 +56,9 @@ def run(cfg: DemoConfig) -> DemoResult:
     from pipelines.report import load_runs, report
 
     t0 = time.time()
+    import torch
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
     for algo in cfg.algos:
         if algo not in ALGOS:
             raise ValueError(f"unknown algo {algo!r}; valid: {', '.join(ALGOS)}")
@@ -90,7 +93,7 @@ def run(cfg: DemoConfig) -> DemoResult:
     paired = paired_differences(df)
     seconds = time.time() - t0
     notes = demo_notes(base, seeds, rounds, paired, seconds)
-    result = report(run_dirs, str(out / "report"), title="scope demo: arith-tiny", notes=notes)
+    result = report(run_dirs, str(out), title="scope demo: arith-tiny", notes=notes)
     print_final(result.final, paired, seconds)
     console.print(f"report: {result.out}/report.md", highlight=False)
     return DemoResult(str(out), run_dirs, result.final, paired, result.markdown, seconds)

@@ -32,7 +32,8 @@ from pipelines.stage import StageResult, run_stage
 from scope_data.hashing import derive_seed, stable_id
 from scope_data.schema import empty_table
 
-CHUNK = 256  # requests per engine call (one progress-bar update each)
+CHUNK = 256  # requests per engine call (one progress-bar update each); engines may set
+# `chunk_size` (vLLM: larger, so continuous batching is not cut at chunk boundaries)
 
 
 @dataclass
@@ -153,8 +154,9 @@ class _Generator:
         task = self.bar.add_task(f"generate part {shard_index}", total=len(requests))
         results = []
         t0 = time.perf_counter()
-        for start in range(0, len(requests), CHUNK):
-            results += [r[0] for r in self.engine.generate(requests[start : start + CHUNK])]
+        chunk = getattr(self.engine, "chunk_size", CHUNK)
+        for start in range(0, len(requests), chunk):
+            results += [r[0] for r in self.engine.generate(requests[start : start + chunk])]
             self.bar.update(task, advance=len(results) - start)
         seconds = time.perf_counter() - t0
         by_job = dict(zip(jobs, results, strict=True))

@@ -35,22 +35,54 @@ METRIC_KEYS = ("tokens", "seqs", "on_tokens", "off_tokens", "clipped_tokens", "s
                "entropy", "kl", "off_prob")
 
 
+def _scaled(t: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """`t / temperature` in float32 for half-precision input (no copy when nothing changes)."""
+    t = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    return t / temperature if temperature != 1.0 else t
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """Forward: per row chunk, target logit minus logsumexp. Backward: writes
+    d/dlogits = (onehot(index) - softmax) * grad / T chunk by chunk into one preallocated
+    tensor, so the only (B, L, V) allocation is the gradient itself."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, index: torch.Tensor, temperature: float,
+                chunk_rows: int) -> torch.Tensor:
+        out, lses = [], []
+        for s in range(0, logits.shape[0], chunk_rows):
+            chunk = _scaled(logits[s : s + chunk_rows], temperature)
+            lse = torch.logsumexp(chunk, dim=-1)
+            out.append(chunk.gather(-1, index[s : s + chunk_rows, :, None])[..., 0] - lse)
+            lses.append(lse)
+        ctx.save_for_backward(logits, index, torch.cat(lses))
+        ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        logits, index, lse = ctx.saved_tensors
+        temp, rows = ctx.temperature, ctx.chunk_rows
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], rows):
+            g = grad_out[s : s + rows, :, None].to(lse.dtype)
+            p = (_scaled(logits[s : s + rows], temp) - lse[s : s + rows, :, None]).exp_()
+            p.mul_(-g).scatter_add_(-1, index[s : s + rows, :, None], g)
+            grad[s : s + rows] = p / temp if temp != 1.0 else p
+        return grad, None, None, None
+
+
 def selective_log_softmax(
     logits: torch.Tensor, index: torch.Tensor, temperature: float = 1.0, chunk_rows: int = 4
 ) -> torch.Tensor:
-    """log softmax(logits / T)[index] for logits (B, L, V) and index (B, L) -> (B, L) float32.
+    """log softmax(logits / T)[index] for logits (B, L, V) and index (B, L) -> (B, L).
 
-    Rows are processed `chunk_rows` sequences at a time, so the largest temporary is
-    chunk_rows * L * V rather than the whole batch's log-softmax.
+    Never materialises the batch's full log-softmax: rows are processed `chunk_rows`
+    sequences at a time in forward and backward, and autograd keeps only the logits (which
+    exist anyway) and one logsumexp per position. Half-precision logits are computed in
+    float32; the result is float32 (float64 for float64 logits).
     """
-    out = []
-    for start in range(0, logits.shape[0], chunk_rows):
-        chunk = logits[start : start + chunk_rows].float()
-        if temperature != 1.0:
-            chunk = chunk / temperature
-        picked = chunk.gather(-1, index[start : start + chunk_rows].unsqueeze(-1)).squeeze(-1)
-        out.append(picked - torch.logsumexp(chunk, dim=-1))
-    return torch.cat(out, dim=0)
+    return _SelectiveLogSoftmax.apply(logits, index, float(temperature), int(chunk_rows))
 
 
 def entropy_from_logits(
@@ -59,9 +91,7 @@ def entropy_from_logits(
     """Per-position entropy of softmax(logits / T), (B, L, V) -> (B, L), chunked over rows."""
     out = []
     for start in range(0, logits.shape[0], chunk_rows):
-        chunk = logits[start : start + chunk_rows].float()
-        if temperature != 1.0:
-            chunk = chunk / temperature
+        chunk = _scaled(logits[start : start + chunk_rows], temperature)
         lse = torch.logsumexp(chunk, dim=-1)
         out.append(lse - (torch.softmax(chunk, dim=-1) * chunk).sum(-1))
     return torch.cat(out, dim=0)

@@ -134,23 +134,33 @@ class PRMEvalResult:
     average_f1: float
     excluded: dict[str, int]
     predictions: dict[str, list[int]]
+    statuses: dict[str, dict[str, int]]  # per subset: rows the PRM did not fully score
 
     def as_dict(self) -> dict[str, Any]:
         return {"prm": self.prm, "threshold": self.threshold, "average_f1": self.average_f1,
-                "subsets": [s.as_dict() for s in self.subsets], "excluded": self.excluded}
+                "subsets": [s.as_dict() for s in self.subsets], "excluded": self.excluded,
+                "statuses": self.statuses}
 
 
-def _scores(prm: PRMEngine | None, bench: Benchmark, batch: int = 256) -> list[list[float]]:
+def _scores(
+    prm: PRMEngine | None, bench: Benchmark, batch: int = 256
+) -> tuple[list[list[float]], dict[str, int]]:
+    """Step scores of every item and the counts of non-"ok" PRM statuses."""
     if prm is None:
         if bench.stored_scores is None:
             raise ValueError(f"benchmark {bench.path} holds no step scores: pass --prm SPEC")
-        return [s if s is not None else [math.nan] * len(items[1])
-                for s, items in zip(bench.stored_scores, bench.items, strict=True)]
+        scores = [s if s is not None else [math.nan] * len(items[1])
+                  for s, items in zip(bench.stored_scores, bench.items, strict=True)]
+        return scores, {"unscored": sum(s is None for s in bench.stored_scores)}
     out: list[list[float]] = []
+    statuses: dict[str, int] = {}
     for start in range(0, len(bench.items), batch):
         chunk = [(p, s) for p, s, _ in bench.items[start : start + batch]]
-        out.extend(r.scores for r in score_with_status(prm, chunk))
-    return out
+        for r in score_with_status(prm, chunk):
+            out.append(r.scores)
+            if r.status != "ok":
+                statuses[r.status] = statuses.get(r.status, 0) + 1
+    return out, statuses
 
 
 def evaluate(
@@ -159,7 +169,8 @@ def evaluate(
     """Score every benchmark and compute the ProcessBench figures (see module docstring)."""
     if not benchmarks:
         raise ValueError("give at least one --benchmark")
-    scored = [_scores(prm, b) for b in benchmarks]
+    runs = [_scores(prm, b) for b in benchmarks]
+    scored = [scores for scores, _ in runs]
     if threshold == "auto":
         first = benchmarks[0]
         tau = tune_threshold(
@@ -174,7 +185,8 @@ def evaluate(
         subsets.append(subset_metrics(bench.name, p, [g for _, _, g in bench.items]))
     name = str(prm.spec) if prm is not None else "stored scores"
     return PRMEvalResult(name, tau, subsets, average_f1(subsets),
-                         {b.name: b.excluded for b in benchmarks}, preds)
+                         {b.name: b.excluded for b in benchmarks}, preds,
+                         {b.name: st for b, (_, st) in zip(benchmarks, runs, strict=True)})
 
 
 def run(cfg: PRMEvalConfig, prm: PRMEngine | None = None) -> PRMEvalResult:
@@ -205,10 +217,11 @@ def print_result(result: PRMEvalResult) -> None:
     table = Table(title=f"prm-eval: {result.prm} (threshold {result.threshold:.4g})",
                   title_justify="left")
     for col in ("subset", "erroneous", "correct", "acc. erroneous", "acc. correct", "F1",
-                "left out"):
+                "left out", "not fully scored"):
         table.add_column(col, justify="left" if col == "subset" else "right")
     for s in result.subsets:
         table.add_row(s.name, str(s.n_erroneous), str(s.n_correct), f"{s.acc_erroneous:.1f}",
-                      f"{s.acc_correct:.1f}", f"{s.f1:.1f}", str(result.excluded[s.name]))
-    table.add_row("average", "", "", "", "", f"{result.average_f1:.1f}", "")
+                      f"{s.acc_correct:.1f}", f"{s.f1:.1f}", str(result.excluded[s.name]),
+                      ", ".join(f"{k} {v}" for k, v in result.statuses[s.name].items()) or "-")
+    table.add_row("average", "", "", "", "", f"{result.average_f1:.1f}", "", "")
     Console().print(table)

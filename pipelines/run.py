@@ -30,6 +30,8 @@ the policy (recorded in `round-XXXX/train_skipped.json`).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -103,11 +105,14 @@ class _Runner:
                     "run, or choose a new --out"
                 )
         t0 = time.time()
-        if self.verbose:
-            from pipelines.console import console
+        from pipelines.console import console
 
-            console.print(f"[bold cyan]>> {label}[/]", highlight=False)
-        action()
+        console.print(f"[bold cyan]>> {label}[/]", highlight=False)
+        if self.verbose:
+            action()
+        else:  # stage summaries (stdout) silenced; progress and errors (stderr) still show
+            with contextlib.redirect_stdout(io.StringIO()):
+                action()
         marker.parent.mkdir(parents=True, exist_ok=True)
         tmp = marker.with_suffix(".tmp")
         tmp.write_text(json.dumps({**body, "config_hash": digest,

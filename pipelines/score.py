@@ -91,7 +91,7 @@ def token_offsets(tok: Any, text: str, token_ids: list[int], rollout_id: str
     the ids are decoded one prefix at a time. ValueError names the rollout if neither aligns.
     """
     special = set(getattr(tok, "all_special_ids", []) or [])
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     plain = [t for t in token_ids if t not in special]
     if list(enc["input_ids"]) == plain:
         it = iter(enc["offset_mapping"])

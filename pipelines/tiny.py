@@ -288,6 +288,7 @@ def _build(
         result = trainer.train()
         train_seconds = time.time() - t_train
         losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    model.config.use_cache = True  # the trainer turns it off
     model.generation_config = GenerationConfig(
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
     )

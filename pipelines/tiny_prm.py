@@ -10,9 +10,10 @@ are exactly those of :class:`pipelines.engines.prm_hf.HFTagPRM`::
     text = problem + " " + "\\n".join(step + " ки" for step in steps)
     loss = CE(softmax([z_+, z_-]) at each tag, label "+" if the step is correct else "-")
 
-over the steps up to and including the first error (later steps carry no first-error signal),
-
-so the built folder loads as ``hf-tag:<folder>``. Builds are cached under
+over the steps up to and including the first error (later steps carry no first-error signal;
+"-" labels weighted by n(+)/n(-), at most 5), plus ``lm_weight`` times the next-character loss on
+the correct steps before the first error (it teaches the modular arithmetic the tags judge), so
+the built folder loads as ``hf-tag:<folder>``. Builds are cached under
 ``$SCOPE_CACHE/tiny-prm/<config hash>`` (written to a temporary folder, then renamed).
 :func:`init_tiny_prm` makes random-init PRMs of both families for tests and benchmarks.
 """
@@ -34,7 +35,7 @@ from scope_data.tasks import arith
 TAG = "ки"
 STEP_TOKEN = " " + TAG
 SEPARATOR = "<extra_0>"
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 
 def prm_tokenizer(extra_tokens: tuple[str, ...] = (TAG,), model_max_length: int = 512) -> Any:
@@ -147,6 +148,8 @@ class TinyPRMConfig:
     max_steps: int = 400
     batch_size: int = 32
     learning_rate: float = 3e-3
+    lm_weight: float = 1.0  # auxiliary next-character loss on the correct steps
+    balance: bool = True  # weight "-" labels by n(+)/n(-) (at most 5)
     eval_examples: int = 500
 
     def to_dict(self) -> dict[str, Any]:
@@ -208,12 +211,27 @@ def _train(cfg: TinyPRMConfig, out: Path, num_threads: int | None, verbose: bool
     good_bad = torch.tensor([tok.convert_tokens_to_ids("+"), tok.convert_tokens_to_ids("-")])
     rows = labelled_responses(cfg.num_examples, cfg.seed, cfg.steps, cfg.modulus, cfg.error_share)
     encoded = []
+    n_labels = [0, 0]
     for prompt, lines, verdicts in rows:
-        ids = tok.encode(prompt + " " + "\n".join(s + STEP_TOKEN for s in lines))
+        text = prompt + " " + "\n".join(s + STEP_TOKEN for s in lines)
+        enc = tok(text, return_offsets_mapping=True)
         # labels up to the first error only: later steps are wrong by definition of the
         # running values, but first-error location never reads them (PRM800K phase 2 style)
-        first = next((k for k, ok in enumerate(verdicts) if not ok), len(verdicts) - 1)
-        encoded.append((ids, [0 if ok else 1 for ok in verdicts[: first + 1]]))
+        first = next((k for k, ok in enumerate(verdicts) if not ok), len(verdicts))
+        labels = [0 if ok else 1 for ok in verdicts[: first + 1]]
+        for y in labels:
+            n_labels[y] += 1
+        # auxiliary LM targets: the characters of the correct steps before the first error
+        spans, cursor = [], len(prompt) + 1
+        for k, line in enumerate(lines):
+            if k < first:
+                spans.append((cursor, cursor + len(line)))
+            cursor += len(line) + len(STEP_TOKEN) + 1
+        lm = [t for t, (a, _) in enumerate(enc["offset_mapping"])
+              if t > 0 and any(x <= a < y for x, y in spans)]
+        encoded.append((enc["input_ids"], labels, lm))
+    bad_weight = min(5.0, n_labels[0] / max(1, n_labels[1])) if cfg.balance else 1.0
+    class_weight = torch.tensor([1.0, bad_weight])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 30) * max(0.05, 1 - s / cfg.max_steps)
@@ -223,19 +241,28 @@ def _train(cfg: TinyPRMConfig, out: Path, num_threads: int | None, verbose: bool
     losses = []
     for step in range(cfg.max_steps):
         batch = [encoded[rng.randrange(len(encoded))] for _ in range(cfg.batch_size)]
-        longest = max(len(ids) for ids, _ in batch)
+        longest = max(len(ids) for ids, _, _ in batch)
         input_ids = torch.full((len(batch), longest), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(input_ids)
-        for r, (ids, _) in enumerate(batch):
+        rows, cols, targets, lm_rows, lm_cols = [], [], [], [], []
+        for r, (ids, ys, lm) in enumerate(batch):
             input_ids[r, : len(ids)] = torch.tensor(ids)
             mask[r, : len(ids)] = 1
-        targets = torch.tensor([y for _, ys in batch for y in ys])
-        rows = [r for r, (_, ys) in enumerate(batch) for _ in ys]
-        cols = [c for ids, ys in batch for c in [t for t, x in enumerate(ids) if x == tag_id][
-            : len(ys)]]
+            tags = [t for t, x in enumerate(ids) if x == tag_id][: len(ys)]
+            rows += [r] * len(tags)
+            cols += tags
+            targets += ys
+            lm_rows += [r] * len(lm)
+            lm_cols += lm
         hidden = model.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
         z = hidden[rows, cols] @ model.lm_head.weight[good_bad].T
-        loss = F.cross_entropy(z, targets)
+        loss = F.cross_entropy(z, torch.tensor(targets), weight=class_weight)
+        if cfg.lm_weight and lm_rows:
+            prev = torch.tensor(lm_cols) - 1
+            logits = model.lm_head(hidden[torch.tensor(lm_rows), prev])
+            loss = loss + cfg.lm_weight * F.cross_entropy(
+                logits, input_ids[torch.tensor(lm_rows), torch.tensor(lm_cols)]
+            )
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

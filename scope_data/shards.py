@@ -144,11 +144,15 @@ class Folder:
                 yield f
             except BaseException:
                 discard = getattr(f, "discard", None)
-                if callable(discard):
+                if callable(discard):  # s3fs/gcsfs: abort the (multipart) upload
                     discard()
-                if not f.closed and not callable(discard):
+                    try:  # and keep the file's __del__ from flushing what is left
+                        f.closed = True
+                    except AttributeError:
+                        pass
+                else:
                     f.close()
-                if self.fs.exists(path):  # filesystems (memory://) that commit on close anyway
+                if self.fs.exists(path):  # filesystems (memory://) that commit on open/close
                     self.fs.rm(path)
                 raise
             f.close()

@@ -24,7 +24,8 @@ def _metrics(rows: list[dict]) -> pl.DataFrame:
 
 def test_final_table_mean_and_std(tmp_path) -> None:
     base = {"eval_set": "h", "n": 2, "pass@1": 0.5, "pass@2": 0.6, "self_bleu_div": 0.1,
-            "novel_equations": 0.2, "distinct_4": 0.3, "salvage_rate": None}
+            "novel_equations": 0.2, "distinct_4": 0.3, "salvage_rate": 0.25, "train_loss": 0.1,
+            "first_error_hist": [3, 2, 1]}
     rows = []
     for algo, accs in (("scope", [0.4, 0.6]), ("grpo", [0.3, 0.3])):
         for seed, acc in enumerate(accs):
@@ -42,6 +43,15 @@ def test_final_table_mean_and_std(tmp_path) -> None:
     assert scope["accuracy_std"] == pytest.approx(pl.Series([0.4, 0.6]).std())
     md = markdown_table(table, {"accuracy": 0.2}, "algo")
     assert "| scope | 2 | 0.500 ± 0.141" in md and "| initial policy |" in md
+    from pipelines.report import report
+
+    result = report([str(tmp_path / f"run{i}") for i in range(4)], str(tmp_path / "rep"))
+    names = sorted(p.rsplit("/", 1)[-1] for p in result.plots)
+    assert names == ["accuracy.png", "diversity.png", "first_error_hist.png", "pass_at_k.png",
+                     "pass_at_k_curve.png", "salvage_rate.png", "train_loss.png"]
+    for p in result.plots:
+        assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "| scope | 2 | 0.500 ± 0.141" in (tmp_path / "rep" / "report.md").read_text()
 
 
 @pytest.mark.slow
@@ -55,7 +65,7 @@ def test_demo_tiny_budget(tmp_path, tiny_policy) -> None:
     assert len(result.run_dirs) == 4
     final = result.final
     assert final["algo"].to_list() == ["grpo", "scope"] and final["runs"].to_list() == [2, 2]
-    report_dir = tmp_path / "demo" / "report"
+    report_dir = tmp_path / "demo"
     for name in ("report.md", "accuracy.png", "pass_at_k.png", "diversity.png",
                  "salvage_rate.png", "first_error_hist.png", "train_loss.png"):
         assert (report_dir / name).is_file(), name

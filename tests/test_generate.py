@@ -12,6 +12,7 @@ from pipelines.generate import GenerateConfig, grade_response, run
 from scope_data.hashing import derive_seed
 from scope_data.schema import SCHEMAS
 from scope_data.shards import ShardError, read_arrow, read_manifest
+from tests.fixtures_tiny import tiny_policy  # noqa: F401  (session fixture)
 from tests.helpers_engines import build_random_tiny, write_problems
 
 LONG = {"problem_id": "too-long", "source": "test", "source_index": 99, "task": "arith",
@@ -164,3 +165,43 @@ def test_cli_generate(setup):
     bad = CliRunner().invoke(app, ["generate", "--problems", str(root / "missing"), "--policy",
                                    policy, "--out", str(root / "cli2")])
     assert bad.exit_code == 1 and "missing" in bad.output
+
+
+@pytest.mark.slow
+def test_trained_tiny_policy_rollouts(tiny_policy, tmp_path):  # noqa: F811
+    """With the warm-started tiny policy: graded mix, EOS stops, exact behaviour log-probs."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from scope_data.tasks import arith
+
+    write_problems(str(tmp_path / "problems"), n=8, seed=5)
+    run(GenerateConfig(problems=str(tmp_path / "problems"), policy=f"hf:{tiny_policy}",
+                       out=str(tmp_path / "r"), n=4, max_new_tokens=96, seed=3), quiet=True)
+    rows = read_arrow(str(tmp_path / "r")).to_pylist()
+    assert len(rows) == 32
+    for r in rows:
+        assert r["correct"] == arith.is_correct(arith.parse_prompt(r["prompt"]),
+                                                r["response_text"])
+        assert r["reward"] == float(r["correct"])
+    assert sum(r["finish_reason"] == "stop" for r in rows) >= 24  # it learned to stop
+    assert 0 < sum(r["correct"] for r in rows) < 32
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_policy), dtype=torch.float32).eval()
+    worst = 0.0
+    with torch.no_grad():
+        for r in rows[:8]:
+            ctx, new = r["prompt_token_ids"], r["response_token_ids"]
+            logits = model(torch.tensor([ctx + new])).logits[0, len(ctx) - 1 : -1]
+            ref = torch.log_softmax(logits / r["temperature"], -1)
+            ref = ref.gather(-1, torch.tensor(new)[:, None]).squeeze(-1)
+            worst = max(worst, (ref - torch.tensor(r["behaviour_logprobs"])).abs().max().item())
+    assert worst < 1e-4
+
+
+def test_cli_tiny_policy_rejects_bad_options():
+    from cli.main import app
+
+    bad_steps = CliRunner().invoke(app, ["tiny-policy", "--steps", "6-3"])
+    assert bad_steps.exit_code != 0 and "--steps" in bad_steps.output
+    bad_rate = CliRunner().invoke(app, ["tiny-policy", "--error-rate", "1.5"])
+    assert bad_rate.exit_code != 0 and "--error-rate" in bad_rate.output

@@ -142,15 +142,19 @@ def test_selective_log_softmax_and_entropy_match_full_softmax() -> None:
     torch.manual_seed(0)
     logits = torch.randn(5, 3, 11, dtype=torch.float64, requires_grad=True)
     index = torch.randint(0, 11, (5, 3))
+    weights = torch.randn(5, 3, dtype=torch.float64)
     for temp in (1.0, 0.7):
         ref = torch.log_softmax(logits / temp, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
         got = selective_log_softmax(logits, index, temp, chunk_rows=2)
-        assert torch.allclose(got, ref.float(), atol=1e-6)
+        assert torch.allclose(got, ref, atol=1e-10)
+        g_ref = torch.autograd.grad((ref * weights).sum(), logits)[0]
+        g_got = torch.autograd.grad((got * weights).sum(), logits)[0]
+        assert torch.allclose(g_got, g_ref, atol=1e-10)
         p = torch.softmax(logits / temp, -1)
         ent = -(p * torch.log_softmax(logits / temp, -1)).sum(-1)
-        assert torch.allclose(entropy_from_logits(logits, temp, chunk_rows=3), ent.float(),
-                              atol=1e-6)
-    g1 = torch.autograd.grad(selective_log_softmax(logits, index, 1.0, 2).sum(), logits)[0]
-    ref = torch.log_softmax(logits, -1).gather(-1, index.unsqueeze(-1)).sum()
-    g2 = torch.autograd.grad(ref, logits)[0]
-    assert torch.allclose(g1, g2, atol=1e-6)
+        assert torch.allclose(entropy_from_logits(logits, temp, chunk_rows=3), ent, atol=1e-6)
+    assert torch.autograd.gradcheck(
+        lambda x: selective_log_softmax(x, index, 0.5, 2), (logits,))
+    half = selective_log_softmax(logits.detach().bfloat16(), index)
+    assert half.dtype == torch.float32
+    assert torch.allclose(half.double(), selective_log_softmax(logits.detach(), index), atol=0.1)

@@ -166,3 +166,33 @@ def test_unknown_prm_spec_lists_valid_forms() -> None:
         parse_spec("foo:bar", "prm")
     with pytest.raises(SpecError):
         load_prm("rule:gsm8k")
+
+
+@pytest.mark.slow
+def test_tiny_prm_build_is_cached_and_loads_as_hf_tag(tmp_path: Path, monkeypatch) -> None:
+    import json
+
+    from pipelines.tiny_prm import TinyPRMConfig, build_tiny_prm, labelled_responses
+    from scope_data.first_error import locate, subset_metrics
+
+    monkeypatch.setenv("SCOPE_CACHE", str(tmp_path / "cache"))
+    small = {"max_steps": 15, "num_examples": 300, "eval_examples": 60, "hidden_size": 64,
+             "num_heads": 2, "intermediate_size": 128}
+    path = build_tiny_prm(num_threads=1, **small)
+    meta = json.loads((path / "scope_tiny.json").read_text())
+    assert meta["config_hash"] == TinyPRMConfig(**small).hash()
+    assert path.parent.name == "tiny-prm" and path.name == meta["config_hash"]
+    mtime = (path / "model.safetensors").stat().st_mtime
+    assert build_tiny_prm(num_threads=1, **small) == path  # cached: not retrained
+    assert (path / "model.safetensors").stat().st_mtime == mtime
+    # the stored held-out metrics are what hf-tag scoring of that set gives
+    prm = load_prm(f"hf-tag:{path}", device="cpu")
+    cfg = TinyPRMConfig(**small)
+    rows = labelled_responses(cfg.eval_examples, cfg.seed + 7_000_001, cfg.steps, cfg.modulus,
+                              cfg.error_share)
+    preds = [locate(s, 0.5) for s in prm.score_batch([(p, lines) for p, lines, _ in rows])]
+    gold = [next((k for k, ok in enumerate(v) if not ok), -1) for _, _, v in rows]
+    assert meta["eval"]["f1"] == pytest.approx(subset_metrics("x", preds, gold).f1)
+    # copying a cached build to --out
+    out = build_tiny_prm(tmp_path / "copy", num_threads=1, **small)
+    assert (out / "model.safetensors").read_bytes() == (path / "model.safetensors").read_bytes()

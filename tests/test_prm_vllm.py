@@ -79,24 +79,39 @@ def reference(model_dir: Path, problem: str, steps: list[str]) -> list[float]:
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_vllm_pooling_prm_matches_reference(tmp_path: Path) -> None:
-    model = build_qwen_prm(tmp_path / "qwen_prm")
+    """Qwen2ForProcessRewardModel (native) vs the hand-written torch computation, and
+    Qwen2ForTokenClassification (vLLM converts it, `--convert classify`) vs the hf-cls engine."""
+    from pipelines.engines.base import load_prm
+    from pipelines.tiny_prm import init_tiny_prm
+
+    qwen_prm = build_qwen_prm(tmp_path / "qwen_prm")
+    token_cls = init_tiny_prm(tmp_path / "token_cls", "cls", max_position_embeddings=256, seed=3)
     items_path, out_path = tmp_path / "items.json", tmp_path / "out.json"
     items_path.write_text(json.dumps(ITEMS))
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "vllm_prm_script.py"), str(model),
-         str(items_path), str(out_path)],
+        [sys.executable, str(ROOT / "tests" / "vllm_prm_script.py"), str(items_path),
+         str(out_path), str(qwen_prm), str(token_cls)],
         cwd=ROOT, capture_output=True, text=True, timeout=1200,
     )
     assert out_path.exists(), proc.stderr[-3000:]
-    out = json.loads(out_path.read_text())
+    runs = json.loads(out_path.read_text())
+    out = runs[str(qwen_prm)]
     assert "error" not in out, out.get("error")
     assert out["max_length"] == 256
     for (problem, steps), scores, status in zip(ITEMS[:2], out["scores"], out["status"],
                                                 strict=False):
         assert status == "ok"
-        assert scores == pytest.approx(reference(model, problem, steps), abs=1e-4)
+        assert scores == pytest.approx(reference(qwen_prm, problem, steps), abs=1e-4)
     # the head that fits is scored exactly as without the tail; the cut step is NaN
     assert out["status"][2] == "truncated"
     first, cut = out["scores"][2]
-    assert first == pytest.approx(reference(model, "Long one.", ["1 + 1 = 2"])[0], abs=1e-4)
+    assert first == pytest.approx(reference(qwen_prm, "Long one.", ["1 + 1 = 2"])[0], abs=1e-4)
     assert math.isnan(cut)
+
+    out = runs[str(token_cls)]
+    assert "error" not in out, out.get("error")
+    hf = load_prm(f"hf-cls:{token_cls}", device="cpu", dtype="float32", max_length=256)
+    want = hf.score_batch(ITEMS)
+    assert out["status"] == ["ok", "ok", "truncated"]
+    for got, ref in zip(out["scores"], want, strict=True):
+        assert got == pytest.approx(ref, abs=1e-4, nan_ok=True)

@@ -201,3 +201,58 @@ def test_token_offsets_fallback_decodes_token_by_token(rollouts) -> None:
     offsets = token_offsets(tok, text, ids + [tok.eos_token_id], "r0")
     assert offsets[-1] == (len(text), len(text))
     assert [text[a:b] for a, b in offsets[:-1]] == list(text)
+
+
+def test_cli_score_and_prm_eval(rollouts, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    url, _ = rollouts
+    out = str(tmp_path / "scored")
+    runner = CliRunner()
+    res = runner.invoke(app, ["score", "--rollouts", url, "--out", out, "--prm", "rule:arith",
+                              "--all"])
+    assert res.exit_code == 0, res.output
+    assert "rows scored" in res.output and read_manifest(out).table == "scored"
+    # prm-eval on the scored table's stored rule scores: exact labels, F1 = 100
+    res = runner.invoke(app, ["prm-eval", "--benchmark", out, "--json"])
+    assert res.exit_code == 0, res.output
+    body = json.loads(res.output)
+    assert body["subsets"][0]["f1"] == 100.0 and body["average_f1"] == 100.0
+    res = runner.invoke(app, ["score", "--rollouts", url, "--out", out, "--prm", "nope:x"])
+    assert res.exit_code == 1 and "valid forms" in res.output
+
+
+class LengthPRM:
+    """Scores a step by its length (deterministic, independent of any model)."""
+
+    spec = EngineSpec("length", "test")
+    max_length = 1 << 30
+
+    def score_batch(self, items):
+        return [[min(1.0, len(s) / 400) for s in steps] for _, steps in items]
+
+
+def test_auto_threshold_tuned_on_a_processbench_file(rollouts, tmp_path: Path,
+                                                     shared_data: Path) -> None:
+    from pipelines.prm_eval import PRMEvalConfig
+    from pipelines.prm_eval import run as prm_eval
+
+    url, tok_dir = rollouts
+    rows = arith_rollout_rows(tok_dir, n_problems=3)
+    for r in rows:
+        r["task"] = "math"
+    write_rollouts(str(tmp_path / "math"), rows)
+    with pytest.raises(ValueError, match="--tune-on"):
+        run(ScoreConfig(str(tmp_path / "math"), str(tmp_path / "o1"), threshold="auto"),
+            prm=LengthPRM(), quiet=True)
+    bench = str(shared_data / "processbench.gsm8k.json")
+    res = run(ScoreConfig(str(tmp_path / "math"), str(tmp_path / "o2"), threshold="auto",
+                          tune_on=bench), prm=LengthPRM(), quiet=True)
+    tuned = prm_eval(PRMEvalConfig([bench], threshold="auto"), prm=LengthPRM()).threshold
+    assert res.manifest.config["tuned_threshold"] == pytest.approx(tuned)
+    scored = scored_rows(str(tmp_path / "o2"))
+    assert all(r["threshold"] == pytest.approx(tuned, rel=1e-6) for r in scored)
+    # blank_line segmentation for non-arith tasks: an arith response is a single step
+    assert all(len(r["steps"]) <= 1 for r in scored)

@@ -332,3 +332,18 @@ def test_run_stage_resumes_after_a_failed_shard(tmp_path: Path) -> None:
     TableStore(src, "problems").write(problems_rows(0, 41), {"src": 1})
     rerun = run_stage(**common)
     assert sorted(calls) == [0, 1, 2] and rerun.manifest.rows == 41
+
+
+def test_failed_upload_to_s3_leaves_no_object(s3_bucket: tuple[str, dict]) -> None:
+    """Object stores: the upload of a failed part is aborted, not committed by close/__del__."""
+    import gc
+
+    url, options = s3_bucket
+    store = TableStore(url, "problems", options)
+    with pytest.raises(RuntimeError, match="boom"):
+        with store.part_writer(0, 1, CONFIG) as w:
+            w.write(problems_rows(0, 5))
+            raise RuntimeError("boom")
+    gc.collect()
+    assert not Folder(url, options).exists(part_name(0, 1))
+    assert store.missing_parts(1, CONFIG) == [part_name(0, 1)]

@@ -138,6 +138,9 @@ class GenerationEngine(Protocol):
 
 
 class PRMEngine(Protocol):
+    """Optionally also `score_batch_with_status(items) -> list[PRMScores]` (statuses such as
+    "truncated"); callers use `score_with_status`, which falls back to `score_batch`."""
+
     spec: EngineSpec
     max_length: int
 

@@ -16,7 +16,8 @@ are exact:
   -log(nucleus mass) (vLLM's `processed_logprobs` follows the same rule). T = 0 is greedy
   (argmax) and reports `log_softmax(logits)[y]` (T = 1), like vLLM;
 - rows are sorted by length and batched with left padding (position ids from the attention
-  mask, as `generate` computes them); finished rows are dropped from the KV cache;
+  mask, as `generate` computes them); finished rows leave the KV cache in bulk (once a
+  quarter of the batch has finished);
 - a sample stops at an EOS token (kept as the last token id, with its log-prob, finish_reason
   "stop") or after max_new_tokens ("length"). `text` is decoded without special tokens.
 
@@ -25,7 +26,6 @@ are exact:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,8 +129,8 @@ class HFGenerationEngine:
     ) -> None:
         import torch
 
-        if num_threads or device in (None, "cpu"):
-            torch.set_num_threads(num_threads or min(2, os.cpu_count() or 1))
+        if num_threads:
+            torch.set_num_threads(num_threads)
         self.spec = spec
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.tokenizer = load_model_and_tokenizer(

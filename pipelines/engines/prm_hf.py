@@ -11,7 +11,10 @@ Qwen PRMs) need remote code: pass `trust_remote_code=True` (off by default) or u
 hf-tag (causal LM). The input is `problem + " " + "\\n".join(s_k + " ки")` and
 p_k = softmax([z_good, z_bad])[0], where z are the LM logits read AT the k-th tag token (the
 position whose next-token prediction is the "+"/"-" label the tag stands for; Math-Shepherd
-trains and reads exactly there). Defaults: tag " ки", good "+", bad "-".
+trains and reads exactly there). Defaults: tag " ки", good "+", bad "-". Good/bad tokens are
+looked up in the vocabulary first, else must encode to one token. Math-Shepherd's card reads
+the ids of `tokenizer.encode("+ -")[1:]` ([648, 387]), which with a SentencePiece tokenizer may
+be the word-initial pieces ("▁+", "▁-"): pass those exact pieces via good_token/bad_token.
 
 Both: a step's text never contains the step token (occurrences are removed first). Tag positions
 come from the tokenizer's offset mapping (the token holding the tag's last character), so the
@@ -133,7 +136,8 @@ class PRMInput:
         """Token ids of the rendered input and the token index of each step's tag."""
         steps = self.clean_steps(steps)
         text, block_start, special = self.render(steps, problem)
-        enc = self.tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+        enc = self.tokenizer(text, add_special_tokens=special, return_offsets_mapping=True,
+                             verbose=False)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         tag_ends, cursor = [], block_start
         for k, step in enumerate(steps):

@@ -115,4 +115,8 @@ class VLLMPRM:
         return mark_nan(results)
 
     def close(self) -> None:
-        del self.llm
+        """Shut the engine core process down now (not at garbage collection)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()

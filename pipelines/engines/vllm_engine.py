@@ -30,6 +30,8 @@ from pipelines.engines.hf import resolve_model_path
 class VLLMGenerationEngine:
     """`vllm.LLM` with token-id prompts and processed (temperature/top-p) log-probs."""
 
+    chunk_size = 4096  # requests per generate() call from a stage: keep vLLM's batches full
+
     def __init__(
         self,
         spec: EngineSpec,
