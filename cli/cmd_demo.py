@@ -28,7 +28,7 @@ def demo(
     """Build/reuse the tiny policy, run every algorithm on the same budget, print the table."""
     import os
 
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SCOPE_NUM_THREADS", "1"))
     from pipelines.demo import DemoConfig, run
 
     run(DemoConfig(out=out, quick=quick, seeds=seeds, rounds=rounds,

@@ -48,6 +48,8 @@ def generate(
     tokenizer: Annotated[str | None, typer.Option(
         help="openai: policy tokenizer folder or hub id (default: the served model name)")]
     = None,
+    trust_remote_code: Annotated[bool, typer.Option(
+        "--trust-remote-code", help="allow custom code shipped with the model")] = False,
     storage: Annotated[str | None, typer.Option("--storage-options", help=STORAGE_OPTIONS_HELP)]
     = None,
 ) -> None:
@@ -61,7 +63,7 @@ def generate(
         batch_size=batch_size, gpu_memory_utilization=gpu_memory_utilization,
         max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
         pipeline_parallel_size=pipeline_parallel_size, cache_dir=cache_dir,
-        max_concurrency=max_concurrency, tokenizer=tokenizer,
+        max_concurrency=max_concurrency, tokenizer=tokenizer, trust_remote_code=trust_remote_code,
         storage_options=storage_options(storage),
     ))
     if result.manifest is None:

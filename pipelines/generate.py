@@ -64,6 +64,7 @@ class GenerateConfig:
     cache_dir: str | None = None
     max_concurrency: int = 16
     tokenizer: str | None = None  # openai: the policy tokenizer (default: the model name)
+    trust_remote_code: bool = False
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # any other engine option
     storage_options: dict[str, Any] | None = field(default=None, repr=False)
 
@@ -82,6 +83,7 @@ class GenerateConfig:
             "pipeline_parallel_size": self.pipeline_parallel_size,
             "cache_dir": self.cache_dir or default_cache_dir(self.out),
             "max_concurrency": self.max_concurrency, "tokenizer": self.tokenizer,
+            "trust_remote_code": self.trust_remote_code,
         }
         return {**{k: v for k, v in opts.items() if v is not None}, **self.engine_kwargs}
 

@@ -46,10 +46,22 @@ def make_config(cls: type, options: dict[str, Any], where: str, **fixed: Any) ->
 
 
 def config_dict(cfg: Any) -> dict[str, Any]:
-    """The config as a dict for hashing (storage options and engine handles left out)."""
-    body = dataclasses.asdict(cfg)
-    body.pop("storage_options", None)
-    return body
+    """The options of a stage config that differ from their defaults, for hashing.
+
+    Leaving defaults out keeps a run resumable when a newer version adds an option whose
+    default keeps the old behaviour. Storage options (credentials) are never included.
+    """
+    body = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "storage_options":
+            continue
+        if f.default is not dataclasses.MISSING and value == f.default:
+            continue
+        if f.default_factory is not dataclasses.MISSING and value == f.default_factory():
+            continue
+        body[f.name] = value
+    return json.loads(json.dumps(body, default=str))
 
 
 # -- policy ---------------------------------------------------------------------------------

@@ -56,9 +56,13 @@ class TinyConfig:
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     num_examples: int = 20_000
+    group_by_length: bool = True  # batches of similar length: less padding, same data
+    train_steps: tuple[int, int] | None = None  # operation counts of training problems (None: steps)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "steps": list(self.steps)}
+        d = {**dataclasses.asdict(self), "steps": list(self.steps)}
+        d["train_steps"] = list(self.train_steps) if self.train_steps else None
+        return d
 
     def hash(self) -> str:
         """Short stable hash of the config and recipe version."""
@@ -201,7 +205,7 @@ def training_texts(cfg: TinyConfig) -> list[tuple[str, str]]:
     """``(prompt, completion)`` pairs: canonical solutions, ``error_rate`` of them corrupted."""
     rng = random.Random(f"tiny-train:{cfg.seed}")
     problems = arith.generate_problems(
-        cfg.num_examples, seed=cfg.seed, steps=cfg.steps, modulus=cfg.modulus,
+        cfg.num_examples, seed=cfg.seed, steps=cfg.train_steps or cfg.steps, modulus=cfg.modulus,
         max_operand=cfg.max_operand,
     )
     pairs = []
@@ -278,6 +282,7 @@ def _build(
             report_to="none",
             disable_tqdm=not verbose,
             dataloader_num_workers=0,
+            train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         )
         trainer = SFTTrainer(
             model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok
@@ -437,6 +442,7 @@ def evaluate_mix(
 def _config_fields(raw: dict[str, Any]) -> dict[str, Any]:
     known = {f.name for f in dataclasses.fields(TinyConfig)}
     fields = {k: v for k, v in raw.items() if k in known}
-    if "steps" in fields:
-        fields["steps"] = tuple(fields["steps"])
+    for name in ("steps", "train_steps"):
+        if fields.get(name) is not None:
+            fields[name] = tuple(fields[name])
     return fields

@@ -25,8 +25,6 @@ from typing import Any
 
 import polars as pl
 
-from pipelines.loss import AGGREGATIONS
-
 OLD_LOGPROBS = ("behaviour", "recompute")
 
 
@@ -76,6 +74,7 @@ class TrainConfig:
     storage_options: dict[str, Any] | None = field(default=None, repr=False)
 
     def check(self) -> None:
+        from pipelines.loss import AGGREGATIONS
         from scope_data.assembly import ALGOS
 
         if self.algo not in ALGOS:

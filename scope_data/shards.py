@@ -102,7 +102,11 @@ class Folder:
         return join(self.root, name)
 
     def exists(self, name: str) -> bool:
-        return self.fs.exists(self.path(name))
+        """Asks the store, not a cached listing: other processes write markers and manifests
+        (s3fs caches directory listings per filesystem instance, shared within a process)."""
+        path = self.path(name)
+        self.fs.invalidate_cache(path)
+        return self.fs.exists(path)
 
     def read_text(self, name: str) -> str:
         with self.fs.open(self.path(name), "rb") as f:

@@ -19,6 +19,7 @@ and non-overlapping.
 from __future__ import annotations
 
 import re
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -173,21 +174,23 @@ def _monotone_offsets(offset_mapping: Sequence[Sequence[int]]) -> list[tuple[int
     return fixed
 
 
-def _token_owner(start: int, end: int, steps: Sequence[Step]) -> int:
-    """Index of the step that owns a token; -1 before the first step, len(steps) after."""
+def _token_owner(start: int, end: int, steps: Sequence[Step],
+                 starts: Sequence[int] | None = None) -> int:
+    """Index of the step that owns a token; -1 before the first step, len(steps) after.
+
+    `starts` (the steps' char_start, ascending) may be passed to avoid rebuilding it; the
+    lookups are binary searches, so a response of S steps and T tokens costs O(T log S).
+    """
     if start >= steps[-1].char_end:
         return len(steps)
+    if starts is None:
+        starts = [step.char_start for step in steps]
     # the last step the token reaches (overlaps, or lies at/after its start)
-    reached = -1
-    for index, step in enumerate(steps):
-        if end > step.char_start or (end == start and start >= step.char_start):
-            reached = index
-        else:
-            break
+    reached = (bisect_right(starts, end) if end == start else bisect_left(starts, end)) - 1
     # a token starting inside an earlier step's text belongs to that step
-    for index in range(reached):
-        if steps[index].char_start <= start < steps[index].char_end:
-            return index
+    inside = bisect_right(starts, start) - 1
+    if 0 <= inside < reached and start < steps[inside].char_end:
+        return inside
     return reached
 
 
@@ -213,12 +216,16 @@ def char_to_token_spans(
     """
     if not steps:
         return []
-    owners = [_token_owner(start, end, steps) for start, end in _monotone_offsets(offset_mapping)]
+    starts = [step.char_start for step in steps]
+    owners = [_token_owner(start, end, steps, starts)
+              for start, end in _monotone_offsets(offset_mapping)]
+    reach, high = [], -1  # reach[t] = max(owners[:t + 1]): "first t with owner >= k" by bisect
+    for owner in owners:
+        high = max(high, owner)
+        reach.append(high)
     spans: list[tuple[int, int]] = []
     for index in range(len(steps)):
-        token_start = next((t for t, owner in enumerate(owners) if owner >= index), len(owners))
-        token_end = next(
-            (t for t, owner in enumerate(owners) if owner >= index + 1), len(owners)
-        )
+        token_start = bisect_left(reach, index)
+        token_end = bisect_left(reach, index + 1)
         spans.append((token_start, max(token_start, token_end)))
     return spans

@@ -10,6 +10,7 @@ always write byte-identical parts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -29,7 +30,7 @@ def big_table(rows: int) -> pa.Table:
         "source": ["big"] * rows,
         "source_index": list(range(rows)),
         "task": ["arith"] * rows,
-        "prompt": [f"{filler}#{i}" for i in range(rows)],
+        "prompt": [f"{filler}#{hashlib.sha256(str(i).encode()).hexdigest()}" for i in range(rows)],
         "answer": [str(i % 10) for i in range(rows)],
         "solution": [None] * rows,
     }, schema=SCHEMAS["problems"])

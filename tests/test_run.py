@@ -83,8 +83,8 @@ def test_dry_run_prints_stage_commands(tmp_path, algo, stages) -> None:
 
     from cli.main import app
 
-    recipe = _write(tmp_path / "r.yaml", _recipe("hf:/models/p", algo=algo,
-                                                  launch={"train": "accelerate launch -m cli.main"}))
+    launch = {"train": "accelerate launch -m cli.main"}
+    recipe = _write(tmp_path / "r.yaml", _recipe("hf:/models/p", algo=algo, launch=launch))
     out = tmp_path / "run"
     res = CliRunner().invoke(app, ["run", str(recipe), "--out", str(out), "--dry-run"])
     assert res.exit_code == 0, res.output
@@ -118,6 +118,9 @@ def _stage_tables(run_dir: Path) -> dict[str, pl.DataFrame]:
     for manifest in sorted(run_dir.rglob("_manifest.json")):
         rel = str(manifest.parent.relative_to(run_dir))
         df = scan(str(manifest.parent)).collect()
+        if "policy" in df.columns:  # the policy spec names its checkpoint folder in this run
+            df = df.with_columns(pl.col("policy").str.replace(str(run_dir.resolve()), "RUN",
+                                                              literal=True))
         tables[rel] = df.sort(df.columns[0], *(["rollout_id"] if "rollout_id" in df.columns
                                                 else []))
     return tables
