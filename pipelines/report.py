@@ -114,6 +114,7 @@ def make_plots(df: pl.DataFrame, out: Path, eval_set: str, label: str = "algo") 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     written = []
     ev = df.filter(pl.col("eval_set") == eval_set)
@@ -141,6 +142,7 @@ def make_plots(df: pl.DataFrame, out: Path, eval_set: str, label: str = "algo") 
                     ax.lines[-1].set_linestyle("--")
                     ax.lines[-1].set_color(ax.lines[-1 - j].get_color())
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

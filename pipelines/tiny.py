@@ -54,6 +54,7 @@ class TinyConfig:
     batch_size: int = 32
     learning_rate: float = 3e-3
     warmup_ratio: float = 0.05
+    lr_schedule: str = "cosine"  # transformers lr_scheduler_type
     weight_decay: float = 0.0
     num_examples: int = 20_000
     group_by_length: bool = True  # batches of similar length: less padding, same data
@@ -267,7 +268,7 @@ def _build(
             max_steps=cfg.max_steps,
             per_device_train_batch_size=cfg.batch_size,
             learning_rate=cfg.learning_rate,
-            lr_scheduler_type="cosine",
+            lr_scheduler_type=cfg.lr_schedule,
             warmup_steps=int(cfg.warmup_ratio * cfg.max_steps),
             weight_decay=cfg.weight_decay,
             max_length=cfg.max_position_embeddings,

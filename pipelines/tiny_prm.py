@@ -278,7 +278,7 @@ def _train(cfg: TinyPRMConfig, out: Path, num_threads: int | None, verbose: bool
     metrics = evaluate_tiny_prm(out, cfg)
     meta = {
         "format": "scope-tiny-prm", "recipe_version": RECIPE_VERSION, "config_hash": cfg.hash(),
-        "config": cfg.to_dict(), "spec": f"hf-tag:{out}",
+        "config": cfg.to_dict(), "loads_as": "hf-tag:<this folder>",
         "train": {"steps": cfg.max_steps, "seconds": round(train_seconds, 1),
                   "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
                   "num_parameters": sum(p.numel() for p in model.parameters())},

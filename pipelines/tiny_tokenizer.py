@@ -1,9 +1,15 @@
-"""Character-level fast tokenizer for the tiny-model kit (DESIGN.md section 6).
+"""Byte-level character tokenizer for the tiny-model kit (DESIGN.md section 6).
 
-Every printable ASCII character (plus ``\\t`` and ``\\n``) is one token; anything else maps to
-``<|unk|>``. The tokenizer is a normal Hugging Face fast tokenizer folder (``tokenizer.json``,
-``tokenizer_config.json``, ``chat_template.jinja``): offsets mapping works, decoding joins
-characters without spaces, and the chat template renders::
+Every byte is one token (so an ASCII character is one token and nothing is ever unknown), after
+five special tokens. The normaliser, pre-tokeniser and decoder are exactly those that
+``transformers``' ``Qwen2Tokenizer`` rebuilds: transformers 5 loads any tokenizer stored next to
+a ``qwen2`` model config as ``Qwen2Tokenizer``, ignoring ``tokenizer_class`` and the pipeline of
+``tokenizer.json``, so a plain character vocabulary would silently lose spaces and newlines when
+loaded with ``AutoTokenizer``. With the byte-level vocabulary both load paths (and vLLM, which
+uses ``AutoTokenizer``) give the same ids, offsets and text.
+
+The folder is a normal Hugging Face fast tokenizer (``tokenizer.json``, ``tokenizer_config.json``,
+``chat_template.jinja``) whose chat template renders::
 
     <|user|>{prompt}\\n<|assistant|>{response}<|eos|>
 
@@ -20,6 +26,7 @@ from typing import Any
 PAD, EOS, USER, ASSISTANT, UNK = "<|pad|>", "<|eos|>", "<|user|>", "<|assistant|>", "<|unk|>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, EOS, USER, ASSISTANT, UNK)
 CHARS: tuple[str, ...] = tuple(c for c in string.printable if c not in "\r\x0b\x0c")
+"""The printable characters of task text (each is one token)."""
 CHAT_TEMPLATE = (
     "{%- for m in messages -%}"
     "{%- if m['role'] == 'assistant' -%}"
@@ -28,20 +35,44 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|assistant|>' }}{%- endif -%}"
 )
+# Qwen2Tokenizer's split regex (transformers.models.qwen2.tokenization_qwen2.PRETOKENIZE_REGEX)
+_SPLIT_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
+def byte_symbols() -> list[str]:
+    """GPT-2's byte -> printable-symbol map, as a list indexed by byte value."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    keep += range(ord("®"), ord("ÿ") + 1)
+    symbols: dict[int, str] = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in symbols:
+            symbols[b] = chr(256 + extra)
+            extra += 1
+    return [symbols[b] for b in range(256)]
 
 
 def vocab() -> dict[str, int]:
-    """Token -> id: special tokens first (``<|pad|>`` = 0, ``<|eos|>`` = 1), then characters."""
-    return {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARS)}
+    """Token -> id: special tokens first (``<|pad|>`` = 0, ``<|eos|>`` = 1), then byte ``b`` at
+    ``5 + b``."""
+    return {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *byte_symbols()])}
 
 
 def build_char_tokenizer(model_max_length: int = 256) -> Any:
-    """A ``PreTrainedTokenizerFast`` over single characters (left padding, for generation)."""
-    from tokenizers import Tokenizer, decoders, models
+    """A ``PreTrainedTokenizerFast``: one token per byte (left padding, for generation)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE(vocab=vocab(), merges=[], unk_token=UNK))
-    backend.decoder = decoders.Fuse()
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_SPLIT_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(list(SPECIAL_TOKENS))
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -59,7 +90,7 @@ def save_char_tokenizer(out_dir: str | Path, model_max_length: int = 256) -> Any
     """Build the tokenizer, save it as a HF tokenizer folder in ``out_dir`` and return it."""
     tok = build_char_tokenizer(model_max_length)
     tok.save_pretrained(str(out_dir))
-    # transformers 5 writes its own class name; the generic one also loads in transformers 4.x
+    # transformers 5 writes its backend class name; the generic name also loads in 4.x
     cfg_path = Path(out_dir) / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"

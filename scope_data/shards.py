@@ -117,6 +117,23 @@ class Folder:
         with self.open_atomic(name, fsync=fsync) as f:
             f.write(text.encode("utf-8"))
 
+    def remove_stale_temporaries(self, older_than_s: float = 600.0) -> int:
+        """Delete temporary files that killed writers left behind (local disk only).
+
+        Only files older than `older_than_s` go, so a writer still running is not disturbed.
+        """
+        if not self.is_local or not os.path.isdir(self.root):
+            return 0
+        import time
+
+        removed = 0
+        for entry in os.scandir(self.root):
+            if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                if time.time() - entry.stat().st_mtime > older_than_s:
+                    os.remove(entry.path)
+                    removed += 1
+        return removed
+
     @contextmanager
     def open_atomic(self, name: str, fsync: bool = True) -> Iterator[Any]:
         """A binary file handle whose content appears under `name` only on success.
@@ -346,6 +363,7 @@ class TableStore:
             "scope_version": found.get("scope-rlvr", "0"), "versions": found,
         }
         self.folder.write_text(MANIFEST, json.dumps(body, indent=1, default=str))
+        self.folder.remove_stale_temporaries()
         return read_manifest(self.url, self.folder.storage_options)
 
     def write(

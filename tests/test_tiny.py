@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import string
 from pathlib import Path
 
 import pytest
@@ -11,31 +10,47 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipelines import tiny
-from pipelines.tiny_tokenizer import CHARS, SPECIAL_TOKENS, save_char_tokenizer
+from pipelines.tiny_tokenizer import (
+    CHARS,
+    SPECIAL_TOKENS,
+    build_char_tokenizer,
+    save_char_tokenizer,
+)
 from tests.fixtures_tiny import tiny_policy, tiny_teacher  # noqa: F401  (session fixtures)
 
 PROMPT = "Mod 10. Start with 1. Subtract 7. Multiply by 7. Add 3."
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory: pytest.TempPathFactory):
-    from transformers import AutoTokenizer
+def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tokenizer folder next to a qwen2 config, like a built model folder."""
+    from transformers import Qwen2Config
 
     folder = tmp_path_factory.mktemp("tok")
-    save_char_tokenizer(folder)
-    return AutoTokenizer.from_pretrained(str(folder))
+    tok = save_char_tokenizer(folder)
+    Qwen2Config(vocab_size=len(tok), hidden_size=64, num_hidden_layers=1).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tok_dir))
 
 
 def test_tokenizer_is_fast_with_expected_specials(tok) -> None:
     assert tok.is_fast
-    assert len(tok) == len(SPECIAL_TOKENS) + len(CHARS) == 102
+    assert len(tok) == len(SPECIAL_TOKENS) + 256 == 261
     assert (tok.pad_token, tok.pad_token_id) == ("<|pad|>", 0)
     assert (tok.eos_token, tok.eos_token_id) == ("<|eos|>", 1)
     assert tok.padding_side == "left"
+    # one token per character: byte b has id 5 + b
+    assert tok("09 \n", add_special_tokens=False)["input_ids"] == [5 + 48, 5 + 57, 5 + 32, 5 + 10]
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.text(alphabet=string.ascii_letters + string.digits + " .:=+-*\n", max_size=60))
+@given(st.text(alphabet="".join(CHARS), max_size=60))
 def test_tokenizer_round_trip_and_offsets(tok, text: str) -> None:
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     assert len(enc["input_ids"]) == len(text)
@@ -43,10 +58,23 @@ def test_tokenizer_round_trip_and_offsets(tok, text: str) -> None:
     assert tok.decode(enc["input_ids"]) == text
 
 
-def test_tokenizer_unknown_char_and_specials(tok) -> None:
+def test_auto_tokenizer_matches_built_tokenizer(tok) -> None:
+    # transformers 5 loads a tokenizer beside a qwen2 config as Qwen2Tokenizer (byte-level
+    # pipeline): the built tokenizer must behave identically, spaces and newlines included
+    built = build_char_tokenizer()
+    text = "<|user|>Mod 10. Start with 1.\n<|assistant|>1 - 7 = 4\n\tAnswer: 4  caf\u00e9<|eos|>"
+    a = built(text, add_special_tokens=False, return_offsets_mapping=True)
+    b = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    assert a["input_ids"] == b["input_ids"] and a["offset_mapping"] == b["offset_mapping"]
+    assert tok.decode(b["input_ids"]) == text == built.decode(a["input_ids"])
+
+
+def test_tokenizer_non_ascii_and_specials(tok) -> None:
     ids = tok("a\u00e9<|eos|>", add_special_tokens=False)["input_ids"]
-    assert ids == [tok.convert_tokens_to_ids("a"), tok.unk_token_id, tok.eos_token_id]
-    assert tok.decode(ids, skip_special_tokens=True) == "a"
+    assert ids[0] == tok.convert_tokens_to_ids("a") and ids[-1] == tok.eos_token_id
+    assert len(ids) == 4  # \u00e9 is two bytes, two tokens
+    assert tok.unk_token_id not in ids
+    assert tok.decode(ids, skip_special_tokens=True) == "a\u00e9"
 
 
 def test_chat_template(tok) -> None:

