@@ -17,4 +17,5 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+from tests.fixtures_tiny import tiny_policy, tiny_teacher  # noqa: E402,F401
 from tests.s3_server import s3_bucket, s3_server  # noqa: E402,F401

@@ -302,17 +302,6 @@ def test_cli(scored: tuple[str, list[dict]], tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ model teachers (hf, openai)
 
-try:  # the shared cached tiny builds, when the fixtures module exists
-    from tests.fixtures_tiny import tiny_teacher  # noqa: F401
-except ImportError:  # pragma: no cover - fallback: the default cached teacher build
-
-    @pytest.fixture(scope="session")
-    def tiny_teacher():
-        from pipelines.tiny import build_tiny_policy
-
-        return build_tiny_policy(teacher=True)
-
-
 class CompletionsServer:
     """A minimal OpenAI-compatible `/completions` server over the hf engine, in a thread.
 
@@ -519,17 +508,6 @@ def build_bpe_teacher(out: Path) -> Path:
 
 
 # ------------------------------------------------------------------ end to end with the tiny policy
-
-try:
-    from tests.fixtures_tiny import tiny_policy  # noqa: F401
-except ImportError:  # pragma: no cover - fallback: the default cached policy build
-
-    @pytest.fixture(scope="session")
-    def tiny_policy():
-        from pipelines.tiny import build_tiny_policy
-
-        return build_tiny_policy()
-
 
 @pytest.mark.slow
 def test_end_to_end_generate_score_correct(tmp_path: Path, tiny_policy: Path,

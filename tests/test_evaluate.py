@@ -10,16 +10,6 @@ import pytest
 
 from pipelines.evaluate import summarize
 
-try:  # the shared cached tiny builds, when the fixtures module exists
-    from tests.fixtures_tiny import tiny_policy  # noqa: F401
-except ImportError:  # pragma: no cover - fallback: a small cached build of our own
-
-    @pytest.fixture(scope="session")
-    def tiny_policy():
-        from pipelines.tiny import build_tiny_policy
-
-        return build_tiny_policy(max_steps=60, eval_problems=16)
-
 
 def _rollouts(groups: dict[str, list[tuple[str, bool]]]) -> pl.DataFrame:
     rows = []
@@ -66,6 +56,7 @@ def test_summarize_rejects_empty() -> None:
                     "finish_reason": pl.String, "status": pl.String}))
 
 
+@pytest.mark.slow
 def test_scope_eval_end_to_end(tmp_path, tiny_policy) -> None:
     """The CLI writes metrics.json / per_problem / samples consistent with the rollouts."""
     from typer.testing import CliRunner

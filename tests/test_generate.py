@@ -12,7 +12,6 @@ from pipelines.generate import GenerateConfig, grade_response, run
 from scope_data.hashing import derive_seed
 from scope_data.schema import SCHEMAS
 from scope_data.shards import ShardError, read_arrow, read_manifest
-from tests.fixtures_tiny import tiny_policy  # noqa: F401  (session fixture)
 from tests.helpers_engines import build_random_tiny, write_problems
 
 LONG = {"problem_id": "too-long", "source": "test", "source_index": 99, "task": "arith",

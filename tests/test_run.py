@@ -17,17 +17,6 @@ import yaml
 from pipelines.recipe import load_recipe, recipe_from_dict
 from pipelines.run import RunConfig, run
 
-try:  # the shared cached tiny builds, when the fixtures module exists
-    from tests.fixtures_tiny import tiny_policy  # noqa: F401
-except ImportError:  # pragma: no cover - fallback: a small cached build of our own
-
-    @pytest.fixture(scope="session")
-    def tiny_policy():
-        from pipelines.tiny import build_tiny_policy
-
-        return build_tiny_policy(max_steps=60, eval_problems=16)
-
-
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -16,7 +16,6 @@ from pipelines.tiny_tokenizer import (
     build_char_tokenizer,
     save_char_tokenizer,
 )
-from tests.fixtures_tiny import tiny_policy, tiny_teacher  # noqa: F401  (session fixtures)
 
 PROMPT = "Mod 10. Start with 1. Subtract 7. Multiply by 7. Add 3."
 
