@@ -50,15 +50,17 @@ class TinyConfig:
     head_dim: int = 32
     intermediate_size: int = 512
     max_position_embeddings: int = 256
-    max_steps: int = 1000
+    max_steps: int = 1600
     batch_size: int = 32
-    learning_rate: float = 3e-3
-    warmup_ratio: float = 0.05
-    lr_schedule: str = "cosine"  # transformers lr_scheduler_type
+    learning_rate: float = 2e-3
+    warmup_ratio: float = 0.03
+    lr_schedule: str = "constant_with_warmup"  # transformers lr_scheduler_type
     weight_decay: float = 0.0
     num_examples: int = 20_000
     group_by_length: bool = False  # length-sorted batches: less padding, but hurt learning here
-    train_steps: tuple[int, int] | None = None  # operation counts of training problems (None: steps)
+    # operation counts of training problems (None: steps); short problems from 1 operation up
+    # teach the model to find the k-th operation of the prompt sooner
+    train_steps: tuple[int, int] | None = (1, 6)
 
     def to_dict(self) -> dict[str, Any]:
         d = {**dataclasses.asdict(self), "steps": list(self.steps)}

@@ -59,10 +59,11 @@ def test_one_step_scope_direction_and_outputs(tiny, tmp_path: Path) -> None:
     from pipelines.train import run
 
     path, tok, model = tiny
-    # failed responses and the teacher suffix use disjoint characters, so the test isolates
+    # failed responses and the teacher suffix (no spaces: the failed texts have them) use
+    # disjoint characters apart from EOS, so the test isolates
     # the two gradient terms (shared tokens would get both pushes)
     rows = scope_group(tok, model, "4", fail_texts=["qqqq zzzz", "zqzq qzqz", "abab cdcd"],
-                       fix_text="abab 1234 5678 90")
+                       fix_text="abab1234567890")
     data = write_corrected(tmp_path / "corrected", rows)
     fix = rows[-1]
     start = fix["off_policy_start"]
@@ -70,11 +71,16 @@ def test_one_step_scope_direction_and_outputs(tiny, tmp_path: Path) -> None:
     before_fix = token_logprobs(model, fix["prompt_token_ids"], fix["response_token_ids"])
     before_fail = token_logprobs(model, failed["prompt_token_ids"], failed["response_token_ids"])
 
-    result = run(config(data, path, tmp_path / "out", algo="scope"))
+    # At random init every token has p ~ 1/vocab << gamma = 0.1, where the shaped weight
+    # f'(p) ~ p/gamma is tiny and the on-policy terms' side effects win; gamma = p makes the
+    # off-policy push comparable (f' = 1/4) so the test sees each term's own direction.
+    result = run(config(data, path, tmp_path / "out", algo="scope", shaping_gamma=0.01))
     new = load(tmp_path / "out")
     after_fix = token_logprobs(new, fix["prompt_token_ids"], fix["response_token_ids"])
     after_fail = token_logprobs(new, failed["prompt_token_ids"], failed["response_token_ids"])
-    assert sum(after_fix[start:]) > sum(before_fix[start:]) + 1e-3  # off-policy suffix, A > 0
+    # off-policy suffix (A > 0); its final EOS is left out: the failed responses end with the
+    # same EOS token and push it down harder than the shaped weight f'(p) pushes it up
+    assert sum(after_fix[start:-1]) > sum(before_fix[start:-1]) + 1e-3
     assert sum(after_fail) < sum(before_fail) - 1e-3  # on-policy response, A < 0
 
     out = tmp_path / "out"
