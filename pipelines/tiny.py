@@ -58,14 +58,12 @@ class TinyConfig:
     weight_decay: float = 0.0
     num_examples: int = 20_000
     group_by_length: bool = False  # length-sorted batches: less padding, but hurt learning here
-    # operation counts of training problems (None: steps); short problems from 1 operation up
-    # teach the model to find the k-th operation of the prompt sooner
-    train_steps: tuple[int, int] | None = (1, 6)
+    # training problems have train_min_steps..steps[1] operations (None: steps[0]); short
+    # problems teach the model to find the k-th operation of the prompt sooner
+    train_min_steps: int | None = 1
 
     def to_dict(self) -> dict[str, Any]:
-        d = {**dataclasses.asdict(self), "steps": list(self.steps)}
-        d["train_steps"] = list(self.train_steps) if self.train_steps else None
-        return d
+        return {**dataclasses.asdict(self), "steps": list(self.steps)}
 
     def hash(self) -> str:
         """Short stable hash of the config and recipe version."""
@@ -207,8 +205,9 @@ def _file_lock(path: Path) -> Iterator[None]:
 def training_texts(cfg: TinyConfig) -> list[tuple[str, str]]:
     """``(prompt, completion)`` pairs: canonical solutions, ``error_rate`` of them corrupted."""
     rng = random.Random(f"tiny-train:{cfg.seed}")
+    lo = cfg.steps[0] if cfg.train_min_steps is None else min(cfg.train_min_steps, cfg.steps[0])
     problems = arith.generate_problems(
-        cfg.num_examples, seed=cfg.seed, steps=cfg.train_steps or cfg.steps, modulus=cfg.modulus,
+        cfg.num_examples, seed=cfg.seed, steps=(lo, cfg.steps[1]), modulus=cfg.modulus,
         max_operand=cfg.max_operand,
     )
     pairs = []
@@ -445,7 +444,6 @@ def evaluate_mix(
 def _config_fields(raw: dict[str, Any]) -> dict[str, Any]:
     known = {f.name for f in dataclasses.fields(TinyConfig)}
     fields = {k: v for k, v in raw.items() if k in known}
-    for name in ("steps", "train_steps"):
-        if fields.get(name) is not None:
-            fields[name] = tuple(fields[name])
+    if "steps" in fields:
+        fields["steps"] = tuple(fields["steps"])
     return fields

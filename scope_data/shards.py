@@ -14,27 +14,24 @@ Protocol (DESIGN.md section 3, datatrove's rules):
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import posixpath
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from scope_data.folder import Folder, _HashingWriter  # noqa: F401  (Folder is re-exported)
 from scope_data.hashing import config_hash, sha256_hex
 from scope_data.schema import SCHEMA_VERSION, conform, empty_table, schema_for, validate
 
 MANIFEST = "_manifest.json"
-_CHUNK = 8 << 20
 
 
 _SECRET_WORDS = {"secret", "password", "token", "credential", "credentials", "key", "apikey"}
@@ -86,145 +83,6 @@ def versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             continue
     return found
-
-
-class Folder:
-    """An fsspec-backed folder: relative names in, atomic writes where the filesystem allows."""
-
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
-        self.url = str(url).rstrip("/")
-        self.storage_options = dict(storage_options or {})
-        self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
-        self.is_local = "file" in _protocols(self.fs)
-
-    def path(self, name: str) -> str:
-        join = os.path.join if self.is_local else posixpath.join
-        return join(self.root, name)
-
-    def exists(self, name: str) -> bool:
-        """Asks the store, not a cached listing: other processes write markers and manifests
-        (s3fs caches directory listings per filesystem instance, shared within a process)."""
-        path = self.path(name)
-        self.fs.invalidate_cache(path)
-        return self.fs.exists(path)
-
-    def read_text(self, name: str) -> str:
-        with self.fs.open(self.path(name), "rb") as f:
-            return f.read().decode("utf-8")
-
-    def write_text(self, name: str, text: str, fsync: bool = True) -> None:
-        """Write `text` so readers see either the old or the whole new content."""
-        with self.open_atomic(name, fsync=fsync) as f:
-            f.write(text.encode("utf-8"))
-
-    def remove_stale_temporaries(self, older_than_s: float = 600.0) -> int:
-        """Delete temporary files that killed writers left behind (local disk only).
-
-        Only files older than `older_than_s` go, so a writer still running is not disturbed.
-        """
-        if not self.is_local or not os.path.isdir(self.root):
-            return 0
-        import time
-
-        removed = 0
-        for entry in os.scandir(self.root):
-            if entry.name.startswith(".") and entry.name.endswith(".tmp"):
-                if time.time() - entry.stat().st_mtime > older_than_s:
-                    os.remove(entry.path)
-                    removed += 1
-        return removed
-
-    @contextmanager
-    def open_atomic(self, name: str, fsync: bool = True) -> Iterator[Any]:
-        """A binary file handle whose content appears under `name` only on success.
-
-        `fsync=False` skips flushing to the disk before the rename (part files: their sha256 in
-        the marker and manifest catches a file torn by a power loss, and an fsync of hundreds of
-        MB costs more than the write).
-        """
-        if self.is_local:
-            os.makedirs(self.root, exist_ok=True)
-            tmp = self.path(f".{name}.{uuid.uuid4().hex}.tmp")
-            try:
-                with open(tmp, "wb") as f:
-                    yield f
-                    f.flush()
-                    if fsync:
-                        os.fsync(f.fileno())
-                os.replace(tmp, self.path(name))
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-        else:
-            self.fs.makedirs(self.root, exist_ok=True)
-            # Object stores: the object becomes visible only when the upload completes. On an
-            # error the upload is discarded (a `with` block would commit the partial object).
-            path = self.path(name)
-            f = self.fs.open(path, "wb")
-            try:
-                yield f
-            except BaseException:
-                discard = getattr(f, "discard", None)
-                if callable(discard):  # s3fs/gcsfs: abort the (multipart) upload
-                    discard()
-                    try:  # and keep the file's __del__ from flushing what is left
-                        f.closed = True
-                    except AttributeError:
-                        pass
-                else:
-                    f.close()
-                if self.fs.exists(path):  # filesystems (memory://) that commit on open/close
-                    self.fs.rm(path)
-                raise
-            f.close()
-
-    def remove(self, name: str) -> None:
-        if self.exists(name):
-            self.fs.rm(self.path(name))
-
-    def sha256(self, name: str) -> str:
-        if self.is_local:  # reads into one reused buffer, hashing without the GIL
-            with open(self.path(name), "rb") as f:
-                return hashlib.file_digest(f, "sha256").hexdigest()
-        digest = hashlib.sha256()
-        with self.fs.open(self.path(name), "rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
-        return digest.hexdigest()
-
-
-def _protocols(fs: Any) -> tuple[str, ...]:
-    protocol = fs.protocol
-    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
-
-
-class _HashingWriter:
-    """File wrapper that hashes and counts bytes as pyarrow writes them."""
-
-    def __init__(self, f: Any):
-        self._f = f
-        self.digest = hashlib.sha256()
-        self.nbytes = 0
-        self.closed = False
-
-    def write(self, data: bytes) -> int:
-        view = memoryview(data)
-        self.digest.update(view)
-        self.nbytes += len(view)
-        self._f.write(view)
-        return len(view)
-
-    def flush(self) -> None:
-        self._f.flush()
-
-    def tell(self) -> int:
-        return self.nbytes
-
-    def close(self) -> None:  # the owner closes the underlying file
-        self.closed = True
-
-    def writable(self) -> bool:
-        return True
 
 
 @dataclass
