@@ -13,7 +13,6 @@ wrong, on held-out problems.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -23,14 +22,17 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.tiny_cache import META_FILE, cache_root
+from pipelines.tiny_cache import atomic_place as _atomic_place
+from pipelines.tiny_cache import file_lock as _file_lock
+from pipelines.tiny_cache import is_build as _is_build
+from pipelines.tiny_cache import quiet as _quiet
 from scope_data.tasks import arith
 
-META_FILE = "scope_tiny.json"
 RECIPE_VERSION = 1  # bump when the training code changes what a config produces
 EVAL_SEED_OFFSET = 1_000_003  # evaluation problems come from another seed range than training
 
@@ -71,11 +73,6 @@ class TinyConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def cache_root() -> Path:
-    """``$SCOPE_CACHE`` (default ``~/.cache/scope``)."""
-    return Path(os.environ.get("SCOPE_CACHE") or Path.home() / ".cache" / "scope")
-
-
 def tiny_config(
     *,
     steps: tuple[int, int] = (3, 6),
@@ -88,16 +85,15 @@ def tiny_config(
 ) -> TinyConfig:
     """The :class:`TinyConfig` of a build; ``teacher=True`` forces ``error_rate`` 0.
 
-    ``overrides`` set any other field; ``None`` values keep the default.
+    ``overrides`` set any other field.
     """
-    fields = {k: v for k, v in overrides.items() if v is not None}
     return TinyConfig(
         steps=(int(steps[0]), int(steps[1])),
         modulus=modulus,
         max_operand=max_operand,
         error_rate=0.0 if teacher else error_rate,
         seed=seed,
-        **fields,
+        **overrides,
     )
 
 
@@ -132,10 +128,11 @@ def build_tiny_policy(
     it, a cached build is copied there, or the build happens there. ``eval_problems`` sizes the
     mix measurement written to ``scope_tiny.json``; ``force`` rebuilds.
     """
+    named = {"max_steps": max_steps, "batch_size": batch_size, "learning_rate": learning_rate}
     cfg = tiny_config(
         steps=steps, modulus=modulus, max_operand=max_operand, error_rate=error_rate,
-        teacher=teacher, seed=seed, max_steps=max_steps, batch_size=batch_size,
-        learning_rate=learning_rate, **overrides,
+        teacher=teacher, seed=seed, **{k: v for k, v in named.items() if v is not None},
+        **overrides,
     )
     key = cfg.hash()
     cached = tiny_cache_dir(cfg)
@@ -154,52 +151,6 @@ def build_tiny_policy(
                 target, lambda tmp: _build(cfg, tmp, eval_problems, num_threads, verbose)
             )
     return target
-
-
-def _is_build(path: Path, key: str) -> bool:
-    meta = path / META_FILE
-    if not meta.is_file():
-        return False
-    try:
-        return json.loads(meta.read_text()).get("config_hash") == key
-    except (OSError, ValueError):
-        return False
-
-
-def _atomic_place(target: Path, fill: Any) -> None:
-    """Fill a temporary sibling folder of ``target``, then rename it into place.
-
-    An existing ``target`` is replaced only if it is empty or an earlier tiny build; any other
-    non-empty folder is refused.
-    """
-    if target.exists() and any(target.iterdir()) and not (target / META_FILE).is_file():
-        raise FileExistsError(f"{target} exists and is not a tiny build; refusing to overwrite")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        fill(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.rename(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock (POSIX); a no-op where ``fcntl`` is missing."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
-        yield
-        return
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def training_texts(cfg: TinyConfig) -> list[tuple[str, str]]:
@@ -322,26 +273,6 @@ def _build(
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     if verbose:
         print(json.dumps({k: meta[k] for k in ("mix", "build_seconds")}, indent=2))
-
-
-@contextlib.contextmanager
-def _quiet(verbose: bool) -> Iterator[None]:
-    """Silence datasets/transformers progress bars unless ``verbose``."""
-    if verbose:
-        yield
-        return
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
-        hf_logging.enable_progress_bar()
 
 
 def load_meta(model_dir: str | Path) -> dict[str, Any]:

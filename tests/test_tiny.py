@@ -105,6 +105,7 @@ def test_cache_key_changes_with_config(tmp_path: Path, monkeypatch: pytest.Monke
         tiny.tiny_config(seed=1),
         tiny.tiny_config(max_steps=base.max_steps + 1),
         tiny.tiny_config(learning_rate=1e-3),
+        tiny.tiny_config(train_min_steps=None),
     ]
     assert len({base.hash(), *(c.hash() for c in others)}) == len(others) + 1
     assert tiny.tiny_config(teacher=True).error_rate == 0.0
@@ -135,7 +136,8 @@ def test_build_is_cached_and_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     tiny.build_tiny_policy(error_rate=0.1)
     tiny.build_tiny_policy(force=True)
     assert len(calls) == 3
-    # a crashing build leaves no folder (only temp-free siblings)
+
+    # a crashing build leaves neither the target folder nor a temporary one
     def crash(cfg, out, *args) -> None:
         (out / "half.bin").write_text("x")
         raise RuntimeError("boom")
@@ -167,12 +169,16 @@ def test_training_texts_error_share() -> None:
 
     wrong = sum(first_error(parse_prompt(p), c) != -1 for p, c in pairs)
     assert 0.26 < wrong / len(pairs) < 0.34
+    # the curriculum: 1..6 operations by default, exactly steps with train_min_steps=None
+    assert {len(parse_prompt(p).ops) for p, _ in pairs} == {1, 2, 3, 4, 5, 6}
+    plain = tiny.training_texts(tiny.tiny_config(train_min_steps=None, num_examples=300))
+    assert {len(parse_prompt(p).ops) for p, _ in plain} == {3, 4, 5, 6}
     clean = tiny.training_texts(tiny.tiny_config(teacher=True, num_examples=500))
     assert all(first_error(parse_prompt(p), c) == -1 for p, c in clean)
 
 
 @pytest.mark.slow
-def test_tiny_policy_loads(tiny_policy: Path) -> None:  # noqa: F811
+def test_tiny_policy_loads(tiny_policy: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_policy))
@@ -182,13 +188,18 @@ def test_tiny_policy_loads(tiny_policy: Path) -> None:  # noqa: F811
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads) == (2, 128, 4)
     assert cfg.head_dim == 32 and cfg.vocab_size == len(tok)
     assert tok.is_fast and tok.eos_token_id == model.generation_config.eos_token_id
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False
+    )
+    ids = tok(text + "1 - 7 = 4\nAnswer: 4", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text + "1 - 7 = 4\nAnswer: 4"  # spaces and newlines survive
     assert (tiny_policy / "model.safetensors").is_file()
     meta = tiny.load_meta(tiny_policy)
     assert meta["config_hash"] == tiny.TinyConfig().hash()
 
 
 @pytest.mark.slow
-def test_tiny_policy_mix_requirement(tiny_policy: Path) -> None:  # noqa: F811
+def test_tiny_policy_mix_requirement(tiny_policy: Path) -> None:
     mix = tiny.evaluate_mix(tiny_policy, n_problems=256, seed=1)
     assert mix["n"] == 256
     assert 0.2 <= mix["correct_share"] <= 0.7
@@ -199,7 +210,7 @@ def test_tiny_policy_mix_requirement(tiny_policy: Path) -> None:  # noqa: F811
 
 
 @pytest.mark.slow
-def test_tiny_teacher_is_clean_and_better(tiny_teacher: Path, tiny_policy: Path) -> None:  # noqa: F811
+def test_tiny_teacher_is_clean_and_better(tiny_teacher: Path, tiny_policy: Path) -> None:
     meta = tiny.load_meta(tiny_teacher)
     assert meta["config"]["error_rate"] == 0.0
     assert meta["mix"]["correct_share"] > tiny.load_meta(tiny_policy)["mix"]["correct_share"]

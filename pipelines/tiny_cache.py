@@ -1,0 +1,91 @@
+"""Build-cache plumbing shared by the tiny-model kits (``pipelines.tiny``, ``pipelines.tiny_prm``).
+
+A build lives in a folder holding ``scope_tiny.json`` with its ``config_hash``; it is written into
+a temporary sibling folder and renamed into place, under an advisory file lock, so a crashed or
+concurrent build never leaves a half-written folder visible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+META_FILE = "scope_tiny.json"
+
+
+def cache_root() -> Path:
+    """``$SCOPE_CACHE`` (default ``~/.cache/scope``)."""
+    return Path(os.environ.get("SCOPE_CACHE") or Path.home() / ".cache" / "scope")
+
+
+def is_build(path: Path, key: str) -> bool:
+    """True if `path` holds a finished build whose config hash is `key`."""
+    meta = path / META_FILE
+    if not meta.is_file():
+        return False
+    try:
+        return json.loads(meta.read_text()).get("config_hash") == key
+    except (OSError, ValueError):
+        return False
+
+
+def atomic_place(target: Path, fill: Any) -> None:
+    """Fill a temporary sibling folder of ``target``, then rename it into place.
+
+    An existing ``target`` is replaced only if it is empty or an earlier tiny build; any other
+    non-empty folder is refused.
+    """
+    if target.exists() and any(target.iterdir()) and not (target / META_FILE).is_file():
+        raise FileExistsError(f"{target} exists and is not a tiny build; refusing to overwrite")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        fill(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock (POSIX); a no-op where ``fcntl`` is missing."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def quiet(verbose: bool) -> Iterator[None]:
+    """Silence datasets/transformers progress bars unless ``verbose``."""
+    if verbose:
+        yield
+        return
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+        hf_logging.enable_progress_bar()
