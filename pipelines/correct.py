@@ -36,6 +36,7 @@ import polars as pl
 import pyarrow as pa
 
 from pipelines.console import print_summary, progress
+from pipelines.engines.fingerprint import model_fingerprint
 from pipelines.stage import StageResult, run_stage
 from pipelines.teachers import Teacher, TeacherItem, TeacherOutput, load_teacher
 from scope_data.correction import (
@@ -96,7 +97,8 @@ class CorrectConfig:
         keys = ("teacher", "mode", "min_prefix_steps", "max_corrections_per_group",
                 "require_correct", "attempts", "max_new_tokens", "temperature", "top_p", "seed",
                 "template", "policy_tokenizer", "max_response_tokens", "split_mode", "dtype")
-        return {"stage": "correct", **{k: getattr(self, k) for k in keys}}
+        return {"stage": "correct", **{k: getattr(self, k) for k in keys},
+                "teacher_fingerprint": model_fingerprint(self.teacher, "teacher")}
 
     def teacher_engine_options(self) -> dict[str, Any]:
         from pipelines.generate import default_cache_dir

@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from pipelines.console import print_summary, progress
 from pipelines.engines.base import GenerationRequest, load_generation_engine, parse_spec
+from pipelines.engines.fingerprint import model_fingerprint
 from pipelines.prompts import TEMPLATES, render_and_encode
 from pipelines.stage import StageResult, run_stage
 from scope_data.hashing import derive_seed, stable_id
@@ -69,10 +70,11 @@ class GenerateConfig:
     storage_options: dict[str, Any] | None = field(default=None, repr=False)
 
     def identity(self) -> dict[str, Any]:
-        """What the rollouts depend on: hashed into the table's config."""
+        """What the rollouts depend on (policy weights included): hashed into the config."""
         keys = ("policy", "n", "round", "temperature", "top_p", "max_new_tokens", "seed",
                 "limit", "template", "dtype")
-        return {k: asdict(self)[k] for k in keys}
+        return {**{k: asdict(self)[k] for k in keys},
+                "policy_fingerprint": model_fingerprint(self.policy)}
 
     def engine_options(self) -> dict[str, Any]:
         opts = {

@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from pipelines.console import print_summary, progress
 from pipelines.engines.base import PRMEngine, load_prm, parse_spec, score_with_status
+from pipelines.engines.fingerprint import model_fingerprint
 from pipelines.stage import StageResult, run_stage
 from scope_data.first_error import locate_determined, tune_threshold
 from scope_data.schema import SCORED_FIELDS, conform
@@ -73,7 +74,8 @@ class ScoreConfig:
 
     def stage_config(self) -> dict[str, Any]:
         skip = {"rollouts", "out", "num_shards", "shard_index", "storage_options", "batch_size"}
-        return {k: v for k, v in asdict(self).items() if k not in skip}
+        return {**{k: v for k, v in asdict(self).items() if k not in skip},
+                "prm_fingerprint": model_fingerprint(self.prm, "prm")}
 
 
 # -- token offsets ---------------------------------------------------------------------------

@@ -30,6 +30,7 @@ truncation never changes or invents a score, it only leaves the tail unscored.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Any
 
 from pipelines.engines.base import EngineSpec, PRMScores, check_remote_code
@@ -178,7 +179,7 @@ def mark_nan(results: list[PRMScores]) -> list[PRMScores]:
     return results
 
 
-class _HFPRM:
+class _HFPRM(ABC):
     """Shared loading, truncation and packed batching; subclasses load and read the model."""
 
     family = ""
@@ -221,12 +222,13 @@ class _HFPRM:
         if self.pad_id is None:
             self.pad_id = tokenizer.eos_token_id or 0
 
+    @abstractmethod
     def _load_model(self, path: str, trust_remote_code: bool) -> Any:
-        raise NotImplementedError
+        """The family's model class loaded from ``path``."""
 
+    @abstractmethod
     def _step_probs(self, input_ids: Any, attention_mask: Any, rows: Any, cols: Any) -> Any:
         """P(correct) at (rows, cols) of the padded batch."""
-        raise NotImplementedError
 
     def encode(self, problem: str, steps: list[str]) -> tuple[list[int], list[int]]:
         return self.input.encode(problem, steps)
