@@ -27,6 +27,8 @@ def correct(
         help="correct only rollouts whose first error k* is at least this step")] = 1,
     max_corrections_per_group: Annotated[int, typer.Option(
         help="rollouts corrected per problem (latest first error first)")] = 1,
+    only_all_failed: Annotated[bool, typer.Option(
+        help="correct only problems where no response verifies (AMPO's rule)")] = False,
     require_correct: Annotated[bool, typer.Option(
         "--require-correct/--no-require-correct",
         help="keep only corrections whose final answer verifies")] = True,
@@ -69,7 +71,8 @@ def correct(
 
     result = run(CorrectConfig(
         scored=scored, out=out, teacher=teacher, mode=mode, min_prefix_steps=min_prefix_steps,
-        max_corrections_per_group=max_corrections_per_group, require_correct=require_correct,
+        max_corrections_per_group=max_corrections_per_group, only_all_failed=only_all_failed,
+        require_correct=require_correct,
         attempts=attempts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
         seed=seed, template=template, policy_tokenizer=policy_tokenizer,
         max_response_tokens=max_response_tokens, num_shards=num_shards, shard_index=shard_index,

@@ -7,9 +7,9 @@ corrected table:
 
 - EVERY input row, ``kind="policy"``, with ``correct_status`` saying what happened to it
   (``not_failed``, ``not_scored``, ``prm_disagrees``, ``first_error_out_of_range``,
-  ``no_prefix``, ``prefix_too_short``, ``over_group_limit``, or the outcome of its correction:
-  ``accepted``, ``truncated``, ``rejected_wrong``, ``teacher_error``, ``empty_response``,
-  ``no_reference``); its correction columns are null;
+  ``no_prefix``, ``prefix_too_short``, ``over_group_limit``, ``group_has_correct``, or the
+  outcome of its correction: ``accepted``, ``truncated``, ``rejected_wrong``,
+  ``teacher_error``, ``empty_response``, ``no_reference``); its correction columns are null;
 - after it, one ``kind="corrected"`` row per kept correction: a new ``rollout_id =
   stable_id(source_rollout_id, teacher, attempt)``, ``source_rollout_id``, ``prefix_steps``
   (k*), ``off_policy_start`` (= kept prefix tokens), ``teacher``, the spliced response, its
@@ -46,6 +46,7 @@ from scope_data.correction import (
     splice,
 )
 from scope_data.groups import (
+    GROUP_HAS_CORRECT,
     MODES,
     OVER_GROUP_LIMIT,
     SELECTED,
@@ -67,6 +68,7 @@ class CorrectConfig:
     mode: str = "scope"  # "scope" | "luffy" (teacher solves from scratch, k* ignored)
     min_prefix_steps: int = 1
     max_corrections_per_group: int = 1
+    only_all_failed: bool = False  # correct only groups with no verified response (AMPO)
     require_correct: bool = True
     attempts: int = 1
     max_new_tokens: int = 512
@@ -95,8 +97,9 @@ class CorrectConfig:
     def manifest_config(self) -> dict[str, Any]:
         """What the corrected table depends on: hashed into the table's config."""
         keys = ("teacher", "mode", "min_prefix_steps", "max_corrections_per_group",
-                "require_correct", "attempts", "max_new_tokens", "temperature", "top_p", "seed",
-                "template", "policy_tokenizer", "max_response_tokens", "split_mode", "dtype")
+                "only_all_failed", "require_correct", "attempts", "max_new_tokens", "temperature",
+                "top_p", "seed", "template", "policy_tokenizer", "max_response_tokens",
+                "split_mode", "dtype")
         return {"stage": "correct", **{k: getattr(self, k) for k in keys},
                 "teacher_fingerprint": model_fingerprint(self.teacher, "teacher")}
 
@@ -221,13 +224,15 @@ class _Corrector:
         sel = select_corrections(
             pl.from_arrow(rows), mode=cfg.mode, min_prefix_steps=cfg.min_prefix_steps,
             max_corrections_per_group=cfg.max_corrections_per_group,
+            only_all_failed=cfg.only_all_failed,
         )
         for row in records:
             if row["steps"]:
                 check_step_offsets(row["rollout_id"], row["steps"],
                                    len(row["response_token_ids"]), len(row["behaviour_logprobs"]))
         status = dict(zip(sel["rollout_id"], sel["selection"], strict=True))
-        eligible = sum(s in (SELECTED, OVER_GROUP_LIMIT) for s in status.values())
+        eligible = sum(s in (SELECTED, OVER_GROUP_LIMIT, GROUP_HAS_CORRECT)
+                       for s in status.values())
         k_of = dict(zip(sel["rollout_id"], sel["prefix_steps"], strict=True))
         chosen = [r for r in records if status[r["rollout_id"]] == SELECTED]
         corrections: dict[str, dict[str, Any]] = {}

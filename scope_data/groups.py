@@ -23,6 +23,7 @@ OUT_OF_RANGE = "first_error_out_of_range"  # k* >= number of steps
 NO_PREFIX = "no_prefix"  # k* == 0: the first step is already wrong, no good prefix to keep
 PREFIX_TOO_SHORT = "prefix_too_short"  # 0 < k* < min_prefix_steps
 OVER_GROUP_LIMIT = "over_group_limit"  # eligible, but M others in the group ranked higher
+GROUP_HAS_CORRECT = "group_has_correct"  # only_all_failed: another response already verifies
 SELECTED = "selected"
 
 # score statuses whose (non-null) first_error is trusted: `truncated` (tail steps past the PRM
@@ -39,6 +40,7 @@ def select_corrections(
     mode: str = "scope",
     min_prefix_steps: int = 1,
     max_corrections_per_group: int = 1,
+    only_all_failed: bool = False,
 ) -> pl.DataFrame:
     """One row per input rollout (input order): ``rollout_id``, ``selection`` (a status above)
     and ``prefix_steps`` (steps kept before the teacher takes over; null unless selected).
@@ -50,6 +52,10 @@ def select_corrections(
     selected (ties: more kept tokens, then lower ``sample_idx``). ``luffy``: every failed
     rollout is eligible with an empty prefix (the teacher solves from scratch; scores are
     ignored); per problem the first M by ``sample_idx`` are selected.
+
+    ``only_all_failed`` (AMPO's rule) corrects only groups where no response verifies: a group
+    with a correct response already has a learning signal, and replacing its failures can turn
+    it all-correct (zero advantage), losing their negative signal.
     """
     if mode not in MODES:
         raise ValueError(f"unknown correction mode {mode!r}; valid: {', '.join(MODES)}")
@@ -87,6 +93,9 @@ def select_corrections(
         ).struct.field("token_start")
         df = df.with_columns(_kept=kept)
         rank_keys, descending = ["first_error", "_kept", "sample_idx"], [True, True, False]
+    if only_all_failed:
+        status = (pl.when((status == SELECTED) & pl.col("correct").any().over("problem_id"))
+                  .then(pl.lit(GROUP_HAS_CORRECT)).otherwise(status))
     df = df.with_columns(selection=status, _prefix=prefix)
     eligible = df.filter(pl.col("selection") == SELECTED).sort(
         [*rank_keys, "_order"], descending=[*descending, False]

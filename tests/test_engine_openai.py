@@ -159,7 +159,8 @@ def test_plain_server_response_is_retokenised(served, tmp_path):
     assert len(nan) == len(r.token_ids) and (all(nan) or not any(nan))
 
 
-def test_generate_stage_via_openai_and_down_endpoint(served, tmp_path):
+def test_generate_stage_via_openai_and_down_endpoint(served, tmp_path, monkeypatch):
+    monkeypatch.delenv("SCOPE_CACHE", raising=False)  # the default cache location is tested
     root, model, hf, server = served
     write_problems(str(tmp_path / "problems"), n=2)
     base = {"problems": str(tmp_path / "problems"), "n": 2, "max_new_tokens": 12, "seed": 1}

@@ -73,6 +73,17 @@ def test_luffy_ignores_first_errors() -> None:
     assert sel["a0"][0] == sel["b5"][0] == "not_failed"
 
 
+def test_only_all_failed_corrects_groups_without_a_correct_response() -> None:
+    sel = selection(only_all_failed=True, max_corrections_per_group=10)
+    # groups a and b hold a verified response (a0, b5): their eligible failures are kept as is
+    assert {r for r, (s, _) in sel.items() if s == "group_has_correct"} == {"a1", "a2", "a4",
+                                                                           "b3", "b4"}
+    assert sel["c0"] == ("selected", 1)  # group c has no correct response
+    assert sel["a3"] == ("no_prefix", None) and sel["b1"] == ("prm_disagrees", None)
+    luffy = selection(mode="luffy", only_all_failed=True)
+    assert {r for r, (s, _) in luffy.items() if s == "selected"} == {"c0"}
+
+
 def test_bad_options() -> None:
     df = pl.DataFrame(ROWS)
     with pytest.raises(ValueError, match="unknown correction mode 'grpo'"):
