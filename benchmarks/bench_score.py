@@ -3,7 +3,8 @@
 hf-cls: a random-init Qwen2ForTokenClassification (``--layers``, ``--hidden``; char tokenizer +
 ``<extra_0>``, 4096-token context) scores the first ``--items`` ProcessBench GSM8K/MATH
 solutions (real problem and step lengths; with the char tokenizer one token is one character,
-so sequences are ~4x longer in tokens than with a BPE tokenizer). The same items are scored once
+so sequences are ~4x longer in tokens than with a BPE tokenizer), then 8x as many short arith
+responses (the demo's PRM inputs). The same items are scored once
 packed (``score_batch``, ``--batch-tokens`` budget) and once one at a time (``score`` per item),
 in the same process; printed: steps/s, tokens/s and the ratio (target >= 3x). The scores of the
 two runs are checked to agree.
@@ -38,14 +39,23 @@ def processbench_items(n: int) -> list[tuple[str, list[str]]]:
     return items
 
 
-def bench_hf_cls(args: argparse.Namespace) -> None:
+def arith_items(n: int) -> list[tuple[str, list[str]]]:
+    """Short inputs: the demo's arith responses (3-8 steps, ~150 tokens with the PRM format)."""
+    from scope_data.tasks import arith
+
+    problems = arith.generate_problems(n, seed=4242, steps=(3, 8))
+    return [(p.prompt, arith.response_lines(p.solution)) for p in problems]
+
+
+def bench_hf_cls(args: argparse.Namespace, data: str) -> None:
     import torch
 
     from pipelines.engines.base import load_prm
     from pipelines.tiny_prm import init_tiny_prm
 
     torch.set_num_threads(args.threads)
-    items = processbench_items(args.items)
+    items = processbench_items(args.items) if data == "processbench" else arith_items(
+        8 * args.items)
     with tempfile.TemporaryDirectory() as tmp:
         model = init_tiny_prm(Path(tmp) / "cls", "cls", hidden_size=args.hidden,
                               num_layers=args.layers, num_heads=args.hidden // 32,
@@ -64,7 +74,7 @@ def bench_hf_cls(args: argparse.Namespace) -> None:
     diff = max(abs(a - b) for x, y in zip(packed, single, strict=True)
                for a, b in zip(x, y, strict=True))
     print(f"hf-cls ({args.layers} layers, hidden {args.hidden}, {args.threads} threads): "
-          f"{len(items)} ProcessBench solutions, {steps} steps, {tokens} tokens "
+          f"{len(items)} {data} solutions, {steps} steps, {tokens} tokens "
           f"(mean {tokens / len(items):.0f}), max |packed - single| = {diff:.1e}")
     print(f"  one at a time : {steps / t_single:8.1f} steps/s {tokens / t_single:10.0f} tokens/s")
     print(f"  length-packed : {steps / t_packed:8.1f} steps/s {tokens / t_packed:10.0f} tokens/s"
@@ -99,12 +109,15 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=48)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--batch-tokens", type=int, default=32768)
+    ap.add_argument("--batch-tokens", type=int, default=8192)
+    ap.add_argument("--data", default="processbench,arith",
+                    help="comma-separated: processbench (long inputs), arith (short inputs)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rule-items", type=int, default=50_000)
     args = ap.parse_args()
     bench_rule(args)
-    bench_hf_cls(args)
+    for data in args.data.split(","):
+        bench_hf_cls(args, data)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,12 @@ def test_hf_prm_matches_reference_computation(family: str, cls_dir: Path, tag_di
     single = [prm.score(p, s) for p, s in ITEMS]
     for a, b in zip(single, got, strict=True):
         assert a == pytest.approx(b, abs=1e-5)
+    # qwen2 is causal: right padding runs without a mask; with the mask (any other family) the
+    # numbers are the same
+    assert prm.causal
+    prm.causal = False
+    for a, b in zip(prm.score_batch(ITEMS), got, strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
 
 
 def test_step_tag_inside_step_text_is_removed(tag_dir: Path) -> None:

@@ -82,6 +82,13 @@ def pack_by_length(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
+# decoder-only model types (causal self-attention): see `_HFPRM.causal`
+CAUSAL_DECODERS = frozenset({
+    "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "llama", "mistral", "mixtral", "gemma", "gemma2",
+    "phi3", "deepseek_v2", "deepseek_v3", "internlm2", "olmo2",
+})
+
+
 class PRMInput:
     """How a PRM family renders (problem, steps) into token ids and where it reads each step.
 
@@ -218,6 +225,11 @@ class _HFPRM(ABC):
         self.model = self._load_model(spec.target, trust_remote_code).to(self.device).eval()
         context = getattr(self.model.config, "max_position_embeddings", None) or 4096
         self.max_length = int(max_length or context)
+        # Right padding never changes a causal decoder's outputs at real positions (they cannot
+        # attend to later pads), so the padding mask is dropped for known decoder-only families:
+        # attention then takes the fused causal kernel instead of a masked one (measured on CPU:
+        # a padded batch with the mask ran 3x slower than one sequence at a time).
+        self.causal = getattr(self.model.config, "model_type", None) in CAUSAL_DECODERS
         self.pad_id = tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = tokenizer.eos_token_id or 0
@@ -264,7 +276,7 @@ class _HFPRM(ABC):
                 continue
             with torch.inference_mode():
                 probs = self._step_probs(
-                    input_ids.to(self.device), mask.to(self.device),
+                    input_ids.to(self.device), None if self.causal else mask.to(self.device),
                     torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device),
                 )
             for (i, k), p in zip(owners, probs.float().cpu().tolist(), strict=True):
