@@ -186,12 +186,15 @@ def print_final(final: pl.DataFrame, paired: pl.DataFrame, seconds: float) -> No
             return "-"
         return f"{m:.3f}" + (f" ± {s:.3f}" if s is not None and row["runs"] > 1 else "")
 
-    cols = [c for c in ("accuracy", "pass@1", "pass@max", "self_bleu_div", "novel_equations",
+    # pass@1 equals accuracy (mean over samples); report.md has every column
+    cols = [c for c in ("accuracy", "pass@max", "self_bleu_div", "novel_equations",
                         "distinct_4", "salvage_rate") if c in final.columns]
     table = Table(title=f"scope demo: held-out, final round (mean ± std over seeds); "
                   f"{seconds / 60:.1f} min", title_justify="left")
+    short = {"accuracy": "acc", "pass@max": "pass@n", "self_bleu_div": "1-sBLEU",
+             "novel_equations": "novel eq", "distinct_4": "dist-4", "salvage_rate": "salvage"}
     for c in ("algo", "runs", *cols):
-        table.add_column(c, justify="left" if c == "algo" else "right")
+        table.add_column(short.get(c, c), justify="left" if c == "algo" else "right")
     for row in final.iter_rows(named=True):
         table.add_row(row["algo"], str(row["runs"]), *[cell(row, c) for c in cols])
     out = Console()

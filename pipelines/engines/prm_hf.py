@@ -227,8 +227,8 @@ class _HFPRM(ABC):
         self.max_length = int(max_length or context)
         # Right padding never changes a causal decoder's outputs at real positions (they cannot
         # attend to later pads), so the padding mask is dropped for known decoder-only families:
-        # attention then takes the fused causal kernel instead of a masked one (measured on CPU:
-        # a padded batch with the mask ran 3x slower than one sequence at a time).
+        # attention then takes the fused causal kernel instead of a masked one (CPU, 32k-token
+        # batches of ProcessBench inputs: 0.31x -> 0.59x the speed of one sequence at a time).
         self.causal = getattr(self.model.config, "model_type", None) in CAUSAL_DECODERS
         self.pad_id = tokenizer.pad_token_id
         if self.pad_id is None:
