@@ -42,8 +42,8 @@ def generate(
     tensor_parallel_size: Annotated[int, typer.Option(help="vllm tensor parallelism")] = 1,
     pipeline_parallel_size: Annotated[int, typer.Option(help="vllm pipeline parallelism")] = 1,
     cache_dir: Annotated[str | None, typer.Option(
-        help="openai: request cache folder (default $SCOPE_CACHE/requests or "
-        "OUT/_request_cache)")] = None,
+        help="openai: request cache folder (default OUT/_request_cache; "
+        "$SCOPE_CACHE/requests for a remote OUT)")] = None,
     max_concurrency: Annotated[int, typer.Option(help="openai: requests in flight")] = 16,
     tokenizer: Annotated[str | None, typer.Option(
         help="openai: policy tokenizer folder or hub id (default: the served model name)")]

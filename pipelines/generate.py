@@ -106,13 +106,13 @@ class GenerateConfig:
 
 
 def default_cache_dir(out: str) -> str:
-    """Where the openai engine caches responses: `$SCOPE_CACHE/requests`, else
-    `<out>/_request_cache` for a local output folder, else `~/.cache/scope/requests`."""
-    if os.environ.get("SCOPE_CACHE"):
-        return str(Path(os.environ["SCOPE_CACHE"]) / "requests")
+    """Where the openai engine caches responses: `<out>/_request_cache` for a local output
+    folder (a rerun of this stage re-sends nothing; other runs never see its replies), else
+    `$SCOPE_CACHE/requests` (default `~/.cache/scope/requests`). `--cache-dir` shares one."""
     if "://" not in out:
         return str(Path(out) / "_request_cache")
-    return str(Path.home() / ".cache" / "scope" / "requests")
+    return str(Path(os.environ.get("SCOPE_CACHE") or Path.home() / ".cache" / "scope")
+               / "requests")
 
 
 def grade_response(task: str, prompt: str, answer: str, text: str) -> tuple[str | None, bool, str]:

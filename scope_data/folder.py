@@ -60,9 +60,12 @@ class Folder:
         removed = 0
         for entry in os.scandir(self.root):
             if entry.name.startswith(".") and entry.name.endswith(".tmp"):
-                if time.time() - entry.stat().st_mtime > older_than_s:
-                    os.remove(entry.path)
-                    removed += 1
+                try:  # another job may finish or remove it meanwhile
+                    if time.time() - entry.stat().st_mtime > older_than_s:
+                        os.remove(entry.path)
+                        removed += 1
+                except FileNotFoundError:
+                    continue
         return removed
 
     @contextmanager
@@ -110,8 +113,12 @@ class Folder:
             f.close()
 
     def remove(self, name: str) -> None:
+        """Delete ``name`` if present; a concurrent job removing it first is not an error."""
         if self.exists(name):
-            self.fs.rm(self.path(name))
+            try:
+                self.fs.rm(self.path(name))
+            except FileNotFoundError:
+                pass
 
     def sha256(self, name: str) -> str:
         if self.is_local:  # reads into one reused buffer, hashing without the GIL

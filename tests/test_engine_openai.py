@@ -160,7 +160,7 @@ def test_plain_server_response_is_retokenised(served, tmp_path):
 
 
 def test_generate_stage_via_openai_and_down_endpoint(served, tmp_path, monkeypatch):
-    monkeypatch.delenv("SCOPE_CACHE", raising=False)  # the default cache location is tested
+    monkeypatch.setenv("SCOPE_CACHE", str(tmp_path / "shared"))  # not used for a local --out
     root, model, hf, server = served
     write_problems(str(tmp_path / "problems"), n=2)
     base = {"problems": str(tmp_path / "problems"), "n": 2, "max_new_tokens": 12, "seed": 1}
