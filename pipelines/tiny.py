@@ -13,25 +13,19 @@ wrong, on held-out problems.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import random
-import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.tiny_cache import META_FILE, cache_root
-from pipelines.tiny_cache import atomic_place as _atomic_place
-from pipelines.tiny_cache import file_lock as _file_lock
-from pipelines.tiny_cache import is_build as _is_build
+from pipelines.tiny_cache import META_FILE, cache_root, cached_build, torch_threads
 from pipelines.tiny_cache import quiet as _quiet
 from scope_data.tasks import arith
 
@@ -141,23 +135,13 @@ def build_tiny_policy(
         teacher=teacher, seed=seed, **{k: v for k, v in named.items() if v is not None},
         **overrides,
     )
-    key = cfg.hash()
     cached = tiny_cache_dir(cfg)
     target = Path(out_dir) if out_dir is not None else cached
-    if not force and _is_build(target, key):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.parent / f".{target.name}.lock"):
-        if not force and _is_build(target, key):  # built by a concurrent process meanwhile
-            return target
-        if out_dir is not None and not force and _is_build(cached, key):
-            _atomic_place(target, lambda tmp: shutil.copytree(cached, tmp, dirs_exist_ok=True))
-            return target
-        with _quiet(verbose):
-            _atomic_place(
-                target, lambda tmp: _build(cfg, tmp, eval_problems, num_threads, verbose)
-            )
-    return target
+    with _quiet(verbose):
+        return cached_build(
+            target, cached, cfg.hash(),
+            lambda tmp: _build(cfg, tmp, eval_problems, num_threads, verbose), force,
+        )
 
 
 def training_texts(cfg: TinyConfig) -> list[tuple[str, str]]:
@@ -175,17 +159,9 @@ def training_texts(cfg: TinyConfig) -> list[tuple[str, str]]:
     return pairs
 
 
-@contextlib.contextmanager
-def _threads(num_threads: int | None) -> Iterator[None]:
-    """Run with ``num_threads`` torch threads (default: up to 4), restoring the old count."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(num_threads or min(4, os.cpu_count() or 1))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+def _threads(num_threads: int | None) -> Any:
+    """Torch threads for a build or evaluation (default: up to 4), restored afterwards."""
+    return torch_threads(num_threads or min(4, os.cpu_count() or 1))
 
 
 def _build(
@@ -199,7 +175,7 @@ def _build(
     t0 = time.time()
     with _threads(num_threads):
         train = _train(cfg, out, verbose)
-        figures = evaluate_mix(out, n_problems=eval_problems, num_threads=num_threads, _cfg=cfg)
+    figures = evaluate_mix(out, n_problems=eval_problems, num_threads=num_threads, _cfg=cfg)
     meta = {
         "format": "scope-tiny",
         "recipe_version": RECIPE_VERSION,

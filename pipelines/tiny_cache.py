@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,48 @@ def atomic_place(target: Path, fill: Any) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cached_build(
+    target: Path, cached: Path, key: str, build: Callable[[Path], None], force: bool = False
+) -> Path:
+    """Make ``target`` hold the build ``key`` and return it.
+
+    Reused when already there; copied from ``cached`` (the cache folder, when ``target`` is
+    elsewhere) when that holds it; else ``build(tmp)`` fills a temporary folder renamed into
+    place. All under a file lock, so concurrent callers build once. ``force`` rebuilds.
+    """
+    if not force and is_build(target, key):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(target.parent / f".{target.name}.lock"):
+        if not force and is_build(target, key):  # built by a concurrent process meanwhile
+            return target
+        if target != cached and not force and is_build(cached, key):
+            atomic_place(target, lambda tmp: shutil.copytree(cached, tmp, dirs_exist_ok=True))
+        else:
+            atomic_place(target, build)
+    return target
+
+
+@contextlib.contextmanager
+def torch_threads(num_threads: int | None) -> Iterator[None]:
+    """Run with ``num_threads`` torch CPU threads (None: unchanged), restoring the old count.
+
+    Float sums, and so sampled tokens, are bit-reproducible only at one thread count: a build
+    must not leave its count behind for the rest of the process.
+    """
+    if not num_threads:
+        yield
+        return
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 @contextlib.contextmanager

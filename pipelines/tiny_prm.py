@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.tiny import META_FILE, _atomic_place, _file_lock, _is_build, cache_root
+from pipelines.tiny_cache import META_FILE, cache_root, cached_build, torch_threads
 from scope_data.first_error import locate, subset_metrics
 from scope_data.tasks import arith
 
@@ -173,33 +173,24 @@ def build_tiny_prm(
     if "steps" in overrides:
         overrides["steps"] = tuple(overrides["steps"])
     cfg = TinyPRMConfig(**overrides)
-    key = cfg.hash()
-    cached = cache_root() / "tiny-prm" / key
+    cached = cache_root() / "tiny-prm" / cfg.hash()
     target = Path(out_dir) if out_dir is not None else cached
-    if not force and _is_build(target, key):
-        return target
-    source = cached if out_dir is not None and not force and _is_build(cached, key) else None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.parent / f".{target.name}.lock"):
-        if not force and _is_build(target, key):
-            return target
-        if source is not None:
-            import shutil
-
-            _atomic_place(target, lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True))
-        else:
-            _atomic_place(target, lambda tmp: _train(cfg, tmp, num_threads, verbose))
-    return target
+    return cached_build(target, cached, cfg.hash(),
+                        lambda tmp: _train(cfg, tmp, num_threads, verbose), force)
 
 
 def _train(cfg: TinyPRMConfig, out: Path, num_threads: int | None, verbose: bool) -> None:
+    with torch_threads(num_threads):
+        _fit(cfg, out, verbose)
+
+
+def _fit(cfg: TinyPRMConfig, out: Path, verbose: bool) -> None:
+    """Train and evaluate the PRM; save model, tokenizer and ``scope_tiny.json`` into ``out``."""
     import torch
     import torch.nn.functional as F
     from transformers import Qwen2ForCausalLM
 
     t0 = time.time()
-    if num_threads:
-        torch.set_num_threads(num_threads)
     torch.manual_seed(cfg.seed)
     tok = prm_tokenizer((TAG,), cfg.max_position_embeddings)
     model = Qwen2ForCausalLM(_qwen2_config(
