@@ -148,7 +148,7 @@ def run(cfg: EvalConfig, quiet: bool = False) -> EvalResult:
 def write_outputs(out: str, metrics: dict[str, Any], per_problem: pl.DataFrame,
                   rollouts: pl.DataFrame) -> None:
     """metrics.json, per_problem.parquet and samples.parquet, each written atomically."""
-    from scope_data.shards import Folder
+    from scope_data.folder import Folder
 
     folder = Folder(out)
     light = rollouts.select(
@@ -164,7 +164,7 @@ def write_outputs(out: str, metrics: dict[str, Any], per_problem: pl.DataFrame,
 
 def read_metrics(out: str) -> dict[str, Any]:
     """The metrics.json of a finished evaluation."""
-    from scope_data.shards import Folder
+    from scope_data.folder import Folder
 
     return json.loads(Folder(out).read_text(METRICS_FILE))
 

@@ -105,7 +105,8 @@ def _load_table(url: str, storage_options: dict[str, Any] | None) -> Benchmark:
 
 def load_benchmark(path: str, storage_options: dict[str, Any] | None = None) -> Benchmark:
     """A ProcessBench-format file, or a table folder (has `_manifest.json`) of arith rollouts."""
-    from scope_data.shards import MANIFEST, Folder
+    from scope_data.folder import Folder
+    from scope_data.shards import MANIFEST
 
     if Path(path).is_file():
         return _load_processbench(path)

@@ -136,7 +136,7 @@ def _protocols(fs: Any) -> tuple[str, ...]:
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
 
 
-class _HashingWriter:
+class HashingWriter:
     """File wrapper that hashes and counts bytes as pyarrow writes them."""
 
     def __init__(self, f: Any):

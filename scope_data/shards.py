@@ -27,7 +27,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from scope_data.folder import Folder, _HashingWriter  # noqa: F401  (Folder is re-exported)
+from scope_data.folder import Folder, HashingWriter
 from scope_data.hashing import config_hash, sha256_hex
 from scope_data.schema import SCHEMA_VERSION, conform, empty_table, schema_for, validate
 
@@ -161,7 +161,7 @@ class TableStore:
         self.folder.remove(_marker_name(shard_index, num_shards))
         schema = schema_for(self.table_name)
         with self.folder.open_atomic(name, fsync=False) as raw:
-            hashing = _HashingWriter(raw)
+            hashing = HashingWriter(raw)
             writer = pq.ParquetWriter(hashing, schema)
             shard = ShardWriter(writer, self.table_name, f"{self.url}/{name}")
             try:

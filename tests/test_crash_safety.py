@@ -20,7 +20,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from scope_data.shards import MANIFEST, Folder, ShardError, read_arrow, read_manifest
+from scope_data.folder import Folder
+from scope_data.shards import MANIFEST, ShardError, read_arrow, read_manifest
 from tests.proc_write_part import BATCH, big_table
 
 ROOT = Path(__file__).resolve().parents[1]
