@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -27,29 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_shards import make_batch  # noqa: E402
 
 from scope_data.shards import TableStore, read_arrow, scan  # noqa: E402
-
-
-def start_moto() -> tuple[subprocess.Popen, dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    endpoint = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(150):
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except OSError:
-            time.sleep(0.2)
-    options = {"key": "bench", "secret": "bench",
-               "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                 aws_access_key_id="bench", aws_secret_access_key="bench"
-                 ).create_bucket(Bucket="bench")
-    return proc, options
+from tests.s3_server import moto_server  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -71,11 +46,11 @@ def main() -> None:
               for s in range(k * per_part, min(args.rows, (k + 1) * per_part), args.batch)]
              for k in range(args.parts)]
     config = {"bench": "storage", "rows": args.rows}
-    proc, options = start_moto()
     local_url = tempfile.mkdtemp(prefix="bench_storage_")
-    targets = {"local": (local_url, None), "s3 (moto, loopback)": ("s3://bench/rollouts", options)}
     results = {}
-    try:
+    with moto_server("bench") as options:
+        targets = {"local": (local_url, None),
+                   "s3 (moto, loopback)": ("s3://bench/rollouts", options)}
         for name, (url, opts) in targets.items():
             def write(url=url, opts=opts) -> None:
                 store = TableStore(url, "rollouts", opts)
@@ -89,8 +64,6 @@ def main() -> None:
                              timed(lambda url=url, opts=opts: scan(url, opts).collect()))
             print(f"{name}: write {results[name][0]:.1f}s, read_arrow {results[name][1]:.1f}s, "
                   f"scan+collect {results[name][2]:.1f}s", flush=True)
-    finally:
-        proc.terminate()
     print(f"\n{args.rows:,} rollout rows, {args.parts} parts, cores: {os.cpu_count()}")
     print(f"{'operation':<16}{'local rows/s':>14}{'s3 rows/s':>14}{'s3/local':>10}")
     local, s3 = results["local"], results["s3 (moto, loopback)"]

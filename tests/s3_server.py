@@ -1,7 +1,9 @@
-"""A real S3-compatible server on loopback (moto's standalone server) for storage tests."""
+"""A real S3-compatible server on loopback (moto's standalone server) for storage tests and
+`benchmarks/bench_storage.py`."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -19,11 +21,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[dict]:
-    """Start `moto.server` on 127.0.0.1; yield fsspec storage options for it."""
-    pytest.importorskip("moto", reason="moto[server] is in the dev extra")
-    pytest.importorskip("s3fs", reason="s3fs is in the dev extra")
+@contextlib.contextmanager
+def moto_server(bucket: str) -> Iterator[dict]:
+    """Run `moto.server` on 127.0.0.1 with `bucket` created; yield fsspec storage options."""
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
@@ -50,12 +50,21 @@ def s3_server() -> Iterator[dict]:
     boto3.client(
         "s3", endpoint_url=endpoint, region_name="us-east-1",
         aws_access_key_id=options["key"], aws_secret_access_key=options["secret"],
-    ).create_bucket(Bucket="scope-test")
+    ).create_bucket(Bucket=bucket)
     try:
         yield options
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[dict]:
+    """The test bucket `scope-test` on a loopback moto server; yields storage options."""
+    pytest.importorskip("moto", reason="moto[server] is in the dev extra")
+    pytest.importorskip("s3fs", reason="s3fs is in the dev extra")
+    with moto_server("scope-test") as options:
+        yield options
 
 
 @pytest.fixture
