@@ -3,7 +3,7 @@
 In `scope correct` the continuations of one problem share the teacher prompt (the problem, with
 M corrections per group and A attempts each), and attempts share the kept prefix too. vLLM's
 prefix cache should then skip most of the prefill. This script builds the teacher items the
-stage builds (``pipelines.teachers.EngineTeacher`` over ``VLLMGenerationEngine``), runs the same
+stage builds (``EngineTeacher`` over ``VLLMGenerationEngine``), runs the same
 items once with ``enable_prefix_caching=True`` and once with ``False``, each in its own
 subprocess (a fresh engine, same seeds), and prints items/s, tokens/s and the ratio.
 
@@ -36,7 +36,7 @@ def build_model(out: Path, max_len: int = 2048) -> Path:
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    from pipelines.tiny_tokenizer import save_char_tokenizer
+    from pipelines.tiny.tokenizer import save_char_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     tok = save_char_tokenizer(out, model_max_length=max_len)
@@ -55,7 +55,7 @@ def build_model(out: Path, max_len: int = 2048) -> Path:
 
 def make_items(tokenizer, problems: int, per_problem: int, ops: int, seed: int) -> list:
     """`per_problem` continuations per problem, prefixes = the first j solution steps."""
-    from pipelines.teachers import TeacherItem
+    from pipelines.engines.teachers import TeacherItem
     from scope_data.tasks import arith
 
     items = []
@@ -73,7 +73,7 @@ def make_items(tokenizer, problems: int, per_problem: int, ops: int, seed: int) 
 def child(args: argparse.Namespace) -> None:
     """Run the items through EngineTeacher(vllm) with prefix caching on or off; write JSON."""
     from pipelines.engines.base import load_generation_engine
-    from pipelines.teachers import EngineTeacher
+    from pipelines.engines.teachers import EngineTeacher
 
     caching = args.child == "on"
     engine = load_generation_engine(

@@ -39,7 +39,7 @@ def build_model(out: Path, shape: str) -> Path:
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    from pipelines.tiny_tokenizer import save_char_tokenizer
+    from pipelines.tiny.tokenizer import save_char_tokenizer
 
     tok = save_char_tokenizer(out, model_max_length=512)
     torch.manual_seed(0)
@@ -55,7 +55,7 @@ def build_model(out: Path, shape: str) -> Path:
 
 def make_requests(tokenizer, count: int, max_new_tokens: int):
     from pipelines.engines.base import GenerationRequest
-    from pipelines.prompts import render_and_encode
+    from pipelines.engines.prompts import render_and_encode
     from scope_data.tasks import arith
 
     problems = arith.generate_problems(count, seed=123, steps=(3, 6), modulus=10)

@@ -51,7 +51,7 @@ def bench_hf_cls(args: argparse.Namespace, data: str) -> None:
     import torch
 
     from pipelines.engines.base import load_prm
-    from pipelines.tiny_prm import init_tiny_prm
+    from pipelines.tiny.prm import init_tiny_prm
 
     torch.set_num_threads(args.threads)
     items = processbench_items(args.items) if data == "processbench" else arith_items(
@@ -84,7 +84,7 @@ def bench_hf_cls(args: argparse.Namespace, data: str) -> None:
 
 def bench_rule(args: argparse.Namespace) -> None:
     from pipelines.engines.base import load_prm
-    from pipelines.tiny_prm import slipped_solution
+    from pipelines.tiny.prm import slipped_solution
     from scope_data.tasks import arith
 
     rng = random.Random(0)

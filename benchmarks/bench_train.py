@@ -1,4 +1,4 @@
-"""Benchmark of `scope train` (pipelines.train / pipelines.trainer).
+"""Benchmark of `scope train` (pipelines.training.train / pipelines.training.trainer).
 
 1. Time per optimizer step of our Trainer vs a plain torch loop computing the same loss
    (same model init, same batches in the same order, same AdamW and grad clipping), measured in
@@ -35,7 +35,7 @@ def build_model(out: Path, hidden: int, layers: int, vocab: int | None, seed: in
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from pipelines.tiny_tokenizer import save_char_tokenizer
+    from pipelines.tiny.tokenizer import save_char_tokenizer
 
     tok = save_char_tokenizer(out, model_max_length=1024)
     torch.manual_seed(seed)
@@ -78,8 +78,8 @@ def bench_trainer(model_dir: Path, rows, steps: int, batch: int,  # noqa: ANN001
                   **kw: object) -> tuple[list[float], list[float]]:
     from transformers import TrainerCallback
 
-    import pipelines.trainer as trainer_mod
-    from pipelines.train import TrainConfig, fit
+    import pipelines.training.trainer as trainer_mod
+    from pipelines.training.train import TrainConfig, fit
 
     stamps: list[float] = []
 
@@ -109,8 +109,8 @@ def bench_plain(model_dir: Path, rows, steps: int,  # noqa: ANN001
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from pipelines.loss import mixed_policy_loss
-    from pipelines.train_data import Collator, ResponseDataset, response_logprobs
+    from pipelines.training.data import Collator, ResponseDataset, response_logprobs
+    from pipelines.training.loss import mixed_policy_loss
 
     transformers.set_seed(0)
     rows = rows.sample(fraction=1.0, shuffle=True, seed=0)  # the order `fit` uses
@@ -151,7 +151,7 @@ def memory_child(variant: str, B: int, T: int, V: int) -> dict[str, float]:
 
     import torch
 
-    from pipelines.loss import mixed_policy_loss, selective_log_softmax
+    from pipelines.training.loss import mixed_policy_loss, selective_log_softmax
 
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
@@ -205,8 +205,8 @@ def bench_gpu(steps: int) -> None:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from pipelines.tiny_tokenizer import save_char_tokenizer
-    from pipelines.train_data import ResponseDataset
+    from pipelines.tiny.tokenizer import save_char_tokenizer
+    from pipelines.training.data import ResponseDataset
 
     name = torch.cuda.get_device_name()
     cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864,

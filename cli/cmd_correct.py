@@ -67,7 +67,7 @@ def correct(
     = None,
 ) -> None:
     """Correct failed rollouts from their first error on; write every rollout + corrections."""
-    from pipelines.correct import CorrectConfig, run
+    from pipelines.stages.correct import CorrectConfig, run
 
     result = run(CorrectConfig(
         scored=scored, out=out, teacher=teacher, mode=mode, min_prefix_steps=min_prefix_steps,

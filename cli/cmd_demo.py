@@ -29,7 +29,7 @@ def demo(
     import os
 
     os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SCOPE_NUM_THREADS", "1"))
-    from pipelines.demo import DemoConfig, run
+    from pipelines.loop.demo import DemoConfig, run
 
     run(DemoConfig(out=out, quick=quick, seeds=seeds, rounds=rounds,
                    algos=tuple(a.strip() for a in algos.split(",") if a.strip()),

@@ -43,7 +43,7 @@ def eval_(
     = None,
 ) -> None:
     """Sample n responses per problem and report accuracy, pass@k, length and diversity."""
-    from pipelines.evaluate import EvalConfig, run
+    from pipelines.stages.evaluate import EvalConfig, run
 
     result = run(EvalConfig(
         model=model, problems=problems, out=out, n=n, temperature=temperature, top_p=top_p,

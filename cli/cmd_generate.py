@@ -54,7 +54,7 @@ def generate(
     = None,
 ) -> None:
     """Sample n responses per problem, grade them and write the rollouts table (resumable)."""
-    from pipelines.generate import GenerateConfig, run
+    from pipelines.stages.generate import GenerateConfig, run
 
     result = run(GenerateConfig(
         problems=problems, policy=policy, out=out, n=n, round=round_, temperature=temperature,

@@ -49,7 +49,7 @@ def prm_eval(
     = None,
 ) -> None:
     """Accuracy on erroneous / correct samples and F1 per subset, and the average F1."""
-    from pipelines.prm_eval import PRMEvalConfig, print_result, run
+    from pipelines.stages.prm_eval import PRMEvalConfig, print_result, run
 
     result = run(PRMEvalConfig(
         benchmarks=benchmark, prm=prm, threshold=threshold, limit=limit,

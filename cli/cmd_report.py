@@ -22,7 +22,7 @@ def report(
         help="metrics column that names a configuration; runs sharing it are seeds")] = "algo",
 ) -> None:
     """Plot accuracy, pass@k, diversity, salvage rate, first errors and loss; write report.md."""
-    from pipelines.report import report as make_report
+    from pipelines.loop.report import report as make_report
 
     result = make_report(run_dirs, out, label=label)
     typer.echo(result.markdown)

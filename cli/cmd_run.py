@@ -110,8 +110,8 @@ def run(
     seed: Annotated[int | None, typer.Option(help="override the recipe's seed")] = None,
 ) -> None:
     """Run (or resume) every round of a recipe and write RUN_DIR/metrics.parquet."""
-    from pipelines.run import RunConfig
-    from pipelines.run import run as run_loop
+    from pipelines.loop.round_loop import RunConfig
+    from pipelines.loop.round_loop import run as run_loop
 
     overrides = {k: v for k, v in (("algo", algo), ("seed", seed)) if v is not None}
     result = run_loop(RunConfig(recipe=recipe, out=out, rounds=rounds, resume=resume,

@@ -76,7 +76,7 @@ def score(
     = None,
 ) -> None:
     """Score the steps of (failed) rollouts with a PRM and write the scored table."""
-    from pipelines.score import ScoreConfig, run
+    from pipelines.stages.score import ScoreConfig, run
 
     result = run(ScoreConfig(
         rollouts=rollouts, out=out, prm=prm, threshold=threshold, only_failed=only_failed,

@@ -42,7 +42,7 @@ def tiny_policy(
 ) -> None:
     """Build the tiny Qwen2 policy (char tokenizer, SFT warm start) and print its response mix."""
     from pipelines.console import print_summary
-    from pipelines.tiny import build_tiny_policy, load_meta
+    from pipelines.tiny.policy import build_tiny_policy, load_meta
 
     if not 0 <= error_rate <= 1:
         raise typer.BadParameter(f"--error-rate must be in [0, 1], got {error_rate}")

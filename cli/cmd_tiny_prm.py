@@ -27,8 +27,8 @@ def tiny_prm(
 ) -> None:
     """Train a tiny Math-Shepherd-style PRM on arith responses labelled by the exact checker."""
     from pipelines.console import print_summary
-    from pipelines.tiny import load_meta
-    from pipelines.tiny_prm import build_tiny_prm
+    from pipelines.tiny.policy import load_meta
+    from pipelines.tiny.prm import build_tiny_prm
 
     path = build_tiny_prm(out, max_steps=max_steps, seed=seed, modulus=modulus,
                           num_threads=num_threads, force=force, verbose=verbose)

@@ -66,7 +66,7 @@ def train(
     = None,
 ) -> None:
     """Assemble groups from the corrected table and train the policy (saves an HF model)."""
-    from pipelines.train import TrainConfig, run
+    from pipelines.training.train import TrainConfig, run
 
     run(TrainConfig(
         data=data, policy=policy, output_dir=out, algo=algo, advantage=advantage,

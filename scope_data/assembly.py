@@ -27,7 +27,7 @@ from scope_data.advantages import dense_step_advantages, group_advantages, zero_
 
 ALGOS = ("scope", "luffy", "grpo", "prm_dense")
 USES_CORRECTIONS = {"scope": True, "luffy": True, "grpo": False, "prm_dense": False}
-# correct_status values of kind="corrected" rows that `pipelines.correct` writes; rejected_wrong
+# correct_status values of kind="corrected" rows that `scope correct` writes; rejected_wrong
 # rows exist only when the user turned require_correct off, i.e. asked to train on them.
 ACCEPTED_STATUSES = ("accepted", "truncated", "rejected_wrong")
 

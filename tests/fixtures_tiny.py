@@ -14,7 +14,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_policy() -> Path:
     """Folder of the default warm-started tiny policy (30% injected step errors)."""
-    from pipelines.tiny import build_tiny_policy
+    from pipelines.tiny.policy import build_tiny_policy
 
     return build_tiny_policy()
 
@@ -22,6 +22,6 @@ def tiny_policy() -> Path:
 @pytest.fixture(scope="session")
 def tiny_teacher() -> Path:
     """Folder of the tiny teacher: same recipe, trained on clean solutions only."""
-    from pipelines.tiny import build_tiny_policy
+    from pipelines.tiny.policy import build_tiny_policy
 
     return build_tiny_policy(teacher=True)

@@ -1,5 +1,5 @@
 """Shared helpers of the engine/generate tests: a random-init tiny Qwen2 model folder and a
-problems table. (The trained tiny policy of `pipelines.tiny` is used where it is cached.)"""
+problems table. (The trained tiny policy of `pipelines.tiny.policy` is used where it is cached.)"""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def build_random_tiny(out: Path, seed: int = 0, max_len: int = 256) -> Path:
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    from pipelines.tiny_tokenizer import save_char_tokenizer
+    from pipelines.tiny.tokenizer import save_char_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     tok = save_char_tokenizer(out, model_max_length=max_len)

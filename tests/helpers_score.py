@@ -11,7 +11,7 @@ import pyarrow as pa
 
 
 def char_tokenizer_dir(out: Path) -> Path:
-    from pipelines.tiny_tokenizer import save_char_tokenizer
+    from pipelines.tiny.tokenizer import save_char_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     save_char_tokenizer(out)
@@ -23,7 +23,7 @@ def arith_rollout_rows(tok_dir: Path, n_problems: int = 40, seed: int = 0) -> li
     unfinished / garbage / empty / a 10,000-character single step."""
     from transformers import AutoTokenizer
 
-    from pipelines.tiny_prm import slipped_solution
+    from pipelines.tiny.prm import slipped_solution
     from scope_data.hashing import stable_id
     from scope_data.tasks import arith
 

@@ -77,7 +77,7 @@ def part_path(url: str, k: int = 0) -> Path:
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory) -> Path:
-    from pipelines.tiny_tokenizer import save_char_tokenizer
+    from pipelines.tiny.tokenizer import save_char_tokenizer
 
     out = tmp_path_factory.mktemp("char_tok")
     save_char_tokenizer(out, model_max_length=256)
@@ -112,7 +112,7 @@ def corrupt(problem: arith.ArithProblem, j: int) -> str:
 
 def rollout_row(tok, policy: str, prob: dict, s: int, text: str, task: str | None = None) -> dict:
     """One rollouts row for `text` (tokenised with the char tokenizer + EOS)."""
-    from pipelines.prompts import render_and_encode
+    from pipelines.engines.prompts import render_and_encode
 
     (prompt_text,), (prompt_ids,) = render_and_encode(tok, [prob["prompt"]])
     ids = [*tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id]
@@ -143,7 +143,7 @@ def arith_rollouts(tok, tok_dir: Path, n: int = 4) -> list[dict]:
 
 
 def score(rollouts: str, out: str, prm=None, **kw):
-    from pipelines.score import ScoreConfig, run
+    from pipelines.stages.score import ScoreConfig, run
 
     return run(ScoreConfig(rollouts=rollouts, out=out, **kw), prm=prm, quiet=True)
 
@@ -278,7 +278,7 @@ def test_wrong_type_or_null_is_refused(tmp_path, column, values, message):
 
 def test_stage_input_missing_a_column_names_table_and_column(tmp_path, model_dir):
     """A hand-made problems table (no `answer`) is refused before any model loads."""
-    from pipelines.generate import GenerateConfig, run
+    from pipelines.stages.generate import GenerateConfig, run
 
     url = str(tmp_path / "p")
     write_problems(url, 3)
@@ -293,7 +293,7 @@ def test_stage_input_missing_a_column_names_table_and_column(tmp_path, model_dir
 
 
 def test_stage_input_with_a_wrong_type_names_the_column(tmp_path, model_dir):
-    from pipelines.generate import GenerateConfig, run
+    from pipelines.stages.generate import GenerateConfig, run
 
     url = str(tmp_path / "p")
     write_problems(url, 3)
@@ -392,7 +392,7 @@ def test_latex_that_hangs_the_grader_times_out_and_the_next_grade_works():
 
 
 def test_one_megabyte_response_is_graded_and_split():
-    from pipelines.generate import grade_response
+    from pipelines.stages.generate import grade_response
     from scope_data.grading import grade
 
     big = ("We add the numbers carefully. " * 40 + "\n\n") * 850 + r"The answer is \boxed{42}."
@@ -507,7 +507,7 @@ def test_teacher_errors_keep_every_row_with_a_status(tmp_path, tok, tok_dir, mod
     """Failed teacher calls give `teacher_error` rows (the teacher stops calling an endpoint
     that failed twice in a row, so later rows may fail without a call); a 500 that a retry
     cures gives every row its verdict."""
-    from pipelines.correct import CorrectConfig, run
+    from pipelines.stages.correct import CorrectConfig, run
 
     rows = arith_rollouts(tok, tok_dir, 6)
     write_rollouts(str(tmp_path / "r"), rows)
@@ -552,7 +552,7 @@ def test_teacher_errors_keep_every_row_with_a_status(tmp_path, tok, tok_dir, mod
 
 
 def test_prompt_longer_than_the_context_is_kept_with_a_status(tmp_path, model_dir):
-    from pipelines.generate import GenerateConfig, run
+    from pipelines.stages.generate import GenerateConfig, run
 
     url = str(tmp_path / "p")
     rows = problems_rows(3)
@@ -591,7 +591,7 @@ def test_unknown_engine_spec_lists_the_valid_forms(spec, role, forms):
 
 def test_unknown_engine_spec_stops_a_stage_before_it_writes(tmp_path):
     from pipelines.engines.base import SpecError
-    from pipelines.generate import GenerateConfig, run
+    from pipelines.stages.generate import GenerateConfig, run
 
     url = str(tmp_path / "p")
     write_problems(url, 2)

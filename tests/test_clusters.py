@@ -141,14 +141,14 @@ def test_stages_as_separate_processes_sharing_only_s3(tmp_path, s3_bucket, polic
 
 @pytest.mark.slow
 def test_stages_in_one_process_on_memory_fs(tmp_path, policy_dir, monkeypatch):
-    from pipelines.correct import CorrectConfig
-    from pipelines.correct import run as correct
-    from pipelines.generate import GenerateConfig
-    from pipelines.generate import run as generate
-    from pipelines.score import ScoreConfig
-    from pipelines.score import run as score
-    from pipelines.train import TrainConfig
-    from pipelines.train import run as train
+    from pipelines.stages.correct import CorrectConfig
+    from pipelines.stages.correct import run as correct
+    from pipelines.stages.generate import GenerateConfig
+    from pipelines.stages.generate import run as generate
+    from pipelines.stages.score import ScoreConfig
+    from pipelines.stages.score import run as score
+    from pipelines.training.train import TrainConfig
+    from pipelines.training.train import run as train
 
     base = f"memory://scope-clusters-{uuid.uuid4().hex[:8]}"
     write_problems(f"{base}/problems", None)

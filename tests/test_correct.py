@@ -1,4 +1,4 @@
-"""`scope correct` (pipelines.correct): selection, teachers, splicing and the corrected table."""
+"""`scope correct`: selection, teachers, splicing and the corrected table."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from pipelines.correct import CorrectConfig, run
-from pipelines.prompts import render_and_encode
-from pipelines.tiny_tokenizer import save_char_tokenizer
+from pipelines.engines.prompts import render_and_encode
+from pipelines.stages.correct import CorrectConfig, run
+from pipelines.tiny.tokenizer import save_char_tokenizer
 from scope_data.correction import CorrectionError
 from scope_data.hashing import stable_id
 from scope_data.schema import SCHEMAS
@@ -164,7 +164,7 @@ def test_reference_teacher_and_no_reference(scored: tuple[str, list[dict]],
 
 
 def test_reference_teacher_joins_steps() -> None:
-    from pipelines.teachers import ReferenceTeacher, TeacherItem
+    from pipelines.engines.teachers import ReferenceTeacher, TeacherItem
 
     solution = "First we add.\n\nThen we multiply.\n\nSo the answer is \\boxed{6}."
     row = {"task": "math", "solution": solution}
@@ -436,7 +436,7 @@ def test_teacher_with_another_tokenizer(scored: tuple[str, list[dict]], tmp_path
     from transformers import AutoTokenizer
 
     from pipelines.engines.base import load_generation_engine
-    from pipelines.teachers import EngineTeacher, TeacherItem
+    from pipelines.engines.teachers import EngineTeacher, TeacherItem
 
     teacher_dir = build_bpe_teacher(tmp_path / "bpe_teacher")
     url, rows = scored
@@ -482,7 +482,7 @@ def build_bpe_teacher(out: Path) -> Path:
         Qwen2ForCausalLM,
     )
 
-    from pipelines.tiny_tokenizer import CHARS, CHAT_TEMPLATE, SPECIAL_TOKENS
+    from pipelines.tiny.tokenizer import CHARS, CHAT_TEMPLATE, SPECIAL_TOKENS
 
     backend = Tokenizer(models.BPE(unk_token="<|unk|>"))
     backend.pre_tokenizer = pre_tokenizers.Split("\n", behavior="isolated")
@@ -513,10 +513,10 @@ def build_bpe_teacher(out: Path) -> Path:
 @pytest.mark.slow
 def test_end_to_end_generate_score_correct(tmp_path: Path, tiny_policy: Path,
                                            capsys: pytest.CaptureFixture) -> None:
-    from pipelines.generate import GenerateConfig
-    from pipelines.generate import run as generate
-    from pipelines.score import ScoreConfig
-    from pipelines.score import run as score
+    from pipelines.stages.generate import GenerateConfig
+    from pipelines.stages.generate import run as generate
+    from pipelines.stages.score import ScoreConfig
+    from pipelines.stages.score import run as score
     from scope_data.problems import write_arith
 
     write_arith(str(tmp_path / "problems"), count=32, seed=5, steps=(3, 6))

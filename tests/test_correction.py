@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipelines.teachers import OracleTeacher, TeacherItem
-from pipelines.tiny_tokenizer import build_char_tokenizer
+from pipelines.engines.teachers import OracleTeacher, TeacherItem
+from pipelines.tiny.tokenizer import build_char_tokenizer
 from scope_data.correction import (
     CorrectionError,
     check_prefix_text,

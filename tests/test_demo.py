@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from pipelines.report import final_table, load_runs, markdown_table
+from pipelines.loop.report import final_table, load_runs, markdown_table
 
 TINY_BUDGET = {
     "problems": {"arith": {"count": 4, "seed": 11}},
@@ -43,7 +43,7 @@ def test_final_table_mean_and_std(tmp_path) -> None:
     assert scope["accuracy_std"] == pytest.approx(pl.Series([0.4, 0.6]).std())
     md = markdown_table(table, {"accuracy": 0.2}, "algo")
     assert "| scope | 2 | 0.500 ± 0.141" in md and "| initial policy |" in md
-    from pipelines.report import report
+    from pipelines.loop.report import report
 
     result = report([str(tmp_path / f"run{i}") for i in range(4)], str(tmp_path / "rep"))
     names = sorted(p.rsplit("/", 1)[-1] for p in result.plots)
@@ -56,8 +56,8 @@ def test_final_table_mean_and_std(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_demo_tiny_budget(tmp_path, tiny_policy) -> None:
-    from pipelines.demo import DemoConfig
-    from pipelines.demo import run as demo
+    from pipelines.loop.demo import DemoConfig
+    from pipelines.loop.demo import run as demo
 
     cfg = DemoConfig(out=str(tmp_path / "demo"), seeds=2, rounds=1, algos=("grpo", "scope"),
                      overrides=TINY_BUDGET)

@@ -11,8 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from pipelines.engines.base import GenerationRequest, load_generation_engine
-from pipelines.generate import GenerateConfig, run
-from pipelines.prompts import render_and_encode
+from pipelines.engines.prompts import render_and_encode
+from pipelines.stages.generate import GenerateConfig, run
 from scope_data.shards import ShardError, read_arrow, read_manifest
 from tests.helpers_engines import build_random_tiny, write_problems
 

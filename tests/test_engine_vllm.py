@@ -18,7 +18,7 @@ import torch
 
 from pipelines.engines.base import GenerationRequest, load_generation_engine
 from pipelines.engines.hf import process_logits
-from pipelines.prompts import render_and_encode
+from pipelines.engines.prompts import render_and_encode
 from tests.helpers_engines import build_random_tiny
 
 pytestmark = [

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipelines.engines.base import GenerationRequest, load_generation_engine
-from pipelines.prompts import render_and_encode
+from pipelines.engines.prompts import render_and_encode
 from tests.helpers_engines import build_random_tiny
 
 PROMPTS = ["Mod 10. Start with 1. Add 3.", "Mod 10. Start with 5. Add 3. Multiply by 2.",

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from pipelines.engines.fingerprint import SAMPLE_BYTES, folder_fingerprint, model_fingerprint
-from pipelines.generate import GenerateConfig
+from pipelines.stages.generate import GenerateConfig
 
 
 def _model(folder: Path, weights: bytes) -> Path:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipelines.loss import (
+from pipelines.training.loss import (
     aggregate,
     entropy_from_logits,
     mixed_policy_loss,

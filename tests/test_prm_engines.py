@@ -26,14 +26,14 @@ ITEMS = [
 
 @pytest.fixture(scope="module")
 def cls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipelines.tiny_prm import init_tiny_prm
+    from pipelines.tiny.prm import init_tiny_prm
 
     return init_tiny_prm(tmp_path_factory.mktemp("cls"), "cls", seed=1)
 
 
 @pytest.fixture(scope="module")
 def tag_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipelines.tiny_prm import init_tiny_prm
+    from pipelines.tiny.prm import init_tiny_prm
 
     return init_tiny_prm(tmp_path_factory.mktemp("tag"), "tag", seed=2)
 
@@ -178,7 +178,7 @@ def test_unknown_prm_spec_lists_valid_forms() -> None:
 def test_tiny_prm_build_is_cached_and_loads_as_hf_tag(tmp_path: Path, monkeypatch) -> None:
     import json
 
-    from pipelines.tiny_prm import TinyPRMConfig, build_tiny_prm, labelled_responses
+    from pipelines.tiny.prm import TinyPRMConfig, build_tiny_prm, labelled_responses
     from scope_data.first_error import locate, subset_metrics
 
     monkeypatch.setenv("SCOPE_CACHE", str(tmp_path / "cache"))

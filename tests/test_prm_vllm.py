@@ -32,7 +32,7 @@ def build_qwen_prm(out: Path, seed: int = 4) -> Path:
     from safetensors.torch import save_file
     from transformers import Qwen2Model
 
-    from pipelines.tiny_prm import SEPARATOR, _qwen2_config, prm_tokenizer
+    from pipelines.tiny.prm import SEPARATOR, _qwen2_config, prm_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     tok = prm_tokenizer((SEPARATOR,), 256)
@@ -82,7 +82,7 @@ def test_vllm_pooling_prm_matches_reference(tmp_path: Path) -> None:
     """Qwen2ForProcessRewardModel (native) vs the hand-written torch computation, and
     Qwen2ForTokenClassification (vLLM converts it, `--convert classify`) vs the hf-cls engine."""
     from pipelines.engines.base import load_prm
-    from pipelines.tiny_prm import init_tiny_prm
+    from pipelines.tiny.prm import init_tiny_prm
 
     qwen_prm = build_qwen_prm(tmp_path / "qwen_prm")
     token_cls = init_tiny_prm(tmp_path / "token_cls", "cls", max_position_embeddings=256, seed=3)

@@ -14,8 +14,8 @@ import polars as pl
 import pytest
 import yaml
 
-from pipelines.recipe import load_recipe, recipe_from_dict
-from pipelines.run import RunConfig, run
+from pipelines.loop.recipe import load_recipe, recipe_from_dict
+from pipelines.loop.round_loop import RunConfig, run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.engines.base import EngineSpec
-from pipelines.score import ScoreConfig, run, token_offsets
+from pipelines.stages.score import ScoreConfig, run, token_offsets
 from scope_data.shards import ShardError, read_arrow, read_manifest
 from scope_data.tasks import arith
 from tests.helpers_score import arith_rollout_rows, char_tokenizer_dir, write_rollouts
@@ -129,7 +129,7 @@ def test_nan_scores_are_kept_and_never_a_first_error(rollouts, tmp_path: Path) -
 
 
 def test_long_step_is_truncated_by_a_model_prm(rollouts, tmp_path: Path) -> None:
-    from pipelines.tiny_prm import init_tiny_prm
+    from pipelines.tiny.prm import init_tiny_prm
 
     url, _ = rollouts
     prm_dir = init_tiny_prm(tmp_path / "prm", "tag", max_position_embeddings=512)
@@ -236,8 +236,8 @@ class LengthPRM:
 
 def test_auto_threshold_tuned_on_a_processbench_file(rollouts, tmp_path: Path,
                                                      shared_data: Path) -> None:
-    from pipelines.prm_eval import PRMEvalConfig
-    from pipelines.prm_eval import run as prm_eval
+    from pipelines.stages.prm_eval import PRMEvalConfig
+    from pipelines.stages.prm_eval import run as prm_eval
 
     url, tok_dir = rollouts
     rows = arith_rollout_rows(tok_dir, n_problems=3)

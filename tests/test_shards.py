@@ -1,4 +1,4 @@
-"""The shard store (scope_data.shards) and the resumable stage runner (pipelines.stage)."""
+"""The shard store (scope_data.shards) and the shard executor."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipelines.stage import run_stage, shard_of
+from pipelines.executors.shard_executor import run_stage, shard_of
 from scope_data.schema import SCHEMA_VERSION, schema_for
 from scope_data.shards import (
     MANIFEST,

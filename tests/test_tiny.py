@@ -1,4 +1,4 @@
-"""Tests for the tiny-model kit (pipelines.tiny, pipelines.tiny_tokenizer)."""
+"""Tests for the tiny-model kit (pipelines.tiny.policy, pipelines.tiny.tokenizer)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines import tiny
-from pipelines.tiny_tokenizer import (
+from pipelines.tiny import policy as tiny
+from pipelines.tiny.tokenizer import (
     CHARS,
     SPECIAL_TOKENS,
     build_char_tokenizer,

@@ -25,7 +25,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object, object
 
 
 def config(data: str, policy: Path, out: Path, **kw: object):  # noqa: ANN201
-    from pipelines.train import TrainConfig
+    from pipelines.training.train import TrainConfig
 
     opts = {"max_steps": 1, "per_device_train_batch_size": 8, "learning_rate": 1e-3,
             "seed": 0, **kw}
@@ -40,7 +40,7 @@ def load(path: Path | str):  # noqa: ANN201
 
 def test_collated_logprobs_equal_unpadded(tiny) -> None:
     """Left-padded prompts + position ids give exactly the unpadded per-token log-probs."""
-    from pipelines.train_data import Collator, ResponseDataset, response_logprobs
+    from pipelines.training.data import Collator, ResponseDataset, response_logprobs
     from scope_data.assembly import assemble
     from tests.helpers_train import to_table
 
@@ -56,7 +56,7 @@ def test_collated_logprobs_equal_unpadded(tiny) -> None:
 
 
 def test_one_step_scope_direction_and_outputs(tiny, tmp_path: Path) -> None:
-    from pipelines.train import run
+    from pipelines.training.train import run
 
     path, tok, model = tiny
     # failed responses and the teacher suffix (no spaces: the failed texts have them) use
@@ -104,7 +104,7 @@ def test_one_step_scope_direction_and_outputs(tiny, tmp_path: Path) -> None:
 
 
 def test_zero_advantage_weights_do_not_move_and_run_refuses(tiny, tmp_path: Path) -> None:
-    from pipelines.train import fit, run
+    from pipelines.training.train import fit, run
     from scope_data.assembly import assemble
     from tests.helpers_train import to_table
 
@@ -126,7 +126,7 @@ def test_zero_advantage_weights_do_not_move_and_run_refuses(tiny, tmp_path: Path
 
 
 def test_steps_per_round_truncation_and_recompute(tiny, tmp_path: Path) -> None:
-    from pipelines.train import run
+    from pipelines.training.train import run
 
     path, tok, model = tiny
     rows = [r for p in ("1", "2") for r in scope_group(tok, model, p)]
@@ -149,8 +149,8 @@ def test_steps_per_round_truncation_and_recompute(tiny, tmp_path: Path) -> None:
 
 
 def test_nan_loss_stops_with_step_and_rollouts(tiny, tmp_path: Path) -> None:
-    from pipelines.train import run
-    from pipelines.trainer import NonFiniteLossError
+    from pipelines.training.train import run
+    from pipelines.training.trainer import NonFiniteLossError
 
     path, tok, model = tiny
     broken = load(path)
@@ -167,7 +167,7 @@ def test_nan_loss_stops_with_step_and_rollouts(tiny, tmp_path: Path) -> None:
 
 
 def test_bad_inputs(tiny, tmp_path: Path) -> None:
-    from pipelines.train import TrainConfig, model_path, run
+    from pipelines.training.train import TrainConfig, model_path, run
     from scope_data.schema import empty_table
     from scope_data.shards import TableStore
 
@@ -197,7 +197,7 @@ def test_lora_without_peft_is_a_clear_error(tiny, tmp_path: Path) -> None:
         pytest.skip("peft is installed")
     except ImportError:
         pass
-    from pipelines.train import run
+    from pipelines.training.train import run
 
     path, tok, model = tiny
     data = write_corrected(tmp_path / "c", scope_group(tok, model, "2"))
@@ -206,7 +206,7 @@ def test_lora_without_peft_is_a_clear_error(tiny, tmp_path: Path) -> None:
 
 
 def test_grpo_trains_from_rollouts_table(tiny, tmp_path: Path) -> None:
-    from pipelines.train import run
+    from pipelines.training.train import run
     from scope_data.schema import conform
     from scope_data.shards import TableStore
     from tests.helpers_train import to_table
@@ -245,7 +245,7 @@ def test_cli_train(tiny, tmp_path: Path) -> None:
 
 
 def test_prm_dense_trains_all_failed_group_with_token_advantages(tiny, tmp_path: Path) -> None:
-    from pipelines.train import run
+    from pipelines.training.train import run
 
     path, tok, model = tiny
     rows = scope_group(tok, model, "6")[:3]  # three failed policy rollouts, no correction

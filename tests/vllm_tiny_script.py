@@ -14,7 +14,7 @@ import time
 
 
 def main() -> None:
-    from pipelines.tiny import EVAL_SEED_OFFSET, build_tiny_policy, load_meta
+    from pipelines.tiny.policy import EVAL_SEED_OFFSET, build_tiny_policy, load_meta
     from scope_data.tasks import arith
 
     model_dir = sys.argv[1] if len(sys.argv) > 1 else str(build_tiny_policy())

@@ -1,4 +1,4 @@
-"""Build-cache plumbing shared by the tiny-model kits (``pipelines.tiny``, ``pipelines.tiny_prm``).
+"""Build-cache plumbing shared by the tiny-model kits (``tiny.policy``, ``tiny.prm``).
 
 A build lives in a folder holding ``scope_tiny.json`` with its ``config_hash``; it is written into
 a temporary sibling folder and renamed into place, under an advisory file lock, so a crashed or

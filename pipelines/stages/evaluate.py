@@ -1,6 +1,6 @@
 """`scope eval`: sample n responses per problem and measure accuracy, pass@k and diversity.
 
-Generation is `pipelines.generate.run` into `OUT/rollouts` (a normal rollouts table, so an
+Generation is `pipelines.stages.generate.run` into `OUT/rollouts` (a normal rollouts table, so an
 interrupted evaluation resumes and `scope inspect` reads it). Metrics, from the rollouts with
 polars:
 
@@ -110,8 +110,8 @@ def _mean(col: pl.Series) -> float | None:
 
 
 def generate_config(cfg: EvalConfig) -> Any:
-    """The `pipelines.generate` config that samples this evaluation's rollouts."""
-    from pipelines import generate
+    """The `pipelines.stages.generate` config that samples this evaluation's rollouts."""
+    from pipelines.stages import generate
 
     return generate.GenerateConfig(
         problems=cfg.problems, policy=cfg.model, out=str(Path(cfg.out) / "rollouts"), n=cfg.n,
@@ -125,7 +125,7 @@ def generate_config(cfg: EvalConfig) -> Any:
 
 def run(cfg: EvalConfig, quiet: bool = False) -> EvalResult:
     """Generate (or reuse) the rollouts, compute the metrics, write the files, print a summary."""
-    from pipelines import generate
+    from pipelines.stages import generate
     from scope_data.shards import scan
 
     if cfg.n < 1:

@@ -22,7 +22,7 @@ from typing import Any
 
 import polars as pl
 
-from pipelines.recipe import ALGOS, load_recipe
+from pipelines.loop.recipe import ALGOS, load_recipe
 
 QUICK_ROUNDS = 2
 
@@ -52,9 +52,9 @@ class DemoResult:
 
 def run(cfg: DemoConfig) -> DemoResult:
     """Run every (algo, seed), write the report, print the comparison."""
-    from pipelines import run as run_loop
     from pipelines.console import console
-    from pipelines.report import load_runs, report
+    from pipelines.loop import round_loop as run_loop
+    from pipelines.loop.report import load_runs, report
 
     t0, cpu0 = time.time(), time.process_time()
     import os
@@ -111,7 +111,7 @@ def run(cfg: DemoConfig) -> DemoResult:
 def _tiny(recipe: Any) -> None:
     """Build (or reuse) the tiny policy up front, so its one-off cost is visible."""
     from pipelines.console import console
-    from pipelines.run_stages import initial_policy
+    from pipelines.loop.round_stages import initial_policy
 
     t = time.time()
     path = initial_policy(recipe)

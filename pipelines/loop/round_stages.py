@@ -16,7 +16,7 @@ from typing import Any
 
 import polars as pl
 
-from pipelines.recipe import Recipe
+from pipelines.loop.recipe import Recipe
 
 # algo -> (scores steps?, correction mode or None)
 ALGO_PLAN: dict[str, tuple[bool, str | None]] = {
@@ -69,7 +69,7 @@ def initial_policy(recipe: Recipe, dry_run: bool = False) -> str:
     """The round-1 policy spec; `tiny` builds (or reuses) the cached warm-started tiny model."""
     if recipe.policy != "tiny":
         return recipe.policy
-    from pipelines import tiny
+    from pipelines.tiny import policy as tiny
 
     if dry_run:
         return "hf:TINY_POLICY"  # `scope tiny-policy --out TINY_POLICY` builds it
@@ -127,7 +127,7 @@ def _seed(recipe: Recipe, stage: str, r: int) -> int:
 
 
 def generate_config(recipe: Recipe, problems: str, policy: str, out: str, r: int) -> Any:
-    from pipelines.generate import GenerateConfig
+    from pipelines.stages.generate import GenerateConfig
 
     opts = dict(recipe.generate)
     opts.setdefault("seed", _seed(recipe, "generate", r))
@@ -136,13 +136,13 @@ def generate_config(recipe: Recipe, problems: str, policy: str, out: str, r: int
 
 
 def run_generate(cfg: Any) -> None:
-    from pipelines import generate
+    from pipelines.stages import generate
 
     _finished(generate.run(cfg), cfg.out)
 
 
 def score_config(recipe: Recipe, rollouts: str, out: str) -> Any:
-    from pipelines.score import ScoreConfig
+    from pipelines.stages.score import ScoreConfig
 
     opts = dict(recipe.score)
     if recipe.algo == "prm_dense":
@@ -151,13 +151,13 @@ def score_config(recipe: Recipe, rollouts: str, out: str) -> Any:
 
 
 def run_score(cfg: Any) -> None:
-    from pipelines import score
+    from pipelines.stages import score
 
     _finished(score.run(cfg), cfg.out)
 
 
 def correct_config(recipe: Recipe, scored: str, out: str, r: int) -> Any:
-    from pipelines.correct import CorrectConfig
+    from pipelines.stages.correct import CorrectConfig
 
     opts = dict(recipe.correct)
     opts.setdefault("seed", _seed(recipe, "correct", r))
@@ -166,13 +166,13 @@ def correct_config(recipe: Recipe, scored: str, out: str, r: int) -> Any:
 
 
 def run_correct(cfg: Any) -> None:
-    from pipelines import correct
+    from pipelines.stages import correct
 
     _finished(correct.run(cfg), cfg.out)
 
 
 def train_config(recipe: Recipe, data: str, policy: str, out: str, r: int) -> Any:
-    from pipelines.train import TrainConfig
+    from pipelines.training.train import TrainConfig
 
     opts = dict(recipe.train)
     opts.setdefault("seed", _seed(recipe, "train", r))
@@ -185,7 +185,7 @@ SKIPPED_TRAIN = "train_skipped.json"
 
 def run_train(cfg: Any) -> None:
     """Train; a round where every group has zero advantage keeps the old policy (recorded)."""
-    from pipelines import train
+    from pipelines.training import train
 
     note = Path(cfg.output_dir).parent / SKIPPED_TRAIN
     note.unlink(missing_ok=True)
@@ -209,7 +209,7 @@ def trained_policy(cfg: Any) -> str:
 
 
 def eval_config(recipe: Recipe, policy: str, problems: str, out: str, r: int) -> Any:
-    from pipelines.evaluate import EvalConfig
+    from pipelines.stages.evaluate import EvalConfig
 
     opts = dict(recipe.evaluate)
     opts.setdefault("seed", _seed(recipe, "eval", 0))  # the same draws every round: paired
@@ -226,7 +226,7 @@ def _finished(result: Any, out: str) -> None:
 # -- metrics --------------------------------------------------------------------------------
 def round_metrics(recipe: Recipe, rd: Path, r: int) -> list[dict[str, Any]]:
     """One row per eval set of round r: eval metrics plus this round's training figures."""
-    from pipelines.evaluate import read_metrics
+    from pipelines.stages.evaluate import read_metrics
 
     base: dict[str, Any] = {"run_name": recipe.name, "algo": recipe.algo, "seed": recipe.seed,
                             "round": r}

@@ -1,6 +1,6 @@
 """Tiny-model kit: a small Qwen2 policy warm-started on the arith task, built on CPU and cached.
 
-``build_tiny_policy`` makes a character tokenizer (``pipelines.tiny_tokenizer``) and a 2-layer
+``build_tiny_policy`` makes a character tokenizer (``pipelines.tiny.tokenizer``) and a 2-layer
 Qwen2 causal LM, trains it with TRL's ``SFTTrainer`` (completion-only loss, prompt-completion
 rows) on canonical arith solutions of which a share ``error_rate`` carries one injected step
 error, and saves a normal model folder (safetensors, tokenizer, chat template) plus
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.tiny_cache import META_FILE, cache_root, cached_build, torch_threads
-from pipelines.tiny_cache import quiet as _quiet
+from pipelines.tiny.cache import META_FILE, cache_root, cached_build, torch_threads
+from pipelines.tiny.cache import quiet as _quiet
 from scope_data.tasks import arith
 
 RECIPE_VERSION = 1  # bump when the training code changes what a config produces
@@ -200,7 +200,7 @@ def _train(cfg: TinyConfig, out: Path, verbose: bool) -> dict[str, Any]:
     from transformers import GenerationConfig, PrinterCallback, Qwen2Config, Qwen2ForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from pipelines.tiny_tokenizer import save_char_tokenizer
+    from pipelines.tiny.tokenizer import save_char_tokenizer
 
     tok = save_char_tokenizer(out, model_max_length=cfg.max_position_embeddings)
     torch.manual_seed(cfg.seed)

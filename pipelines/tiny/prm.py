@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.tiny_cache import META_FILE, cache_root, cached_build, torch_threads
+from pipelines.tiny.cache import META_FILE, cache_root, cached_build, torch_threads
 from scope_data.first_error import locate, subset_metrics
 from scope_data.tasks import arith
 
@@ -40,7 +40,7 @@ RECIPE_VERSION = 2
 
 def prm_tokenizer(extra_tokens: tuple[str, ...] = (TAG,), model_max_length: int = 512) -> Any:
     """The tiny kit's char tokenizer with `extra_tokens` added (right padding for scoring)."""
-    from pipelines.tiny_tokenizer import build_char_tokenizer
+    from pipelines.tiny.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer(model_max_length)
     tok.add_tokens(list(extra_tokens))

@@ -2,7 +2,7 @@
 
 `run(cfg)` reads the corrected table, assembles groups and advantages
 (`scope_data.assembly`), and trains the policy with `MixedPolicyTrainer`, a
-`transformers.Trainer` whose `compute_loss` is `pipelines.loss.mixed_policy_loss`. Several
+`transformers.Trainer` whose `compute_loss` is `pipelines.training.loss.mixed_policy_loss`. Several
 optimizer steps per round: the assembled responses are split into global batches of
 per_device_train_batch_size * gradient_accumulation_steps * num_processes responses.
 `accelerate launch` (DDP, DeepSpeed, FSDP) works unchanged: the loss divisor is counted over
@@ -74,7 +74,7 @@ class TrainConfig:
     storage_options: dict[str, Any] | None = field(default=None, repr=False)
 
     def check(self) -> None:
-        from pipelines.loss import AGGREGATIONS
+        from pipelines.training.loss import AGGREGATIONS
         from scope_data.assembly import ALGOS
 
         if self.algo not in ALGOS:
@@ -174,8 +174,8 @@ def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = Non
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
     from pipelines.console import print_summary
-    from pipelines.train_data import Collator, ResponseDataset
-    from pipelines.trainer import NonFiniteLossError, progress_callback, trainer_class
+    from pipelines.training.data import Collator, ResponseDataset
+    from pipelines.training.trainer import NonFiniteLossError, progress_callback, trainer_class
     from scope_data.shards import versions
 
     cfg.check()

@@ -29,7 +29,7 @@ import pyarrow as pa
 from pipelines.console import print_summary, progress
 from pipelines.engines.base import PRMEngine, load_prm, parse_spec, score_with_status
 from pipelines.engines.fingerprint import model_fingerprint
-from pipelines.stage import StageResult, run_stage
+from pipelines.executors.shard_executor import StageResult, run_stage
 from scope_data.first_error import locate_determined, tune_threshold
 from scope_data.schema import SCORED_FIELDS, conform
 from scope_data.shards import read_manifest
@@ -153,7 +153,7 @@ def arith_gold(prompt: str, response: str) -> int:
 
 def processbench_labelled(prm: PRMEngine, path: str) -> list[tuple[list[float], int]]:
     """(scores, label) of every record of a ProcessBench-format file, scored by `prm`."""
-    from pipelines.prm_eval import load_benchmark
+    from pipelines.stages.prm_eval import load_benchmark
 
     bench = load_benchmark(path)
     results = score_with_status(prm, [(p, s) for p, s, _ in bench.items])

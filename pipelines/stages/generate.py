@@ -1,6 +1,6 @@
 """`scope generate`: sample n responses per problem with the policy, grade them, write rollouts.
 
-Per problem: render the prompt (`pipelines.prompts`, chat template or raw), tokenise it, and send
+Per problem: render the prompt (`engines.prompts`, chat template or raw), tokenise it, and send
 one request per sample i = 0..n-1 with seed derive_seed(seed, problem_id, i) (n = 1 each, so a
 sample's seed, hence its tokens with the hf engine, does not depend on n, the batch or the shard;
 vLLM's prefix cache makes the repeated prompt cheap). Each response is graded: arith problems by
@@ -10,9 +10,9 @@ the exact checker (`scope_data.tasks.arith`, problem parsed from the prompt), ot
 Rows keep a status: `ok`; `prompt_too_long` (the prompt leaves no room in the model context: not
 sent, n rows written with empty responses and finish_reason "not_sent"); `empty_response` (no
 text); `grader_timeout` / `grader_error` (math grading failed). The stage runs through
-`pipelines.stage.run_stage`: part files per shard, skipped when already written with the same
-config, so a rerun after a crash regenerates only the missing parts; an engine error (e.g. a
-remote endpoint that stays down) writes nothing for that part and no manifest.
+`executors.shard_executor.run_stage`: part files per shard, skipped when already written
+with the same config, so a rerun after a crash regenerates only the missing parts; an engine
+error (e.g. a remote endpoint that stays down) writes nothing for that part and no manifest.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import pyarrow as pa
 from pipelines.console import print_summary, progress
 from pipelines.engines.base import GenerationRequest, load_generation_engine, parse_spec
 from pipelines.engines.fingerprint import model_fingerprint
-from pipelines.prompts import TEMPLATES, render_and_encode
-from pipelines.stage import StageResult, run_stage
+from pipelines.engines.prompts import TEMPLATES, render_and_encode
+from pipelines.executors.shard_executor import StageResult, run_stage
 from scope_data.hashing import derive_seed, stable_id
 from scope_data.schema import empty_table
 

@@ -115,7 +115,7 @@ def response_logprobs(
     """(log-probs (B, R), entropy (B, R) or None) of the response tokens under `model`."""
     import torch
 
-    from pipelines.loss import entropy_from_logits, selective_log_softmax
+    from pipelines.training.loss import entropy_from_logits, selective_log_softmax
 
     R = batch["response_mask"].shape[1]
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

@@ -7,7 +7,7 @@ timed out, the prompt did not fit, the oracle could not continue), ``empty_respo
 text), ``no_reference`` (the ``reference`` teacher and a problem without a usable solution).
 
 - ``hf:``/``vllm:``/``openai:`` (:class:`EngineTeacher`): the problem is rendered with the
-  TEACHER's chat template (``pipelines.prompts``, or ``raw``), and the kept prefix is the start of
+  TEACHER's chat template (``engines.prompts``, or ``raw``), and the kept prefix is the start of
   the assistant turn. With the policy's vocabulary the exact prefix ids are sent
   (``GenerationRequest.prefix_token_ids``); with another tokenizer the prefix text is encoded
   by the teacher's tokenizer. The suffix comes back as text either way.
@@ -148,7 +148,7 @@ class EngineTeacher:
     def request_for(self, item: TeacherItem) -> Any:
         """The GenerationRequest for one item (teacher prompt ids + prefix ids)."""
         from pipelines.engines.base import GenerationRequest
-        from pipelines.prompts import encode_prompt, render_prompt
+        from pipelines.engines.prompts import encode_prompt, render_prompt
 
         tok = self.engine.tokenizer
         prompt_ids = encode_prompt(

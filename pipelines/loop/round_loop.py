@@ -40,8 +40,8 @@ from typing import Any
 
 import polars as pl
 
-from pipelines import run_stages as stages
-from pipelines.recipe import Recipe, load_recipe
+from pipelines.loop import round_stages as stages
+from pipelines.loop.recipe import Recipe, load_recipe
 from scope_data.hashing import config_hash
 
 METRICS_FILE = "metrics.parquet"
@@ -220,7 +220,7 @@ def _round(runner: _Runner, recipe: Recipe, run_dir: Path, r: int, policy: str,
 def _evaluate(runner: _Runner, recipe: Recipe, run_dir: Path, r: int, policy: str,
               policy_hash: str, eval_sets: dict[str, str], problem_hashes: dict[str, str]
               ) -> None:
-    from pipelines import evaluate
+    from pipelines.stages import evaluate
 
     where = f"round-{r:04d}"
     for name, url in eval_sets.items():

@@ -1,7 +1,7 @@
 """`scope correct`: salvage failed rollouts with teacher-written suffixes (DESIGN.md 1, step 4).
 
 Reads the scored table, picks which failed rollouts to correct (``scope_data.groups``), asks a
-teacher (``pipelines.teachers``) to continue each kept prefix, splices prefix ids + policy
+teacher (``pipelines.engines.teachers``) to continue each kept prefix, splices prefix ids + policy
 re-encoding of the suffix (``scope_data.correction``), verifies the result and writes the
 corrected table:
 
@@ -37,8 +37,8 @@ import pyarrow as pa
 
 from pipelines.console import print_summary, progress
 from pipelines.engines.fingerprint import model_fingerprint
-from pipelines.stage import StageResult, run_stage
-from pipelines.teachers import Teacher, TeacherItem, TeacherOutput, load_teacher
+from pipelines.engines.teachers import Teacher, TeacherItem, TeacherOutput, load_teacher
+from pipelines.executors.shard_executor import StageResult, run_stage
 from scope_data.correction import (
     check_prefix_text,
     check_step_offsets,
@@ -104,7 +104,7 @@ class CorrectConfig:
                 "teacher_fingerprint": model_fingerprint(self.teacher, "teacher")}
 
     def teacher_engine_options(self) -> dict[str, Any]:
-        from pipelines.generate import default_cache_dir
+        from pipelines.stages.generate import default_cache_dir
 
         opts = {
             "dtype": self.dtype, "device": self.device, "batch_size": self.batch_size,
@@ -139,7 +139,7 @@ class CorrectConfig:
 
 def verify(row: dict[str, Any], text: str) -> tuple[str | None, bool]:
     """(pred_answer, correct) of a corrected response, graded as `scope generate` grades."""
-    from pipelines.generate import grade_response
+    from pipelines.stages.generate import grade_response
 
     pred, ok, _ = grade_response(row["task"], row["prompt"], row["answer"], text)
     return pred, bool(ok)

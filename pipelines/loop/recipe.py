@@ -6,7 +6,7 @@ algo: scope                 # grpo | luffy | prm_dense | scope
 seed: 0
 rounds: 3
 policy: tiny                # an engine spec (hf:/path, vllm:...) or `tiny` (built and cached)
-tiny: {max_steps: 1000}     # options of pipelines.tiny.build_tiny_policy when policy is tiny
+tiny: {max_steps: 1000}     # options of pipelines.tiny.policy.build_tiny_policy when policy is tiny
 prm: rule:arith
 teacher: oracle:arith
 problems:                   # training problems: {path: TABLE} or {arith: {count, seed, ...}}
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 ALGOS = ("grpo", "luffy", "prm_dense", "scope")
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 STAGE_KEYS = ("generate", "score", "correct", "train", "evaluate")
 
 

@@ -1,7 +1,7 @@
-"""The `transformers.Trainer` subclass behind `scope train` (see `pipelines.train`).
+"""The `transformers.Trainer` subclass behind `scope train` (see `pipelines.training.train`).
 
-`MixedPolicyTrainer.compute_loss` is `pipelines.loss.mixed_policy_loss` on the response tokens
-of a `pipelines.train_data.Collator` batch. Loss scaling: `get_batch_samples` counts the
+`MixedPolicyTrainer.compute_loss` is `training.loss.mixed_policy_loss` on the response tokens
+of a `pipelines.training.data.Collator` batch. Loss scaling: `get_batch_samples` counts the
 divisor (tokens for token_mean, sequences otherwise) over all micro-batches of the optimizer
 step and all processes; each micro-batch's loss is its sum over that global count, times the
 number of processes because DDP/DeepSpeed average gradients; `loss_is_scaled_for_ga` stops the
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.loss import METRIC_KEYS, summarize
+from pipelines.training.loss import METRIC_KEYS, summarize
 
 
 class NonFiniteLossError(RuntimeError):
@@ -26,8 +26,8 @@ def trainer_class() -> type:
     import torch
     from transformers import Trainer
 
-    from pipelines.loss import mixed_policy_loss
-    from pipelines.train_data import response_logprobs
+    from pipelines.training.data import response_logprobs
+    from pipelines.training.loss import mixed_policy_loss
 
     class MixedPolicyTrainer(Trainer):
         """A Trainer whose compute_loss is the mixed on/off-policy objective."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import polars as pl
 
-from pipelines.run import METRICS_FILE
+from pipelines.loop.round_loop import METRICS_FILE
 
 TABLE_COLUMNS = ("accuracy", "pass@1", "pass@max", "self_bleu_div", "novel_equations",
                  "distinct_4", "salvage_rate")
