@@ -90,15 +90,15 @@ def bench_trainer(model_dir: Path, rows, steps: int, batch: int,  # noqa: ANN001
         def on_train_end(self, *a, **k):  # noqa: ANN002, ANN003, ANN202
             stamps.append(time.perf_counter())
 
-    original = trainer_mod.progress_callback
-    trainer_mod.progress_callback = Clock  # type: ignore[assignment]
+    original = trainer_mod.RichProgress
+    trainer_mod.RichProgress = Clock  # type: ignore[assignment]
     try:
         with tempfile.TemporaryDirectory() as out:
             res = fit(TrainConfig(data="bench", policy=str(model_dir), output_dir=f"{out}/o",
                                   max_steps=steps, per_device_train_batch_size=batch,
                                   learning_rate=1e-5, max_length=4096, **kw), rows)
     finally:
-        trainer_mod.progress_callback = original
+        trainer_mod.RichProgress = original
     return [b - a for a, b in zip(stamps, stamps[1:], strict=False)], res.metrics["loss"].to_list()
 
 

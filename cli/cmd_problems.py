@@ -9,6 +9,18 @@ import typer
 from cli.common import STORAGE_OPTIONS_HELP, storage_options, user_errors
 
 
+def parse_steps(text: str) -> tuple[int, int]:
+    """'3-6' -> (3, 6); '4' -> (4, 4)."""
+    lo, _, hi = text.partition("-")
+    try:
+        bounds = (int(lo), int(hi or lo))
+    except ValueError:
+        raise ValueError(f"--steps must look like 3-6 or 4, got {text!r}") from None
+    if not 1 <= bounds[0] <= bounds[1]:
+        raise ValueError(f"--steps must satisfy 1 <= min <= max, got {text!r}")
+    return bounds
+
+
 def register(app: typer.Typer) -> None:
     app.command("problems")(problems)
 
@@ -46,7 +58,7 @@ def problems(
 
     options = storage_options(storage)
     if src == "arith":
-        result = pr.write_arith(out, count=count, seed=seed, steps=pr.parse_steps(steps),
+        result = pr.write_arith(out, count=count, seed=seed, steps=parse_steps(steps),
                                 modulus=modulus, storage_options=options)
         print_summary("problems (arith)", [
             ("rows", result.rows), ("source", result.source), ("steps", steps),

@@ -6,10 +6,12 @@ import functools
 import json
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -33,20 +35,48 @@ def storage_options(text: str | None) -> dict[str, Any] | None:
     return value
 
 
+PACKAGE_DIRS = tuple(str(Path(__file__).resolve().parents[1] / name) + os.sep
+                     for name in ("cli", "pipelines", "scope_data"))
+USER_ERROR_TYPES = (ValueError, RuntimeError, FileNotFoundError, FileExistsError,
+                    PermissionError, NotADirectoryError, IsADirectoryError)
+
+
+def debug_enabled() -> bool:
+    """`scope --debug ...` or SCOPE_DEBUG=1: every error shows its traceback."""
+    return os.environ.get("SCOPE_DEBUG", "") not in ("", "0")
+
+
+def is_user_error(e: BaseException) -> bool:
+    """True for an error scope raised on purpose about the user's input (a bad option, table,
+    spec or path): one of USER_ERROR_TYPES raised by a `raise` in this project's own code (or a
+    file-system error). An error raised inside a library (polars, torch, ...) or of another type
+    (KeyError, TypeError, ...) is unexpected: a bug, shown with its traceback."""
+    if isinstance(e, (FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
+                      IsADirectoryError)):
+        return True
+    if not isinstance(e, USER_ERROR_TYPES):
+        return False
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(PACKAGE_DIRS)
+
+
 def user_errors(fn: F) -> F:
-    """Turn expected errors (bad input, missing tables, bad specs) into one red line + exit 1."""
+    """User errors become one red line + exit 1; unexpected errors keep their traceback (as do
+    all errors with --debug). Messages are escaped: table values never become terminal markup."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from scope_data.schema import SchemaError
-        from scope_data.shards import ShardError
-
         try:
             return fn(*args, **kwargs)
-        except (ShardError, SchemaError, ValueError, FileNotFoundError, RuntimeError) as e:
-            if isinstance(e, typer.Exit):
+        except typer.Exit:
+            raise
+        except Exception as e:
+            if debug_enabled() or not is_user_error(e):
                 raise
-            Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False,
+                                       soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]

@@ -7,7 +7,9 @@ print its summary and exit non-zero with a one-line message on a user error.
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
+from typing import Annotated
 
 import typer
 
@@ -23,10 +25,14 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
-def _root() -> None:
+def _root(
+    debug: Annotated[bool, typer.Option(
+        "--debug", help="show the traceback of every error (also: SCOPE_DEBUG=1)")] = False,
+) -> None:
     """SCOPE: salvage failed RLVR rollouts and train on the mix. Stages exchange Parquet tables."""
+    if debug:
+        os.environ["SCOPE_DEBUG"] = "1"
 
 
 for _info in sorted(pkgutil.iter_modules(cli.__path__), key=lambda m: m.name):

@@ -189,3 +189,20 @@ def grade_many(
         raise ValueError(f"{len(responses)} responses but {len(gold_answers)} gold answers")
     with ThreadPoolExecutor(pool_size(), thread_name_prefix="scope-grade") as executor:
         return list(executor.map(lambda r, g: grade(r, g, timeout), responses, gold_answers))
+
+
+def grade_response(task: str, prompt: str, answer: str, text: str) -> tuple[str | None, bool, str]:
+    """(pred_answer, correct, status) of one non-empty response: the exact arith checker for
+    arith prompts, math-verify grading against ``answer`` otherwise."""
+    if task == "arith":
+        from scope_data.tasks import arith
+
+        try:
+            problem = arith.parse_prompt(prompt)
+        except ValueError:
+            problem = None
+        if problem is not None:
+            return arith.extract_answer(text), arith.is_correct(problem, text), "ok"
+    g = grade(text, answer)
+    status = g.status if g.status in ("grader_timeout", "grader_error") else "ok"
+    return g.pred_answer, g.correct, status

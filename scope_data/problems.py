@@ -380,18 +380,6 @@ def arith_table(
     return pa.Table.from_pylist(rows, schema=schema_for("problems"))
 
 
-def parse_steps(text: str) -> tuple[int, int]:
-    """'3-6' -> (3, 6); '4' -> (4, 4)."""
-    lo, _, hi = text.partition("-")
-    try:
-        bounds = (int(lo), int(hi or lo))
-    except ValueError:
-        raise ValueError(f"--steps must look like 3-6 or 4, got {text!r}") from None
-    if not 1 <= bounds[0] <= bounds[1]:
-        raise ValueError(f"--steps must satisfy 1 <= min <= max, got {text!r}")
-    return bounds
-
-
 def write_arith(
     out: str, count: int, seed: int, steps: tuple[int, int] = (3, 6), modulus: int = 10,
     max_operand: int | None = None, storage_options: dict[str, Any] | None = None,

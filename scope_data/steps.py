@@ -135,6 +135,14 @@ def _newline_pieces(response: str) -> list[tuple[int, int]]:
     return pieces
 
 
+def split_mode_for(task: str | None, override: str | None = None) -> str:
+    """The step-split mode of a response: ``override`` if given, else one step per line for
+    the line-structured synthetic task ``arith``, blank-line separated otherwise."""
+    if override is not None:
+        return override
+    return "newline" if task == "arith" else "blank_line"
+
+
 def split_steps(response: str, mode: str = "blank_line", min_chars: int = 8) -> list[Step]:
     """Split a response into steps with character offsets (see the module docstring).
 

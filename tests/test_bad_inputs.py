@@ -392,8 +392,7 @@ def test_latex_that_hangs_the_grader_times_out_and_the_next_grade_works():
 
 
 def test_one_megabyte_response_is_graded_and_split():
-    from pipelines.stages.generate import grade_response
-    from scope_data.grading import grade
+    from scope_data.grading import grade, grade_response
 
     big = ("We add the numbers carefully. " * 40 + "\n\n") * 850 + r"The answer is \boxed{42}."
     assert len(big) > 1_000_000

@@ -93,3 +93,41 @@ def test_missing_inputs_and_tables(tmp_path: Path) -> None:
 def test_bad_storage_options(tmp_path: Path, options: str) -> None:
     result = runner.invoke(app, ["inspect", str(tmp_path), "--storage-options", options])
     assert result.exit_code == 2 and "--storage-options" in result.output
+
+
+def test_user_error_is_one_escaped_line_and_a_bug_keeps_its_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deliberate error about the input is one line (markup in it printed literally); an error
+    raised inside a library or of an unexpected type is a bug and keeps its traceback; --debug
+    shows the traceback of every error."""
+    import scope_data.problems as problems
+
+    monkeypatch.setenv("SCOPE_DEBUG", "")  # restored after the --debug call below sets it
+    bad = tmp_path / "[bold]x.jsonl"
+    bad.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": ""}\n')
+    result = runner.invoke(app, ["problems", str(bad), "--out", str(tmp_path / "p")])
+    assert result.exit_code == 1
+    assert result.output.startswith("error:") and "[bold]x.jsonl" in result.output
+    assert "Traceback" not in result.output
+
+    def broken(*args: object, **kwargs: object) -> None:
+        return {}["missing"]  # a bug: KeyError inside our code
+
+    monkeypatch.setattr(problems, "write_arith", broken)
+    bug = runner.invoke(app, ["problems", "arith", "--count", "2", "--out", str(tmp_path / "r")])
+    assert bug.exit_code != 0 and isinstance(bug.exception, KeyError)
+
+    def library_error(*args: object, **kwargs: object) -> None:
+        import json as _json
+
+        _json.loads("{")  # ValueError raised inside a library, not by a `raise` of ours
+
+    monkeypatch.setattr(problems, "write_arith", library_error)
+    lib = runner.invoke(app, ["problems", "arith", "--count", "2", "--out", str(tmp_path / "s")])
+    assert lib.exit_code != 0 and isinstance(lib.exception, ValueError)
+
+    monkeypatch.undo()
+    monkeypatch.setenv("SCOPE_DEBUG", "")
+    debug = runner.invoke(app, ["--debug", "problems", str(bad), "--out", str(tmp_path / "q")])
+    assert debug.exit_code != 0 and isinstance(debug.exception, ValueError)

@@ -8,7 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pipelines.engines.base import GenerationResult
-from pipelines.stages.generate import GenerateConfig, grade_response, run
+from pipelines.stages.generate import GenerateConfig, run
+from scope_data.grading import grade_response
 from scope_data.hashing import derive_seed
 from scope_data.schema import SCHEMAS
 from scope_data.shards import ShardError, read_arrow, read_manifest

@@ -10,9 +10,9 @@ import torch
 from pipelines.training.loss import (
     aggregate,
     entropy_from_logits,
+    metrics_from_sums,
     mixed_policy_loss,
     selective_log_softmax,
-    summarize,
 )
 
 EPS, EPS_HIGH, GAMMA = 0.2, 0.28, 0.1
@@ -56,7 +56,7 @@ def test_token_mean_value_and_metrics() -> None:
     loss, sums, _ = loss_of("token_mean")
     total = sum(TOKEN_LOSS[0]) + sum(TOKEN_LOSS[1])
     assert loss.item() == pytest.approx(total / 9, abs=1e-12)
-    m = summarize(sums)
+    m = metrics_from_sums(sums)
     assert m["clip_fraction"] == pytest.approx(2 / 7)  # seq0 t1 (high), seq1 t0 (low)
     assert m["off_policy_share"] == pytest.approx(2 / 9)
     assert m["shaped_weight"] == pytest.approx((0.5 + 0.6 / 0.7) / 2)
@@ -108,11 +108,11 @@ def test_kl_and_entropy_terms() -> None:
     kl, sums, _ = loss_of("token_mean", ref_logp=ref, beta=0.5)
     k3 = math.exp(0.3) - 0.3 - 1
     assert kl.item() == pytest.approx(base.item() + 0.5 * k3, abs=1e-12)
-    assert summarize(sums)["kl"] == pytest.approx(k3)
+    assert metrics_from_sums(sums)["kl"] == pytest.approx(k3)
     ent = torch.full((2, 5), 2.0, dtype=torch.float64)
     with_ent, sums, _ = loss_of("token_mean", entropy=ent, entropy_coef=0.01)
     assert with_ent.item() == pytest.approx(base.item() - 0.01 * 2.0, abs=1e-12)
-    assert summarize(sums)["entropy"] == pytest.approx(2.0)
+    assert metrics_from_sums(sums)["entropy"] == pytest.approx(2.0)
 
 
 def test_per_token_advantages_match_broadcast_scalars() -> None:

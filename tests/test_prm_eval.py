@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from pipelines.engines.base import EngineSpec
-from pipelines.stages.prm_eval import PRMEvalConfig, load_benchmark, run
+from pipelines.stages.prm_eval import PRMEvalConfig, run
+from scope_data.benchmarks import load_benchmark
 from tests.helpers_score import arith_rollout_rows, char_tokenizer_dir, write_rollouts
 
 FILES = ("processbench.gsm8k.json", "processbench.math.json")

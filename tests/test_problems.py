@@ -10,8 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from cli.cmd_problems import parse_steps
 from scope_data.hashing import stable_id
-from scope_data.problems import arith_table, ingest, parse_steps, source_name, write_arith
+from scope_data.problems import arith_table, ingest, source_name, write_arith
 from scope_data.shards import read_arrow, read_manifest
 from scope_data.tasks.arith import parse_prompt
 

@@ -3,7 +3,7 @@
     llm = LLM(model, runner="pooling", pooler_config=PoolerConfig(...))
     llm.encode([{"prompt_token_ids": ids}, ...], pooling_task="token_classify")
 
-The input is rendered exactly as the transformers engines do (`prm_hf.PRMInput`), vLLM returns
+The input is rendered exactly as the transformers engines do (`prm_inputs.PRMInput`), vLLM returns
 per-token outputs with the activation off (ALL pooling; for "tag", STEP pooling without a tag id,
 which keeps every token), and the step scores are read at the same tag positions, so both
 engines agree and the column order is ours:
@@ -14,7 +14,7 @@ engines agree and the column order is ours:
   columns of the logits; p_k = softmax([z_good, z_bad])[0].
 
 Context: `max_length` (default the model's max_model_len); longer inputs keep their head and
-their tail steps are NaN with status "truncated", as in `prm_hf`.
+their tail steps are NaN with status "truncated", as in `prm_hf` (`prm_inputs.split_for_context`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import math
 from typing import Any
 
 from pipelines.engines.base import EngineSpec, PRMScores
-from pipelines.engines.prm_hf import QWEN_PRM_SYSTEM, PRMInput, mark_nan, split_for_context
+from pipelines.engines.prm_inputs import QWEN_PRM_SYSTEM, PRMInput, mark_nan, split_for_context
 
 
 class VLLMPRM:

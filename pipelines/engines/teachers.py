@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from scope_data.steps import split_steps
+from scope_data.steps import split_mode_for, split_steps
 from scope_data.tasks import arith
 
 logger = logging.getLogger(__name__)
@@ -107,9 +107,8 @@ class ReferenceTeacher:
         solution = item.row.get("solution")
         if not isinstance(solution, str) or not solution.strip():
             return TeacherOutput("", "no_reference", "error", "the problem has no solution")
-        mode = self.split_mode
-        if mode == "auto":
-            mode = "newline" if item.row.get("task") == "arith" else "blank_line"
+        override = None if self.split_mode == "auto" else self.split_mode
+        mode = split_mode_for(item.row.get("task"), override)
         steps = split_steps(solution, mode)
         k = item.prefix_steps
         if k >= len(steps):

@@ -34,7 +34,7 @@ import contextlib
 import io
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +240,3 @@ def _write_metrics(run_dir: Path, recipe: Recipe, last_round: int) -> None:
     frame.write_parquet(tmp)
     tmp.replace(run_dir / METRICS_FILE)
 
-
-def config_summary(recipe: Recipe) -> dict[str, Any]:
-    return {k: v for k, v in asdict(recipe).items() if k != "source"}

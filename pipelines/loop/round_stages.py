@@ -288,7 +288,7 @@ def first_error_hist(rollouts: pl.DataFrame, size: int = 10) -> list[int] | None
         return None
     for prompt, text in rows.select("prompt", "response_text").iter_rows():
         try:
-            k = arith.first_error(arith.parse_prompt(prompt), text)
+            k = arith.gold_first_error(prompt, text)
         except ValueError:
             continue
         if k >= 0:

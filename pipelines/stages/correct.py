@@ -139,7 +139,7 @@ class CorrectConfig:
 
 def verify(row: dict[str, Any], text: str) -> tuple[str | None, bool]:
     """(pred_answer, correct) of a corrected response, graded as `scope generate` grades."""
-    from pipelines.stages.generate import grade_response
+    from scope_data.grading import grade_response
 
     pred, ok, _ = grade_response(row["task"], row["prompt"], row["answer"], text)
     return pred, bool(ok)

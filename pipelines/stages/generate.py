@@ -30,6 +30,7 @@ from pipelines.engines.base import GenerationRequest, load_generation_engine, pa
 from pipelines.engines.fingerprint import model_fingerprint
 from pipelines.engines.prompts import TEMPLATES, render_and_encode
 from pipelines.executors.shard_executor import StageResult, run_stage
+from scope_data.grading import grade_response
 from scope_data.hashing import derive_seed, stable_id
 from scope_data.schema import empty_table
 
@@ -113,24 +114,6 @@ def default_cache_dir(out: str) -> str:
         return str(Path(out) / "_request_cache")
     return str(Path(os.environ.get("SCOPE_CACHE") or Path.home() / ".cache" / "scope")
                / "requests")
-
-
-def grade_response(task: str, prompt: str, answer: str, text: str) -> tuple[str | None, bool, str]:
-    """(pred_answer, correct, status) of one non-empty response."""
-    if task == "arith":
-        from scope_data.tasks import arith
-
-        try:
-            problem = arith.parse_prompt(prompt)
-        except ValueError:
-            problem = None
-        if problem is not None:
-            return arith.extract_answer(text), arith.is_correct(problem, text), "ok"
-    from scope_data.grading import grade
-
-    g = grade(text, answer)
-    status = g.status if g.status in ("grader_timeout", "grader_error") else "ok"
-    return g.pred_answer, g.correct, status
 
 
 class _Generator:

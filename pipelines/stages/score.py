@@ -33,7 +33,7 @@ from pipelines.executors.shard_executor import StageResult, run_stage
 from scope_data.first_error import locate_determined, tune_threshold
 from scope_data.schema import SCORED_FIELDS, conform
 from scope_data.shards import read_manifest
-from scope_data.steps import char_to_token_spans, split_steps
+from scope_data.steps import char_to_token_spans, split_mode_for, split_steps
 from scope_data.tasks import arith
 
 SCORED_COLUMNS = [f.name for f in SCORED_FIELDS]
@@ -147,13 +147,9 @@ def _position_bin(k: int, n: int) -> str:
     return POSITION_BINS[min(len(POSITION_BINS) - 1, int(5 * k / max(n, 1)))]
 
 
-def arith_gold(prompt: str, response: str) -> int:
-    return arith.first_error(arith.parse_prompt(prompt), response)
-
-
 def processbench_labelled(prm: PRMEngine, path: str) -> list[tuple[list[float], int]]:
     """(scores, label) of every record of a ProcessBench-format file, scored by `prm`."""
-    from pipelines.stages.prm_eval import load_benchmark
+    from scope_data.benchmarks import load_benchmark
 
     bench = load_benchmark(path)
     results = score_with_status(prm, [(p, s) for p, s, _ in bench.items])
@@ -182,7 +178,7 @@ class _Scorer:
         status = ["ok"] * n
         todo: list[int] = []
         for i in range(n):
-            mode = self.cfg.step_mode or ("newline" if cols["task"][i] == "arith" else "blank_line")
+            mode = split_mode_for(cols["task"][i], self.cfg.step_mode)
             steps = split_steps(cols["response_text"][i], mode)
             spans: list[tuple[int, int]] = []
             if steps:
@@ -216,7 +212,7 @@ class _Scorer:
         if tau is None:  # auto without --tune-on: arith rows labelled by the exact checker
             labelled = []
             for i in todo:
-                gold = arith_gold(cols["prompt"][i], cols["response_text"][i])
+                gold = arith.gold_first_error(cols["prompt"][i], cols["response_text"][i])
                 if gold < len(scores[i]):
                     labelled.append((scores[i], gold))
             tau = tune_threshold(labelled)

@@ -146,7 +146,7 @@ def mixed_policy_loss(
     Shapes: logp, old_logp, mask, off_mask (B, L); advantages (B,) or (B, L). `old_logp` is
     ignored (may be NaN) on off-policy and masked tokens. Returns (loss, metric sums): the
     sums (see `METRIC_KEYS`) are detached local totals, so they can be added across
-    micro-batches and processes before `summarize`.
+    micro-batches and processes before `metrics_from_sums`.
     """
     mask = mask.to(logp.dtype)
     off = off_mask.bool() & mask.bool()
@@ -193,7 +193,7 @@ def mixed_policy_loss(
     return loss, sums
 
 
-def summarize(sums: dict[str, Any]) -> dict[str, float]:
+def metrics_from_sums(sums: dict[str, Any]) -> dict[str, float]:
     """Ratios from metric sums: clip fraction (of on-policy tokens), off-policy token share,
     mean shaped weight f(p) and mean p (of off-policy tokens), mean entropy and KL per token."""
     s = {k: float(v) for k, v in sums.items()}

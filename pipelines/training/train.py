@@ -175,7 +175,11 @@ def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = Non
 
     from pipelines.console import print_summary
     from pipelines.training.data import Collator, ResponseDataset
-    from pipelines.training.trainer import NonFiniteLossError, progress_callback, trainer_class
+    from pipelines.training.trainer import (
+        MixedPolicyTrainer,
+        NonFiniteLossError,
+        RichProgress,
+    )
     from scope_data.shards import versions
 
     cfg.check()
@@ -222,10 +226,10 @@ def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = Non
         dataloader_pin_memory=torch.cuda.is_available(), ddp_find_unused_parameters=False)
     from transformers import PrinterCallback, ProgressCallback
 
-    trainer = trainer_class()(
+    trainer = MixedPolicyTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=Collator(dataset, pad),
         processing_class=tok, train_cfg=cfg, ref_model=ref_model,
-        callbacks=[progress_callback()])
+        callbacks=[RichProgress()])
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
     try:

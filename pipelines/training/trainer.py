@@ -14,163 +14,154 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.training.loss import METRIC_KEYS, summarize
+import torch
+from transformers import Trainer, TrainerCallback
+
+from pipelines.console import progress
+from pipelines.training.data import response_logprobs
+from pipelines.training.loss import METRIC_KEYS, metrics_from_sums, mixed_policy_loss
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; nothing is saved."""
 
 
-def trainer_class() -> type:
-    """Defined lazily so importing this module does not import torch/transformers."""
-    import torch
-    from transformers import Trainer
+class MixedPolicyTrainer(Trainer):
+    """A Trainer whose compute_loss is the mixed on/off-policy objective (subclass it to change
+    a piece, as with TRL's trainers); `train_cfg` is the `TrainConfig`."""
 
-    from pipelines.training.data import response_logprobs
-    from pipelines.training.loss import mixed_policy_loss
+    def __init__(self, *args: Any, train_cfg: Any, ref_model: Any = None,
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.cfg = train_cfg
+        self.ref_model = ref_model
+        self.loss_is_scaled_for_ga = True  # we divide by the optimizer step's global count
+        self.needs_precompute = train_cfg.old_logprobs == "recompute" or (
+            train_cfg.beta != 0.0)
+        self.old_store: list[Any] | None = None
+        self.ref_store: list[Any] | None = None
+        self.metric_rows: list[dict[str, Any]] = []
+        self._sums: dict[str, Any] = {}
 
-    class MixedPolicyTrainer(Trainer):
-        """A Trainer whose compute_loss is the mixed on/off-policy objective."""
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        # `run` shuffles rows with cfg.seed; a fixed order makes N processes see the same
+        # global batches as one process.
+        return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
 
-        def __init__(self, *args: Any, train_cfg: Any, ref_model: Any = None,
-                     **kwargs: Any):
-            super().__init__(*args, **kwargs)
-            self.cfg = train_cfg
-            self.ref_model = ref_model
-            self.loss_is_scaled_for_ga = True  # we divide by the optimizer step's global count
-            self.needs_precompute = train_cfg.old_logprobs == "recompute" or (
-                train_cfg.beta != 0.0)
-            self.old_store: list[Any] | None = None
-            self.ref_store: list[Any] | None = None
-            self.metric_rows: list[dict[str, Any]] = []
-            self._sums: dict[str, Any] = {}
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
+        samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        key = "response_mask"
+        if self.cfg.loss_type == "token_mean":
+            count = sum(b[key].sum() for b in samples)
+        else:
+            count = sum(float(b[key].shape[0]) for b in samples)
+        count = torch.as_tensor(count, dtype=torch.float32, device=device)
+        if self.accelerator.num_processes > 1:
+            count = self.accelerator.reduce(count, reduction="sum")
+        return samples, count
 
-        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-            # `run` shuffles rows with cfg.seed; a fixed order makes N processes see the same
-            # global batches as one process.
-            return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
-
-        def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
-            samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-            key = "response_mask"
-            if self.cfg.loss_type == "token_mean":
-                count = sum(b[key].sum() for b in samples)
-            else:
-                count = sum(float(b[key].shape[0]) for b in samples)
-            count = torch.as_tensor(count, dtype=torch.float32, device=device)
-            if self.accelerator.num_processes > 1:
-                count = self.accelerator.reduce(count, reduction="sum")
-            return samples, count
-
-        @torch.no_grad()
-        def _precompute(self, model: Any) -> None:
-            """Round-start log-probs of every row: old (recompute) and reference (beta)."""
-            policy = self.accelerator.unwrap_model(model)
-            was_training = policy.training
-            policy.eval()
-            old, ref = [], []
+    @torch.no_grad()
+    def _precompute(self, model: Any) -> None:
+        """Round-start log-probs of every row: old (recompute) and reference (beta)."""
+        policy = self.accelerator.unwrap_model(model)
+        was_training = policy.training
+        policy.eval()
+        old, ref = [], []
+        if self.ref_model is not None:
+            self.ref_model.to(self.args.device)
+        ds, bs = self.train_dataset, self.args.per_device_train_batch_size
+        for start in range(0, len(ds), bs):
+            batch = self.data_collator([ds[i] for i in range(start, min(start + bs, len(ds)))])
+            batch = self._prepare_inputs(batch)
+            n = batch["response_mask"].sum(-1).long().tolist()
+            if self.cfg.old_logprobs == "recompute":
+                with self.compute_loss_context_manager():
+                    lp, _ = response_logprobs(policy, batch, self.cfg.temperature,
+                                              chunk_rows=self.cfg.logprob_chunk_rows)
+                old += [lp[b, : n[b]].float().cpu() for b in range(len(n))]
             if self.ref_model is not None:
-                self.ref_model.to(self.args.device)
-            ds, bs = self.train_dataset, self.args.per_device_train_batch_size
-            for start in range(0, len(ds), bs):
-                batch = self.data_collator([ds[i] for i in range(start, min(start + bs, len(ds)))])
-                batch = self._prepare_inputs(batch)
-                n = batch["response_mask"].sum(-1).long().tolist()
-                if self.cfg.old_logprobs == "recompute":
-                    with self.compute_loss_context_manager():
-                        lp, _ = response_logprobs(policy, batch, self.cfg.temperature,
-                                                  chunk_rows=self.cfg.logprob_chunk_rows)
-                    old += [lp[b, : n[b]].float().cpu() for b in range(len(n))]
-                if self.ref_model is not None:
-                    with self.compute_loss_context_manager():
-                        lp, _ = response_logprobs(self.ref_model, batch, self.cfg.temperature,
-                                                  chunk_rows=self.cfg.logprob_chunk_rows)
-                    ref += [lp[b, : n[b]].float().cpu() for b in range(len(n))]
-            self.old_store = old or None
-            self.ref_store = ref or None
-            self.ref_model = None  # frees its memory
-            policy.train(was_training)
-            self.needs_precompute = False
+                with self.compute_loss_context_manager():
+                    lp, _ = response_logprobs(self.ref_model, batch, self.cfg.temperature,
+                                              chunk_rows=self.cfg.logprob_chunk_rows)
+                ref += [lp[b, : n[b]].float().cpu() for b in range(len(n))]
+        self.old_store = old or None
+        self.ref_store = ref or None
+        self.ref_model = None  # frees its memory
+        policy.train(was_training)
+        self.needs_precompute = False
 
-        def _stored(self, store: list[Any], batch: dict[str, Any]) -> Any:
-            out = torch.zeros_like(batch["response_mask"])
-            for b, i in enumerate(batch["row_idx"].tolist()):
-                out[b, : len(store[i])] = store[i].to(out.device)
-            return out
+    def _stored(self, store: list[Any], batch: dict[str, Any]) -> Any:
+        out = torch.zeros_like(batch["response_mask"])
+        for b, i in enumerate(batch["row_idx"].tolist()):
+            out[b, : len(store[i])] = store[i].to(out.device)
+        return out
 
-        def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
-            if self.needs_precompute:
-                self._precompute(model)
-            return super().training_step(model, inputs, num_items_in_batch)
+    def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
+        if self.needs_precompute:
+            self._precompute(model)
+        return super().training_step(model, inputs, num_items_in_batch)
 
-        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                         num_items_in_batch: Any = None) -> Any:
-            cfg = self.cfg
-            logp, entropy = response_logprobs(
-                model, inputs, cfg.temperature, with_entropy=True,
-                entropy_grad=cfg.entropy_coef != 0.0, chunk_rows=cfg.logprob_chunk_rows)
-            old = inputs["old_logp"] if self.old_store is None else self._stored(
-                self.old_store, inputs)
-            ref = None if self.ref_store is None else self._stored(self.ref_store, inputs)
-            loss, sums = mixed_policy_loss(
-                logp, old, inputs["advantages"], inputs["response_mask"], inputs["off_mask"],
-                epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
-                shaping_gamma=cfg.shaping_gamma, aggregation=cfg.loss_type,
-                max_length=cfg.max_length, num_items=num_items_in_batch, ref_logp=ref,
-                beta=cfg.beta, entropy=entropy, entropy_coef=cfg.entropy_coef)
-            bad = torch.as_tensor(float(not torch.isfinite(loss)), device=loss.device)
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        cfg = self.cfg
+        logp, entropy = response_logprobs(
+            model, inputs, cfg.temperature, with_entropy=True,
+            entropy_grad=cfg.entropy_coef != 0.0, chunk_rows=cfg.logprob_chunk_rows)
+        old = inputs["old_logp"] if self.old_store is None else self._stored(
+            self.old_store, inputs)
+        ref = None if self.ref_store is None else self._stored(self.ref_store, inputs)
+        loss, sums = mixed_policy_loss(
+            logp, old, inputs["advantages"], inputs["response_mask"], inputs["off_mask"],
+            epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+            shaping_gamma=cfg.shaping_gamma, aggregation=cfg.loss_type,
+            max_length=cfg.max_length, num_items=num_items_in_batch, ref_logp=ref,
+            beta=cfg.beta, entropy=entropy, entropy_coef=cfg.entropy_coef)
+        bad = torch.as_tensor(float(not torch.isfinite(loss)), device=loss.device)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if bad.item():
+            ds = self.train_dataset
+            ids = [ds.rows[i].rollout_id for i in inputs["row_idx"].tolist()]
+            raise NonFiniteLossError(
+                f"non-finite loss at optimizer step {self.state.global_step + 1}; "
+                f"rollout ids in the batch (this process): {ids}; nothing was saved")
+        for k, v in sums.items():
+            self._sums[k] = self._sums.get(k, 0) + v
+        # DDP/DeepSpeed average gradients over processes; the divisor is already global.
+        loss = loss * self.accelerator.num_processes
+        return (loss, {"logp": logp}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._sums:
+            sums = torch.stack([torch.as_tensor(self._sums.get(k, 0.0), dtype=torch.float32,
+                                                 device=self.args.device)
+                                for k in METRIC_KEYS])
             if self.accelerator.num_processes > 1:
-                bad = self.accelerator.reduce(bad, reduction="sum")
-            if bad.item():
-                ds = self.train_dataset
-                ids = [ds.rows[i].rollout_id for i in inputs["row_idx"].tolist()]
-                raise NonFiniteLossError(
-                    f"non-finite loss at optimizer step {self.state.global_step + 1}; "
-                    f"rollout ids in the batch (this process): {ids}; nothing was saved")
-            for k, v in sums.items():
-                self._sums[k] = self._sums.get(k, 0) + v
-            # DDP/DeepSpeed average gradients over processes; the divisor is already global.
-            loss = loss * self.accelerator.num_processes
-            return (loss, {"logp": logp}) if return_outputs else loss
-
-        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            if "loss" in logs and self._sums:
-                sums = torch.stack([torch.as_tensor(self._sums.get(k, 0.0), dtype=torch.float32,
-                                                     device=self.args.device)
-                                    for k in METRIC_KEYS])
-                if self.accelerator.num_processes > 1:
-                    sums = self.accelerator.reduce(sums, reduction="sum")
-                self._sums = {}
-                stats = summarize(dict(zip(METRIC_KEYS, sums.tolist(), strict=True)))
-                logs.update(stats)
-                self.metric_rows.append({
-                    "step": self.state.global_step, "epoch": float(self.state.epoch or 0),
-                    "loss": float(logs["loss"]), "grad_norm": float(logs.get("grad_norm", 0.0)),
-                    "learning_rate": float(logs.get("learning_rate", 0.0)), **stats})
-            super().log(logs, start_time)
-
-    return MixedPolicyTrainer
+                sums = self.accelerator.reduce(sums, reduction="sum")
+            self._sums = {}
+            stats = metrics_from_sums(dict(zip(METRIC_KEYS, sums.tolist(), strict=True)))
+            logs.update(stats)
+            self.metric_rows.append({
+                "step": self.state.global_step, "epoch": float(self.state.epoch or 0),
+                "loss": float(logs["loss"]), "grad_norm": float(logs.get("grad_norm", 0.0)),
+                "learning_rate": float(logs.get("learning_rate", 0.0)), **stats})
+        super().log(logs, start_time)
 
 
-def progress_callback() -> Any:
-    from transformers import TrainerCallback
+class RichProgress(TrainerCallback):
+    """Shows the optimizer steps (and the last loss) as a progress line."""
 
-    from pipelines.console import progress
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.bar = progress() if state.is_world_process_zero else None
+        if self.bar:
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=state.max_steps)
 
-    class RichProgress(TrainerCallback):
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.bar = progress() if state.is_world_process_zero else None
-            if self.bar:
-                self.bar.start()
-                self.task = self.bar.add_task("train", total=state.max_steps)
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+        if self.bar and logs and "loss" in logs:
+            self.bar.update(self.task, completed=state.global_step,
+                            description=f"train loss={logs['loss']:.4g}")
 
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-            if self.bar and logs and "loss" in logs:
-                self.bar.update(self.task, completed=state.global_step,
-                                description=f"train loss={logs['loss']:.4g}")
-
-        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if self.bar:
-                self.bar.stop()
-
-    return RichProgress()
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.bar:
+            self.bar.stop()

@@ -184,6 +184,12 @@ def first_error(problem: ArithProblem, response: str) -> int:
     return -1 if len(verdicts) == problem.num_steps else len(verdicts)
 
 
+def gold_first_error(prompt: str, response: str) -> int:
+    """The exact checker's first error of a response to an arith ``prompt`` (the gold label of
+    PRM evaluation and first-error histograms); ValueError if the prompt is not arith."""
+    return first_error(parse_prompt(prompt), response)
+
+
 def extract_answer(response: str) -> str | None:
     """The value of the last ``Answer:`` line, or None if there is none."""
     for line in reversed(response.split("\n")):
