@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,12 +22,74 @@ from rich.table import Table
 console = Console(stderr=True)
 
 
-def progress() -> Progress:
-    """A rich progress bar on stderr (disabled when stderr is not a terminal and CI is quiet)."""
+class LineProgress:
+    """Progress for a stderr that is not a terminal (CI logs, `| tee`, nohup): a plain line per
+    task every `every` seconds ($SCOPE_PROGRESS_EVERY, default 30) and a last one when a task
+    that printed finishes. Work shorter than `every` prints nothing. Same calls as rich's
+    Progress (the subset the stages use)."""
+
+    def __init__(self, every: float | None = None) -> None:
+        self.every = float(os.environ.get("SCOPE_PROGRESS_EVERY", 30)) if every is None else every
+        self.tasks: list[dict[str, Any]] = []
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        for task in self.tasks:
+            if task["printed"] and task["shown"] != task["completed"]:
+                self._print(task)
+
+    def add_task(self, description: str, total: float | None = None, **_: Any) -> int:
+        now = time.monotonic()
+        self.tasks.append({"description": description, "total": total, "completed": 0.0,
+                           "start": now, "last": now, "printed": False, "shown": None})
+        return len(self.tasks) - 1
+
+    def advance(self, task_id: int, advance: float = 1) -> None:
+        self.update(task_id, advance=advance)
+
+    def update(self, task_id: int, *, completed: float | None = None,
+               advance: float | None = None, description: str | None = None,
+               total: float | None = None, **_: Any) -> None:
+        task = self.tasks[task_id]
+        if description is not None:
+            task["description"] = description
+        if total is not None:
+            task["total"] = total
+        if completed is not None:
+            task["completed"] = completed
+        if advance is not None:
+            task["completed"] += advance
+        now = time.monotonic()
+        if now - task["last"] >= self.every:
+            task["last"], task["printed"] = now, True
+            self._print(task)
+
+    @staticmethod
+    def _print(task: dict[str, Any]) -> None:
+        done, total = task["completed"], task["total"]
+        task["shown"] = done
+        share = f" ({100 * done / total:.0f}%)" if total else ""
+        of = f"/{total:g}" if total else ""
+        elapsed = time.monotonic() - task["start"]
+        print(f"{task['description']}: {done:g}{of}{share}, {elapsed:.0f} s", file=sys.stderr,
+              flush=True)
+
+
+def progress() -> Progress | LineProgress:
+    """A rich progress bar on stderr, or plain progress lines when stderr is not a terminal."""
+    if not sys.stderr.isatty():
+        return LineProgress()
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-        disable=not sys.stderr.isatty(),
     )
 
 

@@ -10,10 +10,28 @@ from typing import Any
 import pyarrow as pa
 
 from scope_data.hashing import stable_id
-from scope_data.schema import conform
+from scope_data.schema import SCHEMAS, conform
 from scope_data.shards import TableStore
 
 NAN = float("nan")
+
+
+def blank_value(field: pa.Field) -> Any:
+    """A placeholder of a schema field: None where nullable, else the type's zero value."""
+    t = field.type
+    if field.nullable:
+        return None
+    if pa.types.is_list(t):
+        return []
+    if pa.types.is_string(t):
+        return ""
+    if pa.types.is_boolean(t):
+        return False
+    if pa.types.is_integer(t):
+        return 0
+    if pa.types.is_floating(t):
+        return 0.0
+    raise TypeError(f"no placeholder for column {field.name!r} of type {t}")
 
 
 def make_row(problem_id: str, rollout_id: str, prompt_ids: list[int], response_ids: list[int],
@@ -21,23 +39,25 @@ def make_row(problem_id: str, rollout_id: str, prompt_ids: list[int], response_i
              logprobs: list[float] | None = None, source: str | None = None,
              off_policy_start: int | None = None, steps: list[dict[str, Any]] | None = None,
              correct_status: str | None = None) -> dict[str, Any]:
-    """One corrected-table row with every column filled."""
+    """One corrected-table row: every column of the schema, placeholders where the trainer
+    does not look, the given values where it does."""
     n = len(response_ids)
-    return {
-        "problem_id": problem_id, "source": "test", "source_index": 0, "task": "arith",
-        "prompt": f"prompt of {problem_id}", "answer": "0", "solution": None,
-        "rollout_id": rollout_id, "round": round_, "sample_idx": 0, "policy": "hf:tiny",
-        "prompt_text": "p", "prompt_token_ids": list(prompt_ids), "response_text": "r",
+    row = {f.name: blank_value(f) for f in SCHEMAS["corrected"]}
+    row.update({
+        "problem_id": problem_id, "source": "test", "task": "arith",
+        "prompt": f"prompt of {problem_id}", "answer": "0", "rollout_id": rollout_id,
+        "round": round_, "policy": "hf:tiny", "prompt_text": "p",
+        "prompt_token_ids": list(prompt_ids), "response_text": "r",
         "response_token_ids": list(response_ids),
         "behaviour_logprobs": list(logprobs) if logprobs is not None else [-1.0] * n,
-        "finish_reason": "stop", "temperature": 1.0, "top_p": 1.0, "seed": 0,
-        "pred_answer": None, "reward": float(reward), "correct": reward > 0, "status": "ok",
-        "steps": steps or [], "first_error": None, "prm": "rule:arith", "threshold": 0.5,
-        "score_status": "ok", "kind": kind, "source_rollout_id": source,
+        "finish_reason": "stop", "temperature": 1.0, "top_p": 1.0, "reward": float(reward),
+        "correct": reward > 0, "status": "ok", "steps": steps or [], "prm": "rule:arith",
+        "threshold": 0.5, "score_status": "ok", "kind": kind, "source_rollout_id": source,
         "prefix_steps": None if kind == "policy" else 1, "off_policy_start": off_policy_start,
         "teacher": None if kind == "policy" else "oracle:arith",
         "correct_status": correct_status or ("accepted" if kind == "corrected" else "not_failed"),
-    }
+    })
+    return row
 
 
 def to_table(rows: list[dict[str, Any]]) -> pa.Table:

@@ -201,6 +201,7 @@ def _train(cfg: TinyConfig, out: Path, verbose: bool) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
     from pipelines.tiny.tokenizer import save_char_tokenizer
+    from pipelines.training.trainer import RichProgress
 
     tok = save_char_tokenizer(out, model_max_length=cfg.max_position_embeddings)
     torch.manual_seed(cfg.seed)
@@ -256,6 +257,7 @@ def _train(cfg: TinyConfig, out: Path, verbose: bool) -> dict[str, Any]:
         )
         if not verbose:
             trainer.remove_callback(PrinterCallback)
+            trainer.add_callback(RichProgress("tiny policy build"))
         t_train = time.time()
         result = trainer.train()
         seconds = time.time() - t_train

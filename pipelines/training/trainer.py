@@ -149,18 +149,21 @@ class MixedPolicyTrainer(Trainer):
 
 
 class RichProgress(TrainerCallback):
-    """Shows the optimizer steps (and the last loss) as a progress line."""
+    """Shows the optimizer steps (and the last loss) as a progress bar or line."""
+
+    def __init__(self, description: str = "train") -> None:
+        self.description = description
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.bar = progress() if state.is_world_process_zero else None
         if self.bar:
             self.bar.start()
-            self.task = self.bar.add_task("train", total=state.max_steps)
+            self.task = self.bar.add_task(self.description, total=state.max_steps)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
         if self.bar and logs and "loss" in logs:
             self.bar.update(self.task, completed=state.global_step,
-                            description=f"train loss={logs['loss']:.4g}")
+                            description=f"{self.description} loss={logs['loss']:.4g}")
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if self.bar:
