@@ -22,6 +22,12 @@ Diversity of a group y_1..y_G (all measures are in [0, 1], higher = more diverse
   of the group contains; the group's value is the mean over responses with >= 1 equation.
   For the arith task every step line ``1 - 7 = 4`` is one equation.
 
+Solution-path diversity, for tasks with many right answers (countdown): the caller passes the
+canonical paths (equal strings = the same solution) of a group's correct responses.
+``distinct_paths`` counts the distinct ones; ``path_entropy`` is the Shannon entropy in bits of
+their empirical distribution: 0 when all correct responses take one path, log2(c) when c
+correct responses take c different paths, None without a correct response.
+
 Tokens are whitespace-separated words (``tokens="word"``) or characters (``"char"``). No
 dependency on nltk; pure Python.
 """
@@ -170,3 +176,25 @@ def group_diversity(texts: Sequence[str], tokens: str = "word") -> dict[str, flo
 DIVERSITY_KEYS = tuple(f"distinct_{n}" for n in range(1, MAX_N + 1)) + (
     "self_bleu_div", "novel_equations",
 )
+
+
+# -- solution paths -------------------------------------------------------------------------
+def distinct_paths(paths: Sequence[str]) -> int:
+    """The number of distinct canonical solution paths."""
+    return len(set(paths))
+
+
+def path_entropy(paths: Sequence[str]) -> float | None:
+    """Shannon entropy (bits) of the distribution of paths; None for no path."""
+    if not paths:
+        return None
+    n = len(paths)
+    return sum(c / n * math.log2(n / c) for c in Counter(paths).values())
+
+
+def path_diversity(paths: Sequence[str]) -> dict[str, float | int | None]:
+    """Both solution-path measures of one group: distinct_paths, path_entropy."""
+    return {"distinct_paths": distinct_paths(paths), "path_entropy": path_entropy(paths)}
+
+
+PATH_DIVERSITY_KEYS = ("distinct_paths", "path_entropy")

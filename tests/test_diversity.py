@@ -11,10 +11,13 @@ from scope_data.diversity import (
     avg_at_n,
     bleu,
     distinct_n,
+    distinct_paths,
     equations,
     group_diversity,
     novel_equation_share,
     pass_at_k,
+    path_diversity,
+    path_entropy,
     self_bleu,
 )
 
@@ -109,3 +112,13 @@ def test_novel_equation_share_hand_made() -> None:
     assert novel_equation_share([a, "9 - 1 = 8"]) == pytest.approx(1.0)
     assert novel_equation_share([c, c]) is None
     assert novel_equation_share([a]) is None
+
+
+def test_solution_path_diversity_hand_computed() -> None:
+    assert distinct_paths([]) == 0 and path_entropy([]) is None
+    assert path_diversity(["a"] * 5) == {"distinct_paths": 1, "path_entropy": 0.0}
+    assert path_entropy(["a", "b", "c", "d"]) == pytest.approx(2.0)
+    # p = (1/2, 1/4, 1/4): H = 0.5 * 1 + 2 * 0.25 * 2 = 1.5 bits
+    assert path_diversity(["a", "b", "a", "c"]) == {"distinct_paths": 3, "path_entropy": 1.5}
+    assert path_entropy(["x", "y", "y"]) == pytest.approx(
+        -(1 / 3) * math.log2(1 / 3) - (2 / 3) * math.log2(2 / 3))
