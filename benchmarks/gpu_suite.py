@@ -215,12 +215,11 @@ def bench_train(dev: str, sh: dict[str, Any], ceiling_tflops: float) -> dict[str
 def logprob_inputs(shape: tuple[int, int, int], dev: str) -> tuple[Any, Any, Any]:
     import torch
 
-    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
     B, T, V = shape
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    logits = torch.randn(B, T, V, generator=g).to(dev, dtype).requires_grad_(True)
-    return logits, torch.randint(0, V, (B, T), generator=g).to(dev), torch.randn(
-        B, T, generator=g).to(dev)
+    logits = torch.randn(B, T, V, device=dev, dtype=dtype, requires_grad=True)
+    return logits, torch.randint(0, V, (B, T), device=dev), torch.randn(B, T, device=dev)
 
 
 def logprob_fn(variant: str, logits: Any, index: Any, weights: Any) -> Callable[[], Any]:
