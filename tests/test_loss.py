@@ -1,4 +1,5 @@
-"""The mixed on/off-policy loss against hand-computed values (2 sequences x 5 tokens)."""
+"""The mixed on/off-policy loss against hand-computed values (2 sequences x 5 tokens), and the
+GRPO-family options: GSPO, TRL loss_type names, truncated-completion masking, overlong penalty."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import pytest
 import torch
 
 from pipelines.training.loss import (
+    LOSS_TYPES,
     aggregate,
+    aggregation_of,
     entropy_from_logits,
+    mask_truncated_completions,
     metrics_from_sums,
     mixed_policy_loss,
+    overlong_penalty,
     selective_log_softmax,
 )
 
@@ -158,3 +163,140 @@ def test_selective_log_softmax_and_entropy_match_full_softmax() -> None:
     half = selective_log_softmax(logits.detach().bfloat16(), index)
     assert half.dtype == torch.float32
     assert torch.allclose(half.double(), selective_log_softmax(logits.detach(), index), atol=0.1)
+
+
+# -- the GRPO loss family ----------------------------------------------------------------------
+def reference_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
+                   mask: torch.Tensor, off_mask: torch.Tensor, aggregation: str,
+                   max_length: int) -> torch.Tensor:
+    """The loss as it was before the GSPO and loss_type options: same operations, same order."""
+    mask = mask.to(logp.dtype)
+    off = off_mask.bool() & mask.bool()
+    on = ~off_mask.bool() & mask.bool()
+    adv = adv.to(logp.dtype)
+    adv = adv.unsqueeze(-1).expand_as(logp) if adv.dim() == 1 else adv
+    old = torch.where(on, old_logp.to(logp.dtype), logp.detach())
+    ratio = torch.exp(logp - old)
+    on_loss = -torch.min(ratio * adv, torch.clamp(ratio, 1 - EPS, 1 + EPS_HIGH) * adv)
+    p = torch.exp(logp)
+    masked = torch.where(off, -(p / (p + GAMMA)) * adv, on_loss) * mask
+    if aggregation == "token_mean":
+        return masked.sum() / mask.sum().clamp(min=1)
+    if aggregation == "seq_mean":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / mask.shape[0]
+    return masked.sum() / (mask.shape[0] * max_length)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean", "constant"])
+def test_defaults_reproduce_the_old_loss_bit_for_bit(dtype: torch.dtype, aggregation: str) -> None:
+    torch.manual_seed(3)
+    logp0 = (-3 * torch.rand(6, 13)).to(dtype)
+    old = logp0.float() + 0.3 * torch.randn(6, 13)
+    off = torch.rand(6, 13) > 0.6
+    old[off] = NAN
+    adv, mask = torch.randn(6), (torch.rand(6, 13) > 0.2).float()
+    grads = []
+    for new in (True, False):
+        logp = logp0.clone().requires_grad_(True)
+        if new:
+            loss, _ = mixed_policy_loss(logp, old, adv, mask, off, epsilon=EPS,
+                                        epsilon_high=EPS_HIGH, shaping_gamma=GAMMA,
+                                        aggregation=aggregation, max_length=16)
+        else:
+            loss = reference_loss(logp, old, adv, mask, off, aggregation, 16)
+        loss.backward()
+        grads.append((loss.detach(), logp.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_gspo_sequence_ratio_value_and_gradient() -> None:
+    # Sequence 0: on-policy ratios 1.1, 1.5, 0.5 -> s_0 = (1.1 * 1.5 * 0.5)^(1/3) = 0.825^(1/3)
+    # = 0.9380, inside [0.8, 1.28]: L = -s_0 on tokens 0-2; off-policy tokens 3-4 unchanged.
+    # Sequence 1: ratios 0.5, 1.5, 1.0, 0.9 -> s_1 = 0.675^(1/4) = 0.9064, A = -0.5: L = 0.5 s_1.
+    s0, s1 = 0.825 ** (1 / 3), 0.675 ** 0.25
+    rows = [[-s0] * 3 + TOKEN_LOSS[0][3:], [0.5 * s1] * 4 + [0.0]]
+    loss, sums, logp = loss_of("seq_mean", importance_sampling_level="sequence")
+    assert loss.item() == pytest.approx((sum(rows[0]) / 5 + sum(rows[1]) / 4) / 2, abs=1e-12)
+    assert metrics_from_sums(sums)["clip_fraction"] == 0.0
+    loss, _, logp = loss_of("token_mean", importance_sampling_level="sequence")
+    assert loss.item() == pytest.approx((sum(rows[0]) + sum(rows[1])) / 9, abs=1e-12)
+    loss.backward()
+    g = logp.grad * 9
+    # d s_i / d l_u = s_i / |O_i|, summed over the |O_i| tokens that carry s_i: -A s_i per token
+    assert g[0, :3].tolist() == pytest.approx([-s0] * 3)
+    assert g[1, :4].tolist() == pytest.approx([0.5 * s1] * 4)
+    for t, p in ((3, 0.1), (4, 0.6)):  # LUFFY shaping as at token level
+        assert g[0, t].item() == pytest.approx(-1.0 * GAMMA * p / (p + GAMMA) ** 2)
+
+
+def test_gspo_clips_whole_sequences() -> None:
+    # Row 0, A = +1: log-ratios 0.4, 0.2 -> s = e^0.3 = 1.350 > 1.28: L = -1.28 on both, no
+    #   gradient (token level: only token 0, e^0.4 = 1.492, is clipped; token 1 has -e^0.2).
+    # Row 1, A = -1: log-ratios -0.5, -0.1 -> s = e^-0.3 = 0.741 < 0.8: L = -min(-s, -0.8) = 0.8
+    #   on both, no gradient (token level: token 0, e^-0.5 = 0.607, clipped; token 1 +e^-0.1).
+    # Row 2, A = +2: off-policy p = 0.1, 0.4 (no on-policy token, s = 1 unused):
+    #   L = -2 * 0.1/0.2 = -1.0 and -2 * 0.4/0.5 = -1.6 at both levels.
+    logp0 = torch.tensor([[-1.0, -2.0], [-1.0, -2.0], [math.log(0.1), math.log(0.4)]],
+                         dtype=torch.float64)
+    old = torch.tensor([[-1.4, -2.2], [-0.5, -1.9], [NAN, NAN]], dtype=torch.float64)
+    adv = torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64)
+    mask, off = torch.ones(3, 2), torch.tensor([[0, 0], [0, 0], [1, 1]], dtype=torch.bool)
+    out = {}
+    for level in ("sequence", "token"):
+        logp = logp0.clone().requires_grad_(True)
+        loss, sums = mixed_policy_loss(logp, old, adv, mask, off, epsilon=EPS,
+                                       epsilon_high=EPS_HIGH, shaping_gamma=GAMMA,
+                                       importance_sampling_level=level)
+        loss.backward()
+        out[level] = (loss.item(), logp.grad * 6, metrics_from_sums(sums)["clip_fraction"])
+    loss, g, clip = out["sequence"]
+    assert loss == pytest.approx((-1.28 * 2 + 0.8 * 2 - 1.0 - 1.6) / 6, abs=1e-12)
+    assert g[:2].abs().max().item() == 0.0 and clip == 1.0
+    assert g[2].tolist() == pytest.approx([-2 * GAMMA * 0.1 / 0.2**2, -2 * GAMMA * 0.4 / 0.5**2])
+    loss, g, clip = out["token"]
+    assert loss == pytest.approx((-1.28 - math.exp(0.2) + 0.8 + math.exp(-0.1) - 2.6) / 6)
+    assert [g[0, 1].item(), g[1, 1].item()] == pytest.approx([-math.exp(0.2), math.exp(-0.1)])
+    assert clip == 0.5
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        loss_of("token_mean", importance_sampling_level="group")
+
+
+def test_trl_loss_type_names() -> None:
+    assert LOSS_TYPES == {"grpo": "seq_mean", "bnpo": "token_mean", "dr_grpo": "constant",
+                          "dapo": "token_mean"}
+    for trl_name, ours in LOSS_TYPES.items():
+        assert aggregation_of(trl_name) == ours and aggregation_of(ours) == ours
+        assert loss_of(trl_name)[0].item() == loss_of(ours)[0].item()
+    s0, s1 = sum(TOKEN_LOSS[0]), sum(TOKEN_LOSS[1])
+    assert loss_of("grpo")[0].item() == pytest.approx((s0 / 5 + s1 / 4) / 2, abs=1e-12)
+    assert loss_of("dr_grpo")[0].item() == pytest.approx((s0 + s1) / (2 * 8), abs=1e-12)
+    # dapo: token sum over the global token count of the optimizer step, e.g. 9 here + 27 in
+    # other micro-batches
+    assert loss_of("dapo", num_items=36)[0].item() == pytest.approx((s0 + s1) / 36, abs=1e-12)
+    with pytest.raises(ValueError, match="unknown aggregation 'gspo'"):
+        aggregation_of("gspo")
+
+
+def test_mask_truncated_completions() -> None:
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]], dtype=torch.float32)
+    want = [[1, 1, 1], [0, 0, 0], [1, 0, 0]]
+    assert mask_truncated_completions(mask, ["stop", "length", None]).tolist() == want
+    assert mask_truncated_completions(mask, torch.tensor([False, True, False])).tolist() == want
+    # Sequence 1 of the example truncated: token mean over sequence 0's 5 tokens only.
+    ex = example()
+    m = mask_truncated_completions(ex["mask"], ["stop", "length"])
+    loss, sums = mixed_policy_loss(ex["logp"], ex["old_logp"], ex["advantages"], m,
+                                   ex["off_mask"], epsilon=EPS, epsilon_high=EPS_HIGH)
+    assert loss.item() == pytest.approx(sum(TOKEN_LOSS[0]) / 5, abs=1e-12)
+    assert metrics_from_sums(sums)["sequences"] == 1
+
+
+def test_overlong_penalty() -> None:
+    # Lmax = 20, Lcache = 4: free up to 16, then (16 - L) / 4 down to -1 at 20, -1 beyond
+    lengths = [10, 16, 17, 18, 20, 21, 30]
+    assert overlong_penalty(lengths, 20, 4).tolist() == [0, 0, -0.25, -0.5, -1, -1, -1]
+    assert overlong_penalty(torch.tensor([18]), 20, 4, penalty_factor=0.5).tolist() == [-0.25]
+    for bad in (0, 21):
+        with pytest.raises(ValueError, match="overlong_buffer_len"):
+            overlong_penalty(lengths, 20, bad)

@@ -14,11 +14,24 @@ Per response token t of response i, with advantage A (one per response, or per t
       + beta * KL_t,      KL_t = exp(l_ref - l) - (l_ref - l) - 1   (k3 estimator)
       - entropy_coef * H_t,  H_t = entropy of pi_theta(. | prefix) at temperature T
 
+GSPO (`importance_sampling_level="sequence"`, TRL's name): one ratio per response from the
+mean log-ratio over its on-policy tokens O_i, clipped per sequence and applied to each of them
+(off-policy tokens keep the shaping above):
+      s_i = exp( sum_{t in O_i} (l_t - l_old_t) / |O_i| )
+      L_t = -min(s_i * A, clip(s_i, 1 - epsilon, 1 + epsilon_high) * A)      t in O_i
+      dL_t/dl_u = -A * s_i / |O_i|   for u in O_i (unclipped), so the seq_mean of i has gradient
+      -A * s_i * mean_{u in O_i} grad l_u, GSPO's sequence-level gradient
+
 Aggregation over the token mask m (N = `num_items`, the count over the whole optimizer step
 across gradient-accumulation micro-batches and processes; local counts by default):
   token_mean:  sum_{i,t} m L / N_tokens
   seq_mean:    sum_i (sum_t m L / sum_t m) / N_seqs
   constant:    sum_{i,t} m L / (N_seqs * max_length)       (Dr. GRPO, LUFFY's released runs)
+TRL's `loss_type` names are accepted too (`LOSS_TYPES`): grpo = seq_mean, bnpo = dapo =
+token_mean, dr_grpo = constant (max_length plays max_completion_length).
+
+Data-side pieces of DAPO: `mask_truncated_completions` drops rows cut at the length limit from
+the loss; `overlong_penalty` is its soft overlong punishment, a reward term.
 
 Log-probs come from `selective_log_softmax`, which never materialises a full-vocabulary
 log-softmax for the whole batch: per chunk of rows it takes logsumexp and gathers the target.
@@ -26,11 +39,16 @@ log-softmax for the whole batch: per chunk of rows it takes logsumexp and gather
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 AGGREGATIONS = ("token_mean", "seq_mean", "constant")
+# TRL's GRPOConfig.loss_type names (TRL 1.10.0.dev0, main of July 2026; "dapo" since 0.22)
+LOSS_TYPES = {"grpo": "seq_mean", "bnpo": "token_mean", "dr_grpo": "constant",
+              "dapo": "token_mean"}
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 METRIC_KEYS = ("tokens", "seqs", "on_tokens", "off_tokens", "clipped_tokens", "shaped_weight",
                "entropy", "kl", "off_prob")
 
@@ -97,6 +115,15 @@ def entropy_from_logits(
     return torch.cat(out, dim=0)
 
 
+def aggregation_of(loss_type: str) -> str:
+    """Our aggregation for a TRL loss_type name; our own names map to themselves."""
+    aggregation = LOSS_TYPES.get(loss_type, loss_type)
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {loss_type!r}; use one of "
+                         f"{AGGREGATIONS + tuple(LOSS_TYPES)}")
+    return aggregation
+
+
 def aggregate(
     token_loss: torch.Tensor,
     mask: torch.Tensor,
@@ -106,9 +133,11 @@ def aggregate(
 ) -> torch.Tensor:
     """Reduce (B, L) per-token losses to a scalar (formulas in the module docstring).
 
-    `num_items` is the divisor's count (tokens for token_mean, sequences otherwise); by
-    default the local count of this batch.
+    `aggregation` is one of `AGGREGATIONS` or a TRL name of `LOSS_TYPES`. `num_items` is the
+    divisor's count (tokens for token_mean, sequences otherwise); by default the local count
+    of this batch.
     """
+    aggregation = aggregation_of(aggregation)
     masked = token_loss * mask
     if aggregation == "token_mean":
         n = mask.sum().clamp(min=1) if num_items is None else num_items
@@ -116,11 +145,9 @@ def aggregate(
     n = mask.shape[0] if num_items is None else num_items
     if aggregation == "seq_mean":
         return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / n
-    if aggregation == "constant":
-        if not max_length:
-            raise ValueError("aggregation 'constant' needs max_length")
-        return masked.sum() / (n * max_length)
-    raise ValueError(f"unknown aggregation {aggregation!r}; use one of {AGGREGATIONS}")
+    if not max_length:
+        raise ValueError("aggregation 'constant' needs max_length")
+    return masked.sum() / (n * max_length)
 
 
 def mixed_policy_loss(
@@ -140,14 +167,20 @@ def mixed_policy_loss(
     beta: float = 0.0,
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
+    importance_sampling_level: str = "token",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The objective of the module docstring.
 
     Shapes: logp, old_logp, mask, off_mask (B, L); advantages (B,) or (B, L). `old_logp` is
-    ignored (may be NaN) on off-policy and masked tokens. Returns (loss, metric sums): the
-    sums (see `METRIC_KEYS`) are detached local totals, so they can be added across
-    micro-batches and processes before `metrics_from_sums`.
+    ignored (may be NaN) on off-policy and masked tokens. `importance_sampling_level` is
+    "token" (PPO/GRPO) or "sequence" (GSPO; on-policy tokens of a clipped sequence all count
+    as clipped). Returns (loss, metric sums): the sums (see `METRIC_KEYS`) are detached local
+    totals, so they can be added across micro-batches and processes before
+    `metrics_from_sums`.
     """
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}; "
+                         f"use one of {IMPORTANCE_SAMPLING_LEVELS}")
     mask = mask.to(logp.dtype)
     off = off_mask.bool() & mask.bool()
     on = ~off_mask.bool() & mask.bool()
@@ -158,7 +191,11 @@ def mixed_policy_loss(
 
     # On-policy: PPO clip. Old log-probs of other tokens are replaced so NaNs cannot leak.
     old = torch.where(on, old_logp.to(logp.dtype), logp.detach())
-    ratio = torch.exp(logp - old)
+    if importance_sampling_level == "token":
+        ratio = torch.exp(logp - old)
+    else:  # GSPO: s_i from the mean log-ratio of the on-policy tokens, shape (B, 1)
+        n_on = on.sum(-1, keepdim=True).clamp(min=1).to(logp.dtype)
+        ratio = torch.exp(((logp - old) * on).sum(-1, keepdim=True) / n_on)
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high) * adv
     on_loss = -torch.min(unclipped, clipped)
@@ -191,6 +228,47 @@ def mixed_policy_loss(
             "kl": zero if kl is None else (kl.detach() * mask).sum(),
         }
     return loss, sums
+
+
+def mask_truncated_completions(
+    mask: torch.Tensor, finish_reasons: Sequence[str | None] | torch.Tensor
+) -> torch.Tensor:
+    """`mask` (B, L) with the rows of truncated completions zeroed (TRL's
+    mask_truncated_completions, DAPO): `finish_reasons` holds one finish_reason per row
+    ("length" = cut at the limit) or is a bool tensor (B,) True where truncated.
+
+    The rows still count in their group's advantages and as sequences in the seq_mean and
+    constant divisors; count tokens for token_mean after masking.
+    """
+    if isinstance(finish_reasons, torch.Tensor):
+        truncated = finish_reasons.to(device=mask.device, dtype=torch.bool)
+    else:
+        truncated = torch.tensor([r == "length" for r in finish_reasons], device=mask.device)
+    return mask * (~truncated).unsqueeze(-1).to(mask.dtype)
+
+
+def overlong_penalty(
+    lengths: Sequence[int] | torch.Tensor,
+    max_completion_length: int,
+    overlong_buffer_len: int,
+    penalty_factor: float = 1.0,
+) -> torch.Tensor:
+    """DAPO's soft overlong punishment, a reward term per response length L (float64):
+
+        R(L) = factor * 0                             L <= Lmax - Lcache
+               factor * (Lmax - Lcache - L) / Lcache   Lmax - Lcache < L <= Lmax
+               factor * -1                            L > Lmax
+
+    with Lmax = max_completion_length, Lcache = overlong_buffer_len (verl's
+    `overlong_buffer.len`; its reward manager computes the same for L <= Lmax).
+    """
+    if not 0 < overlong_buffer_len <= max_completion_length:
+        raise ValueError(f"overlong_buffer_len must be in (0, max_completion_length], got "
+                         f"{overlong_buffer_len} for max_completion_length "
+                         f"{max_completion_length}")
+    length = torch.as_tensor(lengths, dtype=torch.float64)
+    expected = max_completion_length - overlong_buffer_len
+    return ((expected - length) / overlong_buffer_len).clamp(-1.0, 0.0) * penalty_factor
 
 
 def metrics_from_sums(sums: dict[str, Any]) -> dict[str, float]:
