@@ -1,4 +1,4 @@
-"""Group-relative advantages (DESIGN.md section 1, step 6). Pure numpy, no torch.
+"""Group-relative advantages (DESIGN.md section 1, step 6). numpy and polars, no torch.
 
 For a group g of responses to one problem with rewards r_1..r_G:
 
@@ -19,17 +19,27 @@ shaping term on top of the sequence advantage, centred per group:
 tokens outside every step (and responses without step scores, e.g. unscored correct ones)
 keep A_i. Centring makes the term group-relative like A_i itself, so a group whose responses
 all failed still gives a gradient when its PRM scores differ.
+
+Everything is vectorised over groups. Group means and stds are numpy reductions over a
+(groups, size) block per group size, i.e. numpy's pairwise summation of each group's values in
+row order: the same floats as `np.mean` / `np.std` of each group alone (polars' own float sums
+use another order and may differ in the last bit).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
+import polars as pl
+import pyarrow as pa
 
 ESTIMATORS = ("grpo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
 EPS = 1e-4
+
+GroupIds = Sequence[object] | np.ndarray | pl.Series
 
 
 def resolve_scale_rewards(estimator: str, scale_rewards: str | None) -> str:
@@ -47,13 +57,34 @@ def resolve_scale_rewards(estimator: str, scale_rewards: str | None) -> str:
     return scale_rewards or "group"
 
 
-def _std(x: np.ndarray) -> float:
-    return float(np.std(x, ddof=1)) if x.size > 1 else 0.0
+def _series(group_ids: GroupIds) -> pl.Series:
+    return group_ids if isinstance(group_ids, pl.Series) else pl.Series(np.asarray(group_ids))
+
+
+def _codes(group_ids: GroupIds) -> np.ndarray:
+    """Dense int64 codes 0..G-1 of group ids: equal ids get equal codes."""
+    return _series(group_ids).rank("dense").to_numpy().astype(np.int64) - 1
+
+
+def _group_blocks(values: np.ndarray, codes: np.ndarray
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Per group size n: (rows, values[rows]), rows[j] = the positions of one group of n."""
+    order = np.argsort(codes, kind="stable")
+    starts = np.flatnonzero(np.diff(codes[order], prepend=-1))
+    sizes = np.diff(np.append(starts, codes.size))
+    for n in np.unique(sizes):
+        rows = order[starts[sizes == n][:, None] + np.arange(n)]
+        yield rows, values[rows]
+
+
+def _std(x: np.ndarray) -> np.ndarray | float:
+    """Unbiased std along the last axis (kept as a length-1 axis); 0 for one value."""
+    return np.std(x, axis=-1, ddof=1, keepdims=True) if x.shape[-1] > 1 else 0.0
 
 
 def group_advantages(
     rewards: Sequence[float] | np.ndarray,
-    group_ids: Sequence[object] | np.ndarray,
+    group_ids: GroupIds,
     estimator: str = "grpo",
     scale_rewards: str | None = None,
     eps: float = EPS,
@@ -65,54 +96,78 @@ def group_advantages(
     if not np.all(np.isfinite(r)):
         raise ValueError("rewards contain NaN or inf")
     scale = resolve_scale_rewards(estimator, scale_rewards)
-    _, inverse = np.unique(np.asarray(group_ids, dtype=object).astype(str), return_inverse=True)
     adv = np.zeros_like(r)
     batch_std = _std(r)
-    for g in range(inverse.max() + 1 if r.size else 0):
-        idx = np.flatnonzero(inverse == g)
-        centred = r[idx] - r[idx].mean()
+    for rows, block in _group_blocks(r, _codes(group_ids)):
+        centred = block - block.mean(axis=1, keepdims=True)
         if scale == "group":
-            centred = centred / (_std(r[idx]) + eps)
+            centred = centred / (_std(block) + eps)
         elif scale == "batch":
             centred = centred / (batch_std + eps)
-        adv[idx] = centred
+        adv[rows] = centred
     return adv
 
 
 def dense_step_advantages(
     seq_advantages: Sequence[float] | np.ndarray,
-    group_ids: Sequence[object] | np.ndarray,
-    step_spans: Sequence[Sequence[tuple[int, int, float]] | None],
-    lengths: Sequence[int],
+    group_ids: GroupIds,
+    spans: pl.DataFrame,
+    lengths: Sequence[int] | np.ndarray,
     alpha: float = 1.0,
-) -> list[np.ndarray]:
-    """Token-level advantages for `prm_dense` (formula in the module docstring).
+) -> pl.Series:
+    """Token-level advantages for `prm_dense` (formula in the module docstring): one
+    List(Float64) per response.
 
-    `step_spans[i]` lists (token_start, token_end, score) of response i's steps (end
-    exclusive; None or empty: unscored); `lengths[i]` is its response length in tokens.
+    `spans` holds the steps, one row each in response then step order: ``row`` (the
+    response's index), ``token_start``, ``token_end`` (exclusive), ``score``; steps with a
+    null offset or a null or non-finite score are unscored. `lengths[i]` is response i's
+    length in tokens.
     """
-    groups = np.asarray(group_ids, dtype=object).astype(str)
-    centre: dict[str, float] = {}
-    for g in np.unique(groups):
-        scores = [s for i in np.flatnonzero(groups == g) for (_, _, s) in (step_spans[i] or [])
-                  if s is not None and np.isfinite(s)]
-        centre[g] = float(np.mean(scores)) if scores else 0.0
-    out = []
-    for i, (a, n) in enumerate(zip(seq_advantages, lengths, strict=True)):
-        tok = np.full(int(n), float(a), dtype=np.float64)
-        for start, end, score in step_spans[i] or []:
-            if score is None or not np.isfinite(score):
-                continue
-            tok[max(0, start):min(int(n), end)] += alpha * (score - centre[groups[i]])
-        out.append(tok)
-    return out
+    a = np.asarray(seq_advantages, dtype=np.float64)
+    n = np.asarray(lengths, dtype=np.int64)
+    codes = _codes(group_ids)
+    scored = spans.filter(
+        pl.col("token_start").is_not_null() & pl.col("token_end").is_not_null()
+        & pl.col("score").is_not_null() & pl.col("score").is_finite()
+    )
+    row = scored["row"].cast(pl.Int64).to_numpy()
+    score = scored["score"].cast(pl.Float64).to_numpy()
+    centre = np.zeros(codes.max() + 1 if codes.size else 0)
+    for rows, block in _group_blocks(score, codes[row]):
+        centre[codes[row[rows[:, 0]]]] = block.mean(axis=1)
+    delta = alpha * (score - centre[codes[row]])
+    # Python slice semantics of tok[max(0, start):min(n, end)]
+    size = n[row]
+    start = np.maximum(0, scored["token_start"].cast(pl.Int64).to_numpy())
+    end = np.minimum(size, scored["token_end"].cast(pl.Int64).to_numpy())
+    end = np.where(end < 0, np.maximum(0, end + size), end)
+    width = np.maximum(0, end - start)
+    offsets = np.concatenate([[0], np.cumsum(n)])
+    tok = np.repeat(a, n)
+    # a response's steps add in step order: add the j-th scored step of every response at once
+    first = np.diff(row, prepend=-1) != 0
+    step = np.arange(row.size) - np.maximum.accumulate(np.where(first, np.arange(row.size), 0))
+    for j in range(int(step.max()) + 1 if step.size else 0):
+        sel = np.flatnonzero((step == j) & (width > 0))
+        w = width[sel]
+        within = np.arange(w.sum()) - np.repeat(np.cumsum(w) - w, w)
+        idx = np.repeat(offsets[row[sel]] + start[sel], w) + within
+        tok[idx] += np.repeat(delta[sel], w)
+    return pl.Series(pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(tok)))
 
 
 def zero_groups(
-    advantages: Sequence[np.ndarray | float], group_ids: Sequence[object], atol: float = 0.0
-) -> set[str]:
-    """Groups in which every advantage (scalar or per-token) is zero: no gradient, skipped."""
-    groups = np.asarray(group_ids, dtype=object).astype(str)
-    nonzero = {g for g, a in zip(groups, advantages, strict=True)
-               if np.any(np.abs(np.asarray(a, dtype=np.float64)) > atol)}
-    return set(groups.tolist()) - nonzero
+    advantages: Sequence[float] | np.ndarray | pl.Series, group_ids: GroupIds, atol: float = 0.0
+) -> set[Any]:
+    """The ids of the groups in which every advantage is zero (|A| <= atol): no gradient.
+
+    `advantages`: one per response, or a List series of per-token ones (`prm_dense`).
+    """
+    if isinstance(advantages, pl.Series) and advantages.dtype == pl.List:
+        element = pl.element()
+        nonzero = advantages.list.eval((element.abs() > atol) & element.is_not_nan()).list.any()
+    else:
+        nonzero = pl.Series(np.abs(np.asarray(advantages, dtype=np.float64)) > atol)
+    frame = pl.DataFrame({"group": _series(group_ids), "nonzero": nonzero})
+    dead = frame.group_by("group").agg(pl.col("nonzero").any()).filter(~pl.col("nonzero"))
+    return set(dead["group"].to_list())

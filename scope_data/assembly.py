@@ -6,6 +6,11 @@ A group is one problem in one round. For `scope` and `luffy`, each accepted corr
 then computed over the assembled group (`scope_data.advantages`), and groups whose advantages
 are all zero are skipped (they give no gradient) and counted.
 
+Order: groups in order of their first row (policy rows first, then groups that only hold
+corrections); in a group, its remaining policy rows in table order, then its corrections. A
+correction is used once per ``source_rollout_id`` (a later one is a duplicate); one whose source
+is not a policy row of its group is an orphan and is added as it is.
+
 Token layout of a training row: ``response_token_ids[:off_policy_start]`` are on-policy (the
 policy's own tokens, trained with PPO clip against old log-probs), the rest are off-policy
 (teacher tokens, trained with LUFFY's shaped objective). A ``policy`` row has
@@ -16,7 +21,6 @@ lives in `scope_data.groups`, owned by the correct stage.)
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +34,9 @@ USES_CORRECTIONS = {"scope": True, "luffy": True, "grpo": False, "prm_dense": Fa
 # correct_status values of kind="corrected" rows that `scope correct` writes; rejected_wrong
 # rows exist only when the user turned require_correct off, i.e. asked to train on them.
 ACCEPTED_STATUSES = ("accepted", "truncated", "rejected_wrong")
+
+GROUP_KEY = ["problem_id", "round"]
+HEAVY = ["prompt_token_ids", "response_token_ids", "behaviour_logprobs"]  # gathered once
 
 ROW_SCHEMA = {
     "group_id": pl.String, "problem_id": pl.String, "round": pl.Int32, "rollout_id": pl.String,
@@ -71,6 +78,86 @@ def _check_row(row: dict[str, Any]) -> None:
             raise _row_error(row, f"off_policy_start {start} outside 0..{n}")
         if row["source_rollout_id"] is None:
             raise _row_error(row, "corrected row without source_rollout_id")
+    if not math.isfinite(row["reward"]):
+        raise _row_error(row, f"reward {row['reward']} is not finite")
+
+
+def _validate(df: pl.DataFrame) -> None:
+    """Raise `_check_row`'s error for the first malformed row (rows flagged by expressions)."""
+    n = pl.col("response_token_ids").list.len()
+    start = pl.col("off_policy_start")
+    bad = (
+        ~pl.col("kind").is_in(["policy", "corrected"])
+        | (pl.col("behaviour_logprobs").list.len() != n)
+        | ((pl.col("kind") == "corrected")
+           & (start.is_null() | (start < 0) | (start > n) | pl.col("source_rollout_id").is_null()))
+        | ~pl.col("reward").is_finite()
+    ).fill_null(True)
+    for row in df.filter(bad).iter_rows(named=True):
+        _check_row(row)
+
+
+def _first_duplicate(frame: pl.DataFrame) -> dict[str, Any] | None:
+    """The first row whose (group, rollout_id) an earlier or later row repeats, if any."""
+    keys = frame.select("_first", "rollout_id")
+    if keys.select(pl.struct(pl.all()).hash().n_unique()).item() == frame.height:
+        return None  # distinct hashes, distinct keys: the usual case, without the exact pass
+    twice = frame.filter(keys.is_duplicated())
+    return twice.sort("_row").row(0, named=True) if twice.height else None
+
+
+def _check_unique(policy: pl.DataFrame, fixes: pl.DataFrame) -> None:
+    """Rollout ids must be unique in a group, and a correction must not correct a correction
+    (the replacement rule above assumes both; a correction may reuse its source's id)."""
+    renamed = fixes.filter(pl.col("rollout_id") != pl.col("source_rollout_id"))
+    for frame in (pl.concat([policy, renamed]), fixes):
+        row = _first_duplicate(frame)
+        if row is not None:
+            raise _row_error(row, "rollout_id appears twice in its group (problem_id, round)")
+    chained = renamed.join(fixes, left_on=["_first", "source_rollout_id"],
+                           right_on=["_first", "rollout_id"], how="semi")
+    if chained.height:
+        raise _row_error(chained.row(0, named=True), "source_rollout_id names another corrected "
+                                                     "row; corrections replace policy rows")
+
+
+def _members(light: pl.DataFrame, algo: str, accepted_statuses: tuple[str, ...],
+             stats: dict[str, int]) -> tuple[pl.DataFrame, int]:
+    """The group members in assembled order (columns _row, _first: the group's code, _n and
+    the scalars) and the number of groups."""
+    policy, corrected = pl.col("kind") == "policy", pl.col("kind") == "corrected"
+    accepted = (pl.lit(USES_CORRECTIONS[algo]) & corrected
+                & pl.col("correct_status").is_in(accepted_statuses).fill_null(False))
+    if not USES_CORRECTIONS[algo]:
+        _count(stats, "corrections_ignored_by_algo", light.filter(corrected).height)
+    else:
+        rejected = light.filter(corrected & ~accepted).group_by("correct_status",
+                                                                 maintain_order=True).len()
+        for status, count in rejected.iter_rows():
+            stats[f"corrections_rejected_{status}"] = count
+    # a group sits where its first row is (policy rows before corrections, duplicates included)
+    key = pl.when(policy).then(pl.col("_row")).otherwise(pl.col("_row") + light.height)
+    light = light.with_columns(_key=key).with_columns(
+        _first=pl.when(policy | accepted).then(pl.col("_key")).min().over(GROUP_KEY))
+    pol = light.filter(policy)
+    _count(stats, "policy_rows", pol.height)
+    fixes = light.filter(accepted)
+    first = fixes["source_rollout_id"].is_first_distinct()
+    _count(stats, "corrections_duplicate_source", fixes.height - int(first.sum()))
+    fixes = fixes.filter(first)
+    _check_unique(pol, fixes)
+    kept = pol.join(fixes.select("_first", rollout_id="source_rollout_id"),
+                    on=["_first", "rollout_id"], how="anti")
+    _count(stats, "corrections_used", pol.height - kept.height)
+    _count(stats, "corrections_orphan", fixes.height - pol.height + kept.height)
+    members = pl.concat([kept, fixes]).select(
+        "_row", "_first", "_key", "_n", "kind", "off_policy_start", "reward")
+    return members.sort("_first", "_key"), light["_first"].drop_nulls().n_unique()
+
+
+def _count(stats: dict[str, int], key: str, value: int) -> None:
+    if value:
+        stats[key] = value
 
 
 def assemble(
@@ -97,72 +184,42 @@ def assemble(
     missing = [c for c in cols if c not in df.columns]
     if missing:
         raise ValueError(f"corrected table lacks columns {missing}")
-    stats: Counter[str] = Counter()
-    groups: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
-    corrections: list[dict[str, Any]] = []
-    for row in df.select(cols).iter_rows(named=True):
-        _check_row(row)
-        if not math.isfinite(row["reward"]):
-            raise _row_error(row, f"reward {row['reward']} is not finite")
-        key = (row["problem_id"], row["round"])
-        if row["kind"] == "policy":
-            groups.setdefault(key, {})[row["rollout_id"]] = row
-            stats["policy_rows"] += 1
-        elif not USES_CORRECTIONS[algo]:
-            stats["corrections_ignored_by_algo"] += 1
-        elif row["correct_status"] not in accepted_statuses:
-            stats[f"corrections_rejected_{row['correct_status']}"] += 1
-        else:
-            corrections.append(row)
-    replaced: set[str] = set()
-    for row in corrections:
-        group = groups.setdefault((row["problem_id"], row["round"]), {})
-        source = row["source_rollout_id"]
-        if source in replaced:
-            stats["corrections_duplicate_source"] += 1
-            continue
-        if source in group:
-            del group[source]
-            stats["corrections_used"] += 1
-        else:
-            stats["corrections_orphan"] += 1  # source not in the table: added to the group
-        replaced.add(source)
-        group[row["rollout_id"]] = row
-
-    members = [(f"{pid}:{rnd}", r) for (pid, rnd), g in groups.items() for r in g.values()]
-    if not members:
+    df = df.select(cols).with_row_index("_row")
+    _validate(df)
+    light = df.select("_row", *GROUP_KEY, "rollout_id", "kind", "source_rollout_id",
+                      "off_policy_start", "reward", "correct_status",
+                      _n=pl.col("response_token_ids").list.len().cast(pl.Int64))
+    stats: dict[str, int] = {}
+    members, n_groups = _members(light, algo, accepted_statuses, stats)
+    if members.height == 0:
         return Assembly(pl.DataFrame(schema=ROW_SCHEMA), dict(stats, groups=0, responses=0))
-    gids = [g for g, _ in members]
-    adv = group_advantages([r["reward"] for _, r in members], gids, estimator, scale_rewards)
-    token_adv: list[Any] = [None] * len(members)
+
+    codes = members["_first"].to_numpy()
+    adv = group_advantages(members["reward"].cast(pl.Float64).to_numpy(), codes, estimator,
+                           scale_rewards)
+    token_adv = pl.lit(None, ROW_SCHEMA["token_advantages"])
     if algo == "prm_dense":
-        spans = [[(s["token_start"], s["token_end"], s["score"]) for s in (r["steps"] or [])
-                  if s["token_start"] is not None and s["score"] is not None]
-                 for _, r in members]
-        token_adv = dense_step_advantages(
-            adv, gids, spans, [len(r["response_token_ids"]) for _, r in members], prm_alpha)
-    dead = zero_groups(token_adv if algo == "prm_dense" else adv, gids)
-    out = []
-    for i, (gid, r) in enumerate(members):
-        if gid in dead and not keep_zero_groups:
-            continue
-        n = len(r["response_token_ids"])
-        if n == 0:
-            stats["empty_responses"] += 1
-            continue
-        start = n if r["kind"] == "policy" else r["off_policy_start"]
-        stats["on_policy_tokens"] += start
-        stats["off_policy_tokens"] += n - start
-        out.append({
-            "group_id": gid, "problem_id": r["problem_id"], "round": r["round"],
-            "rollout_id": r["rollout_id"], "kind": r["kind"],
-            "source_rollout_id": r["source_rollout_id"],
-            "prompt_token_ids": r["prompt_token_ids"],
-            "response_token_ids": r["response_token_ids"],
-            "behaviour_logprobs": r["behaviour_logprobs"], "off_policy_start": start,
-            "reward": r["reward"], "advantage": float(adv[i]),
-            "token_advantages": None if token_adv[i] is None else token_adv[i].tolist(),
-        })
-    stats.update(groups=len(groups), groups_zero_advantage=len(dead),
-                 groups_trained=len({r["group_id"] for r in out}), responses=len(out))
-    return Assembly(pl.DataFrame(out, schema=ROW_SCHEMA), dict(stats))
+        spans = (df.select(pl.col("steps").gather(members["_row"])).with_row_index("row")
+                 .explode("steps").unnest("steps"))
+        token_adv = dense_step_advantages(adv, codes, spans, members["_n"].to_numpy(), prm_alpha)
+    dead = zero_groups(adv if algo != "prm_dense" else token_adv, members["_first"])
+    members = members.with_columns(advantage=pl.Series(adv), token_advantages=token_adv)
+    if not keep_zero_groups:
+        dead_codes = pl.Series(list(dead), dtype=members["_first"].dtype)
+        members = members.filter(~pl.col("_first").is_in(dead_codes.implode()))
+    _count(stats, "empty_responses", int((members["_n"] == 0).sum()))
+    out = members.filter(pl.col("_n") > 0).with_columns(
+        off_policy_start=pl.when(pl.col("kind") == "policy").then(pl.col("_n"))
+        .otherwise(pl.col("off_policy_start")))
+    if out.height:
+        on_policy = int(out["off_policy_start"].sum())
+        stats.update(on_policy_tokens=on_policy,
+                     off_policy_tokens=int(out["_n"].sum()) - on_policy)
+    stats.update(groups=n_groups, groups_zero_advantage=len(dead),
+                 groups_trained=out["_first"].n_unique(), responses=out.height)
+    rows = df.select(*GROUP_KEY, "rollout_id", "kind", "source_rollout_id", "reward", *HEAVY)
+    rows = rows[out["_row"]].hstack(out.select("off_policy_start", "advantage",
+                                               "token_advantages"))
+    rows = rows.with_columns(
+        group_id=pl.concat_str("problem_id", pl.lit(":"), pl.col("round").cast(pl.String)))
+    return Assembly(rows.select(list(ROW_SCHEMA)).cast(ROW_SCHEMA), stats)

@@ -29,6 +29,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from scope_data.schema import CORRECTED_FIELDS, SCHEMAS
+
 Encode = Callable[[str], list[int]]
 Decode = Callable[[list[int]], str]
 
@@ -80,6 +86,50 @@ def check_step_offsets(
                 f"ends ({previous_end}); step token spans must be ordered"
             )
         previous_end = end
+
+
+def check_table_offsets(rows: pl.DataFrame) -> None:
+    """`check_step_offsets` for every row with steps of a scored frame (columns rollout_id,
+    steps, response_token_ids, behaviour_logprobs): raises its error for the first bad row."""
+    n = pl.col("response_token_ids").list.len()
+    has_steps = (pl.col("steps").list.len() > 0).fill_null(False)
+    step = pl.col("steps")
+    spans = (
+        rows.select(_i=pl.int_range(pl.len()), _n=n, steps=step).filter(has_steps)
+        .explode("steps")
+        .select("_i", "_n", start=step.struct.field("token_start"),
+                end=step.struct.field("token_end"))
+    )
+    start, end = pl.col("start"), pl.col("end")
+    bad_span = (start.is_null() | end.is_null() | (start < 0) | (start > end)
+                | (end > pl.col("_n")) | (start < end.shift(1, fill_value=0).over("_i")))
+    bad = spans.filter(bad_span.fill_null(True))["_i"]
+    flagged = rows.with_row_index("_i").filter(
+        has_steps & ((pl.col("behaviour_logprobs").list.len() != n).fill_null(True)
+                     | pl.col("_i").is_in(bad.cast(pl.UInt32).implode())))
+    for row in flagged.iter_rows(named=True):
+        check_step_offsets(row["rollout_id"], row["steps"], len(row["response_token_ids"]),
+                           len(row["behaviour_logprobs"]))
+
+
+def corrected_table(rows: pa.Table, status: pl.Series,
+                    written: list[tuple[int, dict[str, Any]]]) -> pa.Table:
+    """The corrected table of a scored shard: every input row as a ``kind="policy"`` row with
+    its `status` (``correct_status``), and each written correction (a corrected-table row
+    dict) right after the input row at its position."""
+    schema = SCHEMAS["corrected"]
+    n = rows.num_rows
+    filled = {f.name: pa.nulls(n, f.type) for f in CORRECTED_FIELDS}
+    filled.update(kind=pa.repeat("policy", n), correct_status=status.to_arrow())
+    policy = pa.Table.from_arrays(
+        [filled[f.name] if f.name in filled else rows.column(f.name) for f in schema],
+        names=schema.names).cast(schema)
+    if not written:
+        return policy.combine_chunks()
+    fixed = pa.Table.from_pylist([row for _, row in written], schema=schema)
+    at = np.array([i for i, _ in written])
+    order = np.argsort(np.concatenate([2 * np.arange(n), 2 * at + 1]))
+    return pa.concat_tables([policy, fixed]).take(order).combine_chunks()
 
 
 def check_prefix_text(

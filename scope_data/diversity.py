@@ -29,7 +29,7 @@ their empirical distribution: 0 when all correct responses take one path, log2(c
 correct responses take c different paths, None without a correct response.
 
 Tokens are whitespace-separated words (``tokens="word"``) or characters (``"char"``). No
-dependency on nltk; pure Python.
+dependency on nltk; pure Python (pass@k: a polars expression over columns n and c).
 """
 
 from __future__ import annotations
@@ -39,21 +39,26 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
+import polars as pl
+
 MAX_N = 4
 
 
 # -- correctness ----------------------------------------------------------------------------
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k = 1 - C(n-c, k)/C(n, k), computed as a stable product."""
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
-    if n - c < k:
-        return 1.0
-    # C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k / i)
-    prod = 1.0
-    for i in range(n - c + 1, n + 1):
-        prod *= 1.0 - k / i
-    return 1.0 - prod
+def pass_at_k(k: int, n: str | pl.Expr = "n", c: str | pl.Expr = "c") -> pl.Expr:
+    """Unbiased pass@k of each row's `n` samples with `c` correct, 1 - C(n-c, k)/C(n, k),
+    computed as the stable product below; null where k > n or c is not in 0..n."""
+    if k < 1:
+        raise ValueError(f"pass@k needs k >= 1, got {k}")
+    n = (pl.col(n) if isinstance(n, str) else n).cast(pl.Int64)
+    c = (pl.col(c) if isinstance(c, str) else c).cast(pl.Int64)
+    # C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k / i), multiplied in that order
+    prod = pl.int_ranges(n - c + 1, n + 1).list.eval((1.0 - k / pl.element()).cum_prod())
+    return (
+        pl.when((c < 0) | (c > n) | (n < k)).then(None)
+        .when(n - c < k).then(1.0)
+        .otherwise(1.0 - prod.list.last().fill_null(1.0))
+    )
 
 
 def avg_at_n(n: int, c: int) -> float:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 
 from scope_data.assembly import assemble
@@ -105,3 +108,110 @@ def test_empty_table() -> None:
 
     a = assemble(empty_table("corrected"))
     assert a.rows.height == 0 and a.stats["groups"] == 0
+
+
+def test_hand_made_order_and_advantages() -> None:
+    """Rows interleaved across two groups: used, orphan and duplicate corrections."""
+    fix = {"kind": "corrected", "off_policy_start": 1, "logprobs": [-1.0, NAN]}
+    rows = [
+        make_row("p2", "e", P, [1, 2], 0.0),
+        make_row("p1", "a", P, [1, 2], 1.0),
+        make_row("p1", "b", P, [1, 2], 0.0),
+        make_row("p1", "c", P, [1, 2], 0.0),
+        make_row("p1", "c-fix", P, [1, 3], 1.0, source="c", **fix),
+        make_row("p2", "f", P, [1, 2], 1.0),
+        make_row("p1", "d", P, [1, 2], 0.5),
+        make_row("p2", "orphan", P, [1, 3], 1.0, source="gone", **fix),
+        make_row("p1", "c-fix2", P, [1, 4], 1.0, source="c", **fix),  # duplicate source
+    ]
+    a = assemble(to_table(rows), algo="scope")
+    assert a.rows["rollout_id"].to_list() == ["e", "f", "orphan", "a", "b", "d", "c-fix"]
+    assert a.rows["group_id"].to_list() == ["p2:0"] * 3 + ["p1:0"] * 4
+    assert a.rows["off_policy_start"].to_list() == [2, 2, 1, 2, 2, 2, 1]
+    # p2: rewards (0, 1, 1), mean 2/3, std sqrt(1/3); p1: (1, 0, 0.5, 1), mean 0.625,
+    # std sqrt(0.6875 / 3)
+    s2, s1 = math.sqrt(1 / 3) + 1e-4, math.sqrt(0.6875 / 3) + 1e-4
+    want = [-2 / 3 / s2, 1 / 3 / s2, 1 / 3 / s2,
+            0.375 / s1, -0.625 / s1, -0.125 / s1, 0.375 / s1]
+    assert a.rows["advantage"].to_list() == pytest.approx(want, rel=1e-6)
+    assert {k: a.stats[k] for k in ("corrections_used", "corrections_orphan",
+                                    "corrections_duplicate_source", "groups", "responses")} == {
+        "corrections_used": 1, "corrections_orphan": 1, "corrections_duplicate_source": 1,
+        "groups": 2, "responses": 7}
+
+
+def test_duplicate_and_chained_rollout_ids_raise() -> None:
+    rows = group() + [make_row("p1", "p1-ok", P, [1, 2], 0.0)]
+    with pytest.raises(ValueError, match="p1-ok.*appears twice"):
+        assemble(to_table(rows))
+    rows = group() + [make_row("p1", "p1-fix2", P, [1, 2], 1.0, kind="corrected",
+                               source="p1-fix", off_policy_start=1, logprobs=[-1.0, NAN])]
+    with pytest.raises(ValueError, match="p1-fix2.*names another corrected row"):
+        assemble(to_table(rows))
+
+
+# -- randomized: assemble against a plain per-row reference -----------------------------------
+def reference(rows: list[dict], algo: str, accepted: tuple[str, ...]) -> list[tuple]:
+    """(group_id, rollout_id, off_policy_start, float32 advantage) per training row, built
+    with dicts: corrections replace their sources in table order, groups in first-row order."""
+    groups: dict[tuple, dict[str, dict]] = {}
+    fixes = []
+    for r in rows:
+        key = (r["problem_id"], r["round"])
+        if r["kind"] == "policy":
+            groups.setdefault(key, {})[r["rollout_id"]] = r
+        elif algo in ("scope", "luffy") and r["correct_status"] in accepted:
+            fixes.append(r)
+    replaced: set[str] = set()
+    for r in fixes:
+        group = groups.setdefault((r["problem_id"], r["round"]), {})
+        if r["source_rollout_id"] not in replaced:
+            group.pop(r["source_rollout_id"], None)
+            replaced.add(r["source_rollout_id"])
+            group[r["rollout_id"]] = r
+    out = []
+    for (pid, rnd), group in groups.items():
+        rewards = np.array([r["reward"] for r in group.values()], dtype=np.float32).astype(float)
+        if not rewards.size or not np.any(rewards != rewards[0]):
+            continue  # empty or zero-advantage group
+        std = np.std(rewards, ddof=1) if rewards.size > 1 else 0.0
+        adv = (rewards - rewards.mean()) / (std + 1e-4)
+        for r, x in zip(group.values(), adv, strict=True):
+            n = len(r["response_token_ids"])
+            if n:
+                start = n if r["kind"] == "policy" else r["off_policy_start"]
+                out.append((f"{pid}:{rnd}", r["rollout_id"], start, float(np.float32(x))))
+    return out
+
+
+def random_rows(rng: np.random.Generator) -> list[dict]:
+    rows = []
+    for p in range(int(rng.integers(1, 6))):
+        for rnd in range(int(rng.integers(1, 3))):
+            policy = [make_row(f"p{p}", f"p{p}-{s}", P, [1] * int(rng.integers(0, 5)),
+                               float(rng.choice([0.0, 1.0, rng.random()])), round_=rnd)
+                      for s in range(int(rng.integers(1, 10)))]
+            rows += policy
+            for src in policy:
+                if rng.random() < 0.4:
+                    n = int(rng.integers(0, 5))
+                    source = src["rollout_id"] if rng.random() < 0.8 else "p0-0"
+                    rows.append(make_row(
+                        f"p{p}", f"fix-{len(rows)}", P, [2] * n, float(rng.random() < 0.7),
+                        round_=rnd, kind="corrected", source=source, off_policy_start=n // 2,
+                        logprobs=[-1.0] * (n // 2) + [NAN] * (n - n // 2),
+                        correct_status=str(rng.choice(["accepted", "truncated",
+                                                       "teacher_error"]))))
+    return [rows[i] for i in rng.permutation(len(rows))]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_assemble_matches_reference(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for _ in range(15):
+        rows = random_rows(rng)
+        for algo in ("scope", "grpo"):
+            got = assemble(to_table(rows), algo=algo).rows
+            assert list(got.select("group_id", "rollout_id", "off_policy_start",
+                                   "advantage").iter_rows()) == reference(
+                rows, algo, ("accepted", "truncated", "rejected_wrong"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 
+import polars as pl
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -15,6 +16,7 @@ from scope_data.correction import (
     CorrectionError,
     check_prefix_text,
     check_step_offsets,
+    check_table_offsets,
     prefix_token_end,
     splice,
 )
@@ -141,6 +143,26 @@ def test_offsets_that_do_not_fit_name_the_rollout() -> None:
     with pytest.raises(CorrectionError, match="rollout abc123: the tokens before step"):
         check_prefix_text("abc123", decode(ids[: steps[1]["token_start"] + 2]), text,
                           steps[1]["char_start"])
+
+
+def test_table_offsets_raise_the_first_bad_rows_error() -> None:
+    """check_table_offsets flags rows with polars and raises check_step_offsets' message for
+    the first bad row; rows without steps are not checked (as in the correct stage)."""
+    problem = arith.generate_problems(1, seed=3)[0]
+    text, _ = arith.inject_error(problem, random.Random(0))
+    ids, steps = scored_steps(text)
+    good = {"rollout_id": "ok", "steps": steps, "response_token_ids": ids,
+            "behaviour_logprobs": [0.0] * len(ids)}
+    unordered = [dict(s) for s in steps]
+    unordered[1]["token_start"] = 0
+    rows = [good, {**good, "rollout_id": "no-steps", "steps": [], "behaviour_logprobs": []},
+            {**good, "rollout_id": "r2", "steps": unordered},
+            {**good, "rollout_id": "r3", "response_token_ids": ids[:-10]}]
+    check_table_offsets(pl.DataFrame(rows[:2]))
+    with pytest.raises(CorrectionError, match="rollout r2: step 1 starts at token 0"):
+        check_table_offsets(pl.DataFrame(rows))
+    with pytest.raises(CorrectionError, match="rollout r3: .* behaviour_logprobs"):
+        check_table_offsets(pl.DataFrame([rows[0], rows[3]]))
 
 
 def test_prefix_logprob_count_must_match() -> None:

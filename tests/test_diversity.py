@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import polars as pl
 import pytest
 
 from scope_data.diversity import (
@@ -22,30 +23,54 @@ from scope_data.diversity import (
 )
 
 
+def pass_at(n: int, c: int, k: int) -> float | None:
+    return pl.DataFrame({"n": [n], "c": [c]}).select(pass_at_k(k)).item()
+
+
+def product_reference(n: int, c: int, k: int) -> float:
+    """The estimator as a plain Python loop (the stable product, in the same order)."""
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
 @pytest.mark.parametrize("n", range(1, 9))
 def test_pass_at_k_matches_closed_form_and_enumeration(n: int) -> None:
     for c in range(n + 1):
         for k in range(1, n + 1):
             closed = 1 - math.comb(n - c, k) / math.comb(n, k)
-            assert pass_at_k(n, c, k) == pytest.approx(closed, abs=1e-12)
+            assert pass_at(n, c, k) == pytest.approx(closed, abs=1e-12)
             # enumeration: share of k-subsets of n samples (c correct) holding a correct one
             samples = [True] * c + [False] * (n - c)
             subsets = list(itertools.combinations(samples, k))
-            assert pass_at_k(n, c, k) == pytest.approx(
+            assert pass_at(n, c, k) == pytest.approx(
                 sum(any(s) for s in subsets) / len(subsets), abs=1e-12
             )
 
 
+def test_pass_at_k_is_the_product_bit_for_bit() -> None:
+    pairs = pl.DataFrame([(n, c) for n in range(1, 41) for c in range(n + 1)],
+                         schema=["n", "c"], orient="row")
+    for k in range(1, 41):
+        got = pairs.select(pass_at_k(k).alias("p"))["p"].to_list()
+        want = [product_reference(n, c, k) if k <= n else None
+                for n, c in pairs.iter_rows()]
+        assert got == want  # exact: same products in the same order
+
+
 def test_pass_at_k_edge_cases() -> None:
-    assert pass_at_k(4, 0, 4) == 0.0
-    assert pass_at_k(4, 1, 4) == 1.0
-    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
-    assert pass_at_k(4, 2, 2) == pytest.approx(1 - 1 / 6)
+    assert pass_at(4, 0, 4) == 0.0
+    assert pass_at(4, 1, 4) == 1.0
+    assert pass_at(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at(4, 2, 2) == pytest.approx(1 - 1 / 6)
     assert avg_at_n(4, 3) == 0.75
+    assert pass_at(4, 5, 1) is None  # c > n
+    assert pass_at(4, 1, 5) is None  # k > n
     with pytest.raises(ValueError):
-        pass_at_k(4, 5, 1)
-    with pytest.raises(ValueError):
-        pass_at_k(4, 1, 5)
+        pass_at_k(0)
 
 
 ARITH = "1 - 7 = 4\n4 * 7 = 8\n8 + 3 = 1\nAnswer: 1"

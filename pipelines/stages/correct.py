@@ -28,10 +28,10 @@ response), also with a NaN log-prob.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
@@ -41,7 +41,8 @@ from pipelines.engines.teachers import Teacher, TeacherItem, TeacherOutput, load
 from pipelines.executors.shard_executor import StageResult, run_stage
 from scope_data.correction import (
     check_prefix_text,
-    check_step_offsets,
+    check_table_offsets,
+    corrected_table,
     prefix_token_end,
     splice,
 )
@@ -218,42 +219,39 @@ class _Corrector:
     # -- one shard ------------------------------------------------------------------------------
     def process(self, rows: pa.Table, shard_index: int) -> tuple[pa.Table, dict[str, Any]]:
         cfg = self.cfg
-        records = rows.to_pylist()
-        if not records:
+        if rows.num_rows == 0:
             return SCHEMAS["corrected"].empty_table(), {"rollouts": 0}
+        frame = pl.from_arrow(rows)
         sel = select_corrections(
-            pl.from_arrow(rows), mode=cfg.mode, min_prefix_steps=cfg.min_prefix_steps,
+            frame, mode=cfg.mode, min_prefix_steps=cfg.min_prefix_steps,
             max_corrections_per_group=cfg.max_corrections_per_group,
             only_all_failed=cfg.only_all_failed,
         )
-        for row in records:
-            if row["steps"]:
-                check_step_offsets(row["rollout_id"], row["steps"],
-                                   len(row["response_token_ids"]), len(row["behaviour_logprobs"]))
-        status = dict(zip(sel["rollout_id"], sel["selection"], strict=True))
-        eligible = sum(s in (SELECTED, OVER_GROUP_LIMIT, GROUP_HAS_CORRECT)
-                       for s in status.values())
-        k_of = dict(zip(sel["rollout_id"], sel["prefix_steps"], strict=True))
-        chosen = [r for r in records if status[r["rollout_id"]] == SELECTED]
+        check_table_offsets(frame)
+        eligible = sel["selection"].is_in([SELECTED, OVER_GROUP_LIMIT, GROUP_HAS_CORRECT]).sum()
+        selected = sel["selection"] == SELECTED
+        chosen = rows.filter(selected.to_arrow()).to_pylist()
         corrections: dict[str, dict[str, Any]] = {}
         attempts_used = 0
         if chosen:
-            self.load([r["policy"] for r in records])
-            items = [self.item(r, k_of[r["rollout_id"]]) for r in chosen]
+            self.load(frame["policy"].unique(maintain_order=True).to_list())
+            ks = sel.filter(selected)["prefix_steps"]
+            items = [self.item(r, k) for r, k in zip(chosen, ks, strict=True)]
             corrections, attempts_used = self.correct_all(chosen, items)
-            for rid, corr in corrections.items():
-                status[rid] = corr["correct_status"]
-        out_rows = []
-        for row in records:
-            out_rows.append({**row, "kind": "policy", "source_rollout_id": None,
-                             "prefix_steps": None, "off_policy_start": None, "teacher": None,
-                             "correct_status": status[row["rollout_id"]]})
-            corr = corrections.get(row["rollout_id"])
-            if corr is not None and (corr["correct"] or not cfg.require_correct):
-                if corr["correct_status"] in ("accepted", "truncated", "rejected_wrong"):
-                    out_rows.append(corr)
-        table = pa.Table.from_pylist(out_rows, schema=SCHEMAS["corrected"])
-        stats = self.stats(records, status, out_rows, attempts_used)
+        # every input row with its selection, or the outcome of its correction where it had one
+        outcomes = pl.DataFrame(
+            {"rollout_id": list(corrections),
+             "outcome": [c["correct_status"] for c in corrections.values()]},
+            schema={"rollout_id": pl.String, "outcome": pl.String})
+        status = sel.join(outcomes, on="rollout_id", how="left", maintain_order="left").select(
+            correct_status=pl.coalesce("outcome", "selection"))["correct_status"]
+        sources = np.flatnonzero(selected.to_numpy())
+        written = [(i, c) for i, c in zip(sources, [corrections[r["rollout_id"]] for r in chosen],
+                                          strict=True)
+                   if (c["correct"] or not cfg.require_correct)
+                   and c["correct_status"] in ("accepted", "truncated", "rejected_wrong")]
+        table = corrected_table(rows, status, written)
+        stats = self.stats(frame, status, table, attempts_used)
         return table, {**stats, "eligible": eligible, "attempted": len(chosen)}
 
     def item(self, row: dict[str, Any], k: int) -> TeacherItem:
@@ -325,24 +323,26 @@ class _Corrector:
                 "off_policy_start": sp.off_policy_start, "pred_answer": pred,
                 "reward": 1.0 if ok else 0.0, "correct": ok, "correct_status": status}
 
-    def stats(self, records: list[dict[str, Any]], status: dict[str, str],
-              out_rows: list[dict[str, Any]], attempts_used: int) -> dict[str, Any]:
-        corrected = [r for r in out_rows if r["kind"] == "corrected"]
-        good = [r for r in corrected if r["correct"]]
-        source_len = {r["rollout_id"]: len(r["response_token_ids"]) for r in records}
-        share = sum(r["off_policy_start"] / max(1, source_len[r["source_rollout_id"]])
-                    for r in good)
-        groups = rescue_counts(pl.DataFrame(
-            [{k: r[k] for k in ("problem_id", "kind", "correct")} for r in out_rows]
-        ))
+    def stats(self, rows: pl.DataFrame, status: pl.Series, table: pa.Table,
+              attempts_used: int) -> dict[str, Any]:
+        out = pl.from_arrow(table.select(
+            ["problem_id", "kind", "correct", "off_policy_start", "source_rollout_id"]))
+        corrected = out.filter(pl.col("kind") == "corrected")
+        good = corrected.filter(pl.col("correct"))
+        source_len = rows.select(source_rollout_id="rollout_id",
+                                 _len=pl.col("response_token_ids").list.len())
+        share = good.join(source_len, on="source_rollout_id", how="left",
+                          maintain_order="left").select(
+            pl.col("off_policy_start") / pl.col("_len").clip(lower_bound=1))
+        statuses = status.to_frame().group_by("correct_status", maintain_order=True).len()
         return {
-            "rollouts": len(records), "failed": sum(not r["correct"] for r in records),
+            "rollouts": rows.height, "failed": int((~rows["correct"]).sum()),
             "teacher_calls": attempts_used,
-            "accepted": len(good), "corrected_rows": len(corrected),
-            "prefix_share_sum": share,
-            "prefix_tokens_sum": sum(r["off_policy_start"] for r in good),
-            **groups,
-            "correct_status": dict(Counter(status.values())),
+            "accepted": good.height, "corrected_rows": corrected.height,
+            "prefix_share_sum": sum(share.to_series().to_list()),  # in row order, as Python sums
+            "prefix_tokens_sum": int(good["off_policy_start"].sum()),
+            **rescue_counts(out),
+            "correct_status": dict(statuses.iter_rows()),
         }
 
 

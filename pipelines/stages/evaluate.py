@@ -73,20 +73,19 @@ def summarize(rollouts: pl.DataFrame, tokens: str = "word") -> tuple[dict[str, A
         pl.col("response_token_ids").list.len().alias("response_tokens")
     )
     groups = df.group_by("problem_id", maintain_order=True).agg(
-        pl.len().alias("n"),
+        pl.len().cast(pl.Int64).alias("n"),
         pl.col("correct").cast(pl.Int64).sum().alias("c"),
         pl.col("response_text"),
         pl.col("response_tokens").mean().alias("mean_tokens"),
     )
-    rows = []
     n_max = int(groups["n"].max())
-    for pid, n, c, texts, mean_tokens in groups.iter_rows():
-        row: dict[str, Any] = {"problem_id": pid, "n": n, "c": c, "mean_tokens": mean_tokens}
-        for k in range(1, n_max + 1):
-            row[f"pass@{k}"] = pass_at_k(n, c, k) if k <= n else None
-        row.update(group_diversity(texts, tokens))
-        rows.append(row)
-    per_problem = pl.DataFrame(rows, infer_schema_length=None)
+    diversity = pl.DataFrame([group_diversity(texts, tokens)
+                              for texts in groups["response_text"].to_list()],
+                             infer_schema_length=None)
+    per_problem = groups.select(
+        "problem_id", "n", "c", "mean_tokens",
+        *(pass_at_k(k).alias(f"pass@{k}") for k in range(1, n_max + 1)),
+    ).hstack(diversity)
     metrics: dict[str, Any] = {
         "problems": per_problem.height,
         "samples": df.height,
