@@ -8,21 +8,9 @@ from typing import Annotated
 
 import typer
 
-from cli.cmd_score import (
-    PRM_HELP,
-    BadToken,
-    BatchTokens,
-    Device,
-    Dtype,
-    Family,
-    GoodToken,
-    GpuMem,
-    MaxLength,
-    StepToken,
-    TrustRemote,
-    prm_options,
-)
-from cli.common import STORAGE_OPTIONS_HELP, storage_options, user_errors
+from cli.common import user_errors
+from cli.options import config_command
+from pipelines.stages.prm_eval import PRMEvalConfig
 
 
 def register(app: typer.Typer) -> None:
@@ -30,34 +18,15 @@ def register(app: typer.Typer) -> None:
 
 
 @user_errors
+@config_command(PRMEvalConfig)
 def prm_eval(
-    benchmark: Annotated[list[str], typer.Option(
-        help="ProcessBench-format JSON file, or a table of arith rollouts (gold = the exact "
-        "checker); repeat for several subsets")],
-    prm: Annotated[str | None, typer.Option(
-        help=PRM_HELP + " (omit to use the scores stored in a scored table)")] = None,
-    threshold: Annotated[str, typer.Option(
-        help="number, or 'auto': tuned for F1 on the first benchmark, applied to all")] = "0.5",
-    limit: Annotated[int | None, typer.Option(help="only the first N items per benchmark")]
-    = None,
+    cfg: PRMEvalConfig,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
-    step_token: StepToken = None, good_token: GoodToken = None, bad_token: BadToken = None,
-    trust_remote_code: TrustRemote = False, max_length: MaxLength = None,
-    batch_tokens: BatchTokens = None, device: Device = None, dtype: Dtype = None,
-    family: Family = None, gpu_memory_utilization: GpuMem = None,
-    storage: Annotated[str | None, typer.Option("--storage-options", help=STORAGE_OPTIONS_HELP)]
-    = None,
 ) -> None:
     """Accuracy on erroneous / correct samples and F1 per subset, and the average F1."""
-    from pipelines.stages.prm_eval import PRMEvalConfig, print_result, run
+    from pipelines.stages.prm_eval import print_result, run
 
-    result = run(PRMEvalConfig(
-        benchmarks=benchmark, prm=prm, threshold=threshold, limit=limit,
-        prm_options=prm_options(step_token, good_token, bad_token, trust_remote_code,
-                                max_length, batch_tokens, device, dtype, family,
-                                gpu_memory_utilization),
-        storage_options=storage_options(storage),
-    ))
+    result = run(cfg)
     if as_json:
         typer.echo(json.dumps(_no_nan(result.as_dict()), indent=1))
         return

@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from cli.common import STORAGE_OPTIONS_HELP, storage_options, user_errors
+from cli.common import storage_options, user_errors
+from pipelines.config import STORAGE_OPTIONS_HELP
 
 
 def parse_steps(text: str) -> tuple[int, int]:

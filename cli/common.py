@@ -15,23 +15,21 @@ from rich.markup import escape
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-STORAGE_OPTIONS_HELP = (
-    "fsspec storage options as JSON (e.g. '{\"client_kwargs\": {\"endpoint_url\": ...}}'); "
-    "default: $SCOPE_STORAGE_OPTIONS. Credentials are never written to manifests."
-)
-
 
 def storage_options(text: str | None) -> dict[str, Any] | None:
     """Parse --storage-options (or $SCOPE_STORAGE_OPTIONS) as a JSON object."""
     text = text or os.environ.get("SCOPE_STORAGE_OPTIONS")
-    if not text:
-        return None
+    return json_object(text, "--storage-options") if text else None
+
+
+def json_object(text: str, flag: str) -> dict[str, Any]:
+    """An option value that must be a JSON object (typer.BadParameter otherwise)."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise typer.BadParameter(f"--storage-options is not valid JSON: {e}") from None
+        raise typer.BadParameter(f"{flag} is not valid JSON: {e}") from None
     if not isinstance(value, dict):
-        raise typer.BadParameter("--storage-options must be a JSON object")
+        raise typer.BadParameter(f"{flag} must be a JSON object")
     return value
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from pipelines.config import manifest_config
 from pipelines.engines.fingerprint import SAMPLE_BYTES, folder_fingerprint, model_fingerprint
 from pipelines.stages.generate import GenerateConfig
 
@@ -49,8 +50,8 @@ def test_specs_without_local_folder_have_none(tmp_path: Path) -> None:
 def test_generate_config_hash_changes_with_weights(tmp_path: Path) -> None:
     folder = _model(tmp_path / "m", b"old weights")
     cfg = GenerateConfig(problems="p", policy=f"hf:{folder}", out="o")
-    before = cfg.identity()
+    before = manifest_config("generate", cfg)
     (folder / "model.safetensors").write_bytes(b"new weights")
-    after = cfg.identity()
+    after = manifest_config("generate", cfg)
     assert before["policy"] == after["policy"]
     assert before["policy_fingerprint"] != after["policy_fingerprint"]

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
+from pipelines.config import option
 from pipelines.loop.recipe import ALGOS, load_recipe
 
 QUICK_ROUNDS = 2
@@ -29,15 +30,19 @@ QUICK_ROUNDS = 2
 
 @dataclass
 class DemoConfig:
-    out: str = "scope-demo"
-    quick: bool = False
-    seeds: int = 3
-    rounds: int | None = None  # default: the recipe's (QUICK_ROUNDS with --quick)
-    algos: tuple[str, ...] = ALGOS
-    recipe: str = "arith-tiny"
-    overrides: dict[str, Any] = field(default_factory=dict)
-    verbose: bool = False
-    only_seeds: tuple[int, ...] | None = None  # run just these seeds (parallel workers), no report
+    """Options of `scope demo`."""
+
+    out: str = option("scope-demo", help="output folder (runs/, report.md, plots)")
+    quick: bool = option(False, help="one seed, 2 rounds (about 2 minutes)")
+    seeds: int = option(3, help="seeds per algorithm (ignored with --quick)")
+    rounds: int | None = option(None, help="rounds (default: the recipe's; 2 with --quick)")
+    algos: tuple[str, ...] = option(ALGOS, sep=",", help="comma-separated algorithms to compare")
+    recipe: str = option("arith-tiny", help="recipe file or bundled name")
+    overrides: dict[str, Any] = option(default_factory=dict, cli=False,
+                                       help="recipe keys to override")
+    verbose: bool = option(False, help="print every stage's summary")
+    only_seeds: tuple[int, ...] | None = option(
+        None, cli=False, help="run just these seeds (parallel workers), no report")
 
 
 @dataclass

@@ -40,6 +40,7 @@ from typing import Any
 
 import polars as pl
 
+from pipelines.config import identity, option
 from pipelines.loop import round_stages as stages
 from pipelines.loop.recipe import Recipe, load_recipe
 from scope_data.hashing import config_hash
@@ -51,13 +52,17 @@ METRICS_FILE = "metrics.parquet"
 class RunConfig:
     """Options of `scope run`."""
 
-    recipe: str | Recipe
-    out: str
-    rounds: int | None = None
-    resume: bool = False
-    dry_run: bool = False
-    overrides: dict[str, Any] = field(default_factory=dict)
-    verbose: bool = True
+    recipe: str | Recipe = option(
+        argument=True, help="recipe YAML file, or a bundled recipe name (arith-tiny, "
+        "qwen2.5-math-7b)")
+    out: str = option(help="run folder (round-XXXX/<stage>/, metrics.parquet)")
+    rounds: int | None = option(None, help="rounds (default: the recipe's)")
+    resume: bool = option(False, help="continue a run: skip stages done with the same config")
+    dry_run: bool = option(False,
+                           help="print the equivalent `scope <stage>` commands, run nothing")
+    overrides: dict[str, Any] = option(default_factory=dict, cli=False,
+                                       help="recipe keys to override (`scope run --algo/--seed`)")
+    verbose: bool = option(True, cli=False, help="print every stage's summary")
 
 
 @dataclass
@@ -86,7 +91,7 @@ class _Runner:
 
     def stage(self, where: str, name: str, cfg: Any, upstream: list[str], action: Any) -> str:
         """Run `action()` unless the marker `where/_stages/name.json` has this config's hash."""
-        body = {"stage": name, "config": self.relative(stages.config_dict(cfg)),
+        body = {"stage": name, "config": self.relative(identity(cfg)),
                 "upstream": upstream}
         digest = config_hash(body)
         label = f"{where}/{name}"

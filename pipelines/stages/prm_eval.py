@@ -17,10 +17,12 @@ and the average F1 over subsets.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from pipelines.config import option, storage_options_field
 from pipelines.engines.base import PRMEngine, load_prm, score_with_status
+from pipelines.engines.prm_options import PRM_HELP, PRM_OPTIONS_HELP, PRMOptions
 from scope_data.benchmarks import Benchmark, load_benchmark
 from scope_data.first_error import (
     SubsetMetrics,
@@ -35,12 +37,17 @@ from scope_data.first_error import (
 class PRMEvalConfig:
     """Options of `scope prm-eval`."""
 
-    benchmarks: list[str]
-    prm: str | None = None
-    threshold: float | str = 0.5
-    prm_options: dict[str, Any] = field(default_factory=dict)
-    limit: int | None = None  # first N items of each benchmark (quick looks)
-    storage_options: dict[str, Any] | None = None
+    benchmarks: list[str] = option(
+        flags="--benchmark", help="ProcessBench-format JSON file, or a table of arith rollouts "
+        "(gold = the exact checker); repeat for several subsets")
+    prm: str | None = option(
+        None, help=PRM_HELP + " (omit to use the scores stored in a scored table)")
+    threshold: float | str = option(
+        0.5, help="number, or 'auto': tuned for F1 on the first benchmark, applied to all")
+    prm_options: dict[str, Any] = option(default_factory=dict, expand=PRMOptions,
+                                         help=PRM_OPTIONS_HELP)
+    limit: int | None = option(None, help="only the first N items per benchmark")
+    storage_options: dict[str, Any] | None = storage_options_field()
 
 
 @dataclass

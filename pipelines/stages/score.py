@@ -21,14 +21,21 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
+from pipelines.config import (
+    manifest_config,
+    num_shards_field,
+    option,
+    shard_index_field,
+    storage_options_field,
+)
 from pipelines.console import print_summary, progress
 from pipelines.engines.base import PRMEngine, load_prm, parse_spec, score_with_status
-from pipelines.engines.fingerprint import model_fingerprint
+from pipelines.engines.prm_options import PRM_HELP, PRM_OPTIONS_HELP, PRMOptions
 from pipelines.executors.shard_executor import StageResult, run_stage
 from scope_data.first_error import locate_determined, tune_threshold
 from scope_data.schema import SCORED_FIELDS, conform
@@ -44,19 +51,25 @@ POSITION_BINS = ("0-20%", "20-40%", "40-60%", "60-80%", "80-100%")
 class ScoreConfig:
     """Options of `scope score` (see the module docstring)."""
 
-    rollouts: str
-    out: str
-    prm: str = "rule:arith"
-    threshold: float | str = 0.5  # a number or "auto"
-    only_failed: bool = True
-    step_mode: str | None = None  # None: newline for task "arith", blank_line otherwise
-    tokenizer: str | None = None  # policy tokenizer path (default: from the policy column)
-    tune_on: str | None = None  # ProcessBench-format file for threshold="auto"
-    prm_options: dict[str, Any] = field(default_factory=dict)
-    batch_size: int = 256  # items per PRM call
-    num_shards: int = 1
-    shard_index: int | None = None
-    storage_options: dict[str, Any] | None = None
+    rollouts: str = option(help="rollouts table folder (path or fsspec URL)", identity=False)
+    out: str = option(help="output scored table folder", identity=False)
+    prm: str = option("rule:arith", help=PRM_HELP, model="prm")
+    threshold: float | str = option(
+        0.5, help="first error = first step with score below this; 'auto' tunes it for "
+        "ProcessBench F1 (on --tune-on, or on arith rollouts' checker labels)")
+    only_failed: bool = option(True, flags="--only-failed/--all",
+                               help="score only rollouts with a wrong final answer")
+    step_mode: str | None = option(
+        None, help="newline | blank_line (default: newline for arith, blank_line otherwise)")
+    tokenizer: str | None = option(
+        None, help="policy tokenizer for token offsets (default: from the rollouts' policy column)")
+    tune_on: str | None = option(None, help="ProcessBench-format file to tune --threshold auto on")
+    prm_options: dict[str, Any] = option(default_factory=dict, expand=PRMOptions,
+                                         help=PRM_OPTIONS_HELP)
+    batch_size: int = option(256, help="responses per PRM call", identity=False)
+    num_shards: int = num_shards_field()
+    shard_index: int | None = shard_index_field()
+    storage_options: dict[str, Any] | None = storage_options_field()
 
     def check(self) -> None:
         parse_spec(self.prm, "prm")
@@ -71,11 +84,6 @@ class ScoreConfig:
             raise ValueError(f"--step-mode must be newline or blank_line, got {self.step_mode!r}")
         if self.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
-
-    def stage_config(self) -> dict[str, Any]:
-        skip = {"rollouts", "out", "num_shards", "shard_index", "storage_options", "batch_size"}
-        return {**{k: v for k, v in asdict(self).items() if k not in skip},
-                "prm_fingerprint": model_fingerprint(self.prm, "prm")}
 
 
 # -- token offsets ---------------------------------------------------------------------------
@@ -263,7 +271,7 @@ def run(cfg: ScoreConfig, prm: PRMEngine | None = None, quiet: bool = False) -> 
             "the rollouts table written by `scope generate`"
         )
     scorer = _Scorer(cfg, prm, quiet)
-    config = cfg.stage_config()
+    config = manifest_config("score", cfg)
     if prm is not None:
         config["prm"] = str(prm.spec)
     if cfg.threshold == "auto" and cfg.tune_on:

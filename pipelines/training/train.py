@@ -19,59 +19,80 @@ import dataclasses
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+
+from pipelines.config import identity, meta, option, storage_options_field
 
 OLD_LOGPROBS = ("behaviour", "recompute")
 
 
 @dataclass
 class TrainConfig:
-    """Options of `scope train`; names follow TRL's GRPOConfig where one exists."""
+    """Options of `scope train`; names follow TRL's GRPOConfig where one exists.
 
-    data: str
-    policy: str
-    output_dir: str
-    algo: str = "scope"  # scope | luffy | grpo | prm_dense
-    advantage: str = "grpo"  # grpo | dr_grpo
-    scale_rewards: str | None = None  # group | batch | none (default: group; dr_grpo: none)
-    prm_alpha: float = 1.0  # prm_dense shaping weight
-    learning_rate: float = 1e-6
-    per_device_train_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    num_train_epochs: float = 1.0
-    max_steps: int = -1
-    epsilon: float = 0.2
-    epsilon_high: float | None = None  # default: epsilon
-    beta: float = 0.0
-    ref_policy: str | None = None  # reference for the KL term (default: policy)
-    entropy_coef: float = 0.0
-    loss_type: str = "token_mean"  # aggregation: token_mean | seq_mean | constant
-    shaping_gamma: float = 0.1
-    temperature: float = 1.0
-    max_length: int = 1024  # max response tokens (longer ones are truncated and counted)
-    old_logprobs: str = "behaviour"  # behaviour | recompute
-    bf16: bool = False
-    seed: int = 0
-    lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: str = "all-linear"
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0
-    lr_scheduler_type: str = "constant"
-    warmup_steps: int = 0
-    optim: str = "adamw_torch"
-    gradient_checkpointing: bool = False
-    logprob_chunk_rows: int = 4
-    accepted_statuses: tuple[str, ...] = ("accepted", "truncated", "rejected_wrong")
-    use_cpu: bool = False
-    trust_remote_code: bool = False
-    storage_options: dict[str, Any] | None = field(default=None, repr=False)
+    Fields marked `trainer` go to `transformers.TrainingArguments` under the same name.
+    """
+
+    data: str = option(help="corrected table folder (rollouts/scored for grpo)", identity=False)
+    policy: str = option(help="policy to train: hf:<path> or a model folder")
+    output_dir: str = option(flags="--out", identity=False,
+                             help="output model folder (HF format + train metrics)")
+    algo: str = option("scope", help="scope | luffy | grpo | prm_dense")
+    advantage: str = option("grpo", help="grpo: (r-mean)/(std+eps) | dr_grpo: r-mean")
+    scale_rewards: str | None = option(
+        None, help="group | batch | none (default: group for grpo, none for dr_grpo)")
+    prm_alpha: float = option(1.0, help="prm_dense: weight of the step-score term")
+    learning_rate: float = option(1e-6, flags="--lr", help="learning rate", trainer=True)
+    per_device_train_batch_size: int = option(
+        8, flags="--per-device-batch-size", help="responses per micro-batch per process",
+        trainer=True)
+    gradient_accumulation_steps: int = option(
+        1, flags="--grad-accum", help="micro-batches per optimizer step", trainer=True)
+    num_train_epochs: float = option(1.0, flags="--epochs", help="passes over the round's data",
+                                     trainer=True)
+    max_steps: int = option(-1, help="optimizer steps (overrides --epochs; -1 off)",
+                            trainer=True)
+    epsilon: float = option(0.2, help="PPO clip (low side)")
+    epsilon_high: float | None = option(None, help="PPO clip high side (default: epsilon)")
+    beta: float = option(0.0, help="KL (k3) coefficient to the reference")
+    ref_policy: str | None = option(
+        None, help="reference model for the KL term (default: --policy)")
+    entropy_coef: float = option(0.0, help="entropy bonus coefficient")
+    loss_type: str = option("token_mean",
+                            help="aggregation: token_mean | seq_mean | constant (Dr. GRPO)")
+    shaping_gamma: float = option(0.1, help="off-policy shaping f(p) = p/(p+gamma)")
+    temperature: float = option(1.0, help="temperature of the log-probs")
+    max_length: int = option(
+        1024, help="max response tokens (longer responses are truncated and counted)")
+    old_logprobs: str = option(
+        "behaviour", help="behaviour (from the rollouts) | recompute (model at round start)")
+    bf16: bool = option(False, help="bf16 autocast", trainer=True)
+    seed: int = option(0, help="seed (data order, init of LoRA)", trainer=True)
+    lora: bool = option(False, help="train LoRA adapters (needs peft); merged on save")
+    lora_r: int = option(16, help="LoRA rank")
+    lora_alpha: int = option(32, help="LoRA alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = option(0.0, help="LoRA dropout")
+    lora_target_modules: str = option("all-linear", help="LoRA target modules (peft)")
+    max_grad_norm: float = option(1.0, help="gradient clipping norm", trainer=True)
+    weight_decay: float = option(0.0, help="AdamW weight decay", trainer=True)
+    lr_scheduler_type: str = option("constant", help="learning-rate schedule (transformers "
+                                    "lr_scheduler_type)", trainer=True)
+    warmup_steps: int = option(0, help="learning-rate warmup steps", trainer=True)
+    optim: str = option("adamw_torch", help="optimizer (transformers optim)", trainer=True)
+    gradient_checkpointing: bool = option(False, help="recompute activations", identity=False,
+                                          trainer=True)
+    logprob_chunk_rows: int = option(
+        4, help="sequences per chunk of the log-prob computation (memory)", identity=False)
+    accepted_statuses: tuple[str, ...] = option(
+        ("accepted", "truncated", "rejected_wrong"), sep=",",
+        help="correct_status values of corrected rows trained as corrections")
+    use_cpu: bool = option(False, help="train on CPU even if a GPU is present", identity=False)
+    trust_remote_code: bool = option(False, help="allow custom model code", identity=False)
+    storage_options: dict[str, Any] | None = storage_options_field()
 
     def check(self) -> None:
         from pipelines.training.loss import AGGREGATIONS
@@ -88,11 +109,20 @@ class TrainConfig:
         if self.shaping_gamma <= 0 or self.temperature <= 0 or self.epsilon < 0:
             raise ValueError("shaping_gamma and temperature must be > 0, epsilon >= 0")
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.pop("storage_options")
-        d["accepted_statuses"] = list(self.accepted_statuses)
-        return d
+    def training_arguments(self, output_dir: str) -> Any:
+        """The `transformers.TrainingArguments` of this config; trainer files (none are kept:
+        the model is saved by `scope train` itself) go to `output_dir`."""
+        import torch
+        from transformers import TrainingArguments
+
+        same = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if meta(f, "trainer")}
+        return TrainingArguments(
+            output_dir=output_dir, **same, data_seed=self.seed,
+            use_cpu=self.use_cpu or not _has_accelerator(), logging_steps=1, save_strategy="no",
+            report_to="none", remove_unused_columns=False, disable_tqdm=True,
+            dataloader_num_workers=0, logging_nan_inf_filter=False,
+            dataloader_pin_memory=torch.cuda.is_available(), ddp_find_unused_parameters=False)
 
 
 @dataclass
@@ -171,7 +201,7 @@ def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = Non
 
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipelines.console import print_summary
     from pipelines.training.data import Collator, ResponseDataset
@@ -212,18 +242,7 @@ def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = Non
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
             target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM"))
     scratch = tempfile.mkdtemp(prefix="scope-train-")
-    args = TrainingArguments(
-        output_dir=scratch, per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps,
-        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
-        lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_steps, optim=cfg.optim,
-        max_grad_norm=cfg.max_grad_norm, bf16=cfg.bf16, seed=cfg.seed, data_seed=cfg.seed,
-        use_cpu=cfg.use_cpu or not _has_accelerator(),
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        logging_steps=1, save_strategy="no", report_to="none", remove_unused_columns=False,
-        disable_tqdm=True, dataloader_num_workers=0, logging_nan_inf_filter=False,
-        dataloader_pin_memory=torch.cuda.is_available(), ddp_find_unused_parameters=False)
+    args = cfg.training_arguments(scratch)
     from transformers import PrinterCallback, ProgressCallback
 
     trainer = MixedPolicyTrainer(
@@ -296,7 +315,7 @@ def _save(trainer: Any, cfg: TrainConfig, out: Path, metrics: pl.DataFrame,
     if acc.is_main_process:
         metrics.write_parquet(tmp / "train_metrics.parquet")
         body = {
-            "kind": "scope-train", "config": cfg.to_dict(),
+            "kind": "scope-train", "config": identity(cfg),
             "inputs": [m.as_input() for m in inputs], "summary": summary,
             "seeds": {"seed": cfg.seed, "data_order_seed": cfg.seed},
             "num_processes": acc.num_processes, "versions": found_versions,
