@@ -39,6 +39,16 @@ from scope_data.hashing import canonical_json, sha256_hex
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
 
+def default_cache_dir(out: str) -> str:
+    """Where the openai engine caches responses: `<out>/_request_cache` for a local output
+    folder (a rerun of this stage re-sends nothing; other runs never see its replies), else
+    `$SCOPE_CACHE/requests` (default `~/.cache/scope/requests`). `--cache-dir` shares one."""
+    if "://" not in out:
+        return str(Path(out) / "_request_cache")
+    return str(Path(os.environ.get("SCOPE_CACHE") or Path.home() / ".cache" / "scope")
+               / "requests")
+
+
 class OpenAIGenerationEngine:
     """Completions-API client with bounded concurrency, retries and a payload-hash cache."""
 

@@ -44,6 +44,7 @@ from pipelines.config import (
     storage_options_field,
 )
 from pipelines.console import print_summary, progress
+from pipelines.engines.openai_engine import default_cache_dir
 from pipelines.engines.teachers import Teacher, TeacherItem, TeacherOutput, load_teacher
 from pipelines.executors.shard_executor import StageResult, run_stage
 from scope_data.correction import (
@@ -123,8 +124,6 @@ class CorrectConfig:
 
     def teacher_engine_options(self) -> dict[str, Any]:
         """The teacher engine's keyword arguments (`engine_options` last: they override)."""
-        from pipelines.stages.generate import default_cache_dir
-
         return {**engine_options(self), "cache_dir": self.cache_dir or default_cache_dir(self.out),
                 **self.engine_options}
 

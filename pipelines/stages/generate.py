@@ -17,10 +17,8 @@ error (e.g. a remote endpoint that stays down) writes nothing for that part and 
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -35,6 +33,7 @@ from pipelines.config import (
 )
 from pipelines.console import print_summary, progress
 from pipelines.engines.base import GenerationRequest, load_generation_engine, parse_spec
+from pipelines.engines.openai_engine import default_cache_dir
 from pipelines.engines.prompts import TEMPLATES, render_and_encode
 from pipelines.executors.shard_executor import StageResult, run_stage
 from scope_data.grading import grade_response
@@ -110,16 +109,6 @@ class GenerateConfig:
             raise ValueError(f"--template must be one of {', '.join(TEMPLATES)}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
-
-
-def default_cache_dir(out: str) -> str:
-    """Where the openai engine caches responses: `<out>/_request_cache` for a local output
-    folder (a rerun of this stage re-sends nothing; other runs never see its replies), else
-    `$SCOPE_CACHE/requests` (default `~/.cache/scope/requests`). `--cache-dir` shares one."""
-    if "://" not in out:
-        return str(Path(out) / "_request_cache")
-    return str(Path(os.environ.get("SCOPE_CACHE") or Path.home() / ".cache" / "scope")
-               / "requests")
 
 
 class _Generator:
