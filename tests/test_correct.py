@@ -314,8 +314,9 @@ class CompletionsServer:
         import time
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-        from pipelines.engines.base import GenerationRequest, parse_spec
+        from pipelines.engines.base import GenerationRequest
         from pipelines.engines.hf import HFGenerationEngine
+        from pipelines.engines.spec import parse_spec
 
         engine = HFGenerationEngine(parse_spec(f"hf:{model_dir}"), num_threads=1)
         lock = threading.Lock()

@@ -202,10 +202,11 @@ def run_train(cfg: Any) -> None:
 
 def trained_policy(cfg: Any) -> str:
     """The policy spec after a train stage (the old one when the round had nothing to train)."""
+    from pipelines.engines.spec import trained_spec
+
     if (Path(cfg.output_dir).parent / SKIPPED_TRAIN).is_file():
         return cfg.policy
-    kind = cfg.policy.partition(":")[0]
-    return f"{kind if kind in ('hf', 'vllm') else 'hf'}:{cfg.output_dir}"
+    return trained_spec(cfg.policy, cfg.output_dir)
 
 
 def eval_config(recipe: Recipe, policy: str, problems: str, out: str, r: int) -> Any:

@@ -37,6 +37,7 @@ import pyarrow as pa
 
 from pipelines.console import print_summary, progress
 from pipelines.engines.fingerprint import model_fingerprint
+from pipelines.engines.spec import load_tokenizer, parse_spec, policy_tokenizer_path
 from pipelines.engines.teachers import Teacher, TeacherItem, TeacherOutput, load_teacher
 from pipelines.executors.shard_executor import StageResult, run_stage
 from scope_data.correction import (
@@ -117,8 +118,6 @@ class CorrectConfig:
         return {**{k: v for k, v in opts.items() if v is not None}, **self.engine_options}
 
     def check(self) -> None:
-        from pipelines.engines.base import parse_spec
-
         parse_spec(self.teacher, "teacher")
         if self.mode not in MODES:
             raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
@@ -145,22 +144,6 @@ def verify(row: dict[str, Any], text: str) -> tuple[str | None, bool]:
     return pred, bool(ok)
 
 
-def policy_tokenizer_path(policy: str) -> str:
-    """The local model folder / hub id behind a policy spec such as ``hf:/models/tiny``."""
-    from pipelines.engines.base import SpecError, parse_spec
-
-    try:
-        spec = parse_spec(policy, "generation")
-    except SpecError:
-        return policy
-    if spec.kind == "openai":
-        raise ValueError(
-            f"policy {policy!r} is a remote endpoint: pass --policy-tokenizer (a local folder or "
-            "hub id of its tokenizer)"
-        )
-    return spec.target
-
-
 class _Corrector:
     """State shared across shards: the teacher and the policy tokenizer, loaded once."""
 
@@ -172,20 +155,17 @@ class _Corrector:
 
     def load(self, policies: list[str]) -> None:
         if self.tokenizer is None:
-            from transformers import AutoTokenizer
-
-            path = self.cfg.policy_tokenizer
-            if path is None:
-                if len(set(policies)) > 1:
-                    raise ValueError(
-                        f"the scored table holds several policies ({sorted(set(policies))[:3]}); "
-                        "pass --policy-tokenizer"
-                    )
-                path = policy_tokenizer_path(policies[0])
+            if self.cfg.policy_tokenizer is None and len(set(policies)) > 1:
+                raise ValueError(
+                    f"the input table holds several policies ({sorted(set(policies))[:3]}); "
+                    "pass --policy-tokenizer"
+                )
+            path = policy_tokenizer_path(policies[0], self.cfg.policy_tokenizer)
             try:
-                self.tokenizer = AutoTokenizer.from_pretrained(path)
+                self.tokenizer = load_tokenizer(path)
             except OSError as e:
-                raise FileNotFoundError(f"cannot load the policy tokenizer {path!r}: {e}") from None
+                raise FileNotFoundError(f"cannot load the policy tokenizer {path!r} (pass "
+                                        f"--policy-tokenizer): {e}") from None
         if self.teacher is None:
             c = self.cfg
             self.teacher = load_teacher(

@@ -26,9 +26,10 @@ from typing import Any
 import pyarrow as pa
 
 from pipelines.console import print_summary, progress
-from pipelines.engines.base import GenerationRequest, load_generation_engine, parse_spec
+from pipelines.engines.base import GenerationRequest, load_generation_engine
 from pipelines.engines.fingerprint import model_fingerprint
 from pipelines.engines.prompts import TEMPLATES, render_and_encode
+from pipelines.engines.spec import parse_spec
 from pipelines.executors.shard_executor import StageResult, run_stage
 from scope_data.hashing import derive_seed, stable_id
 from scope_data.schema import empty_table

@@ -104,16 +104,6 @@ class TrainResult:
     summary: dict[str, Any]
 
 
-def model_path(spec: str) -> str:
-    """`hf:<path>`, `vllm:<path>` or a bare path/hub id -> the weights to load."""
-    kind, sep, target = spec.partition(":")
-    if sep and kind in ("hf", "vllm") and target:
-        return target
-    if sep and kind in ("rule", "oracle", "openai", "reference", "hf-cls", "hf-tag"):
-        raise ValueError(f"policy spec {spec!r} has no trainable weights; use hf:<path>")
-    return spec
-
-
 def load_rows(cfg: TrainConfig) -> tuple[Any, Any]:
     """Read the input table and assemble its groups -> (Assembly, input Manifest).
 
@@ -171,7 +161,7 @@ def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = Non
 
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+    from transformers import AutoModelForCausalLM, TrainingArguments
 
     from pipelines.console import print_summary
     from pipelines.training.data import Collator, ResponseDataset
@@ -186,18 +176,19 @@ def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = Non
     transformers.set_seed(cfg.seed)
     rows = rows.sample(fraction=1.0, shuffle=True, seed=cfg.seed)
     dataset = ResponseDataset(rows, cfg.max_length, cfg.old_logprobs)
-    path = model_path(cfg.policy)
-    trust = cfg.trust_remote_code
     from pipelines.engines.base import check_remote_code
+    from pipelines.engines.spec import load_tokenizer, trainable_path
 
+    path = trainable_path(cfg.policy)
+    trust = cfg.trust_remote_code
     check_remote_code(path, trust)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+    tok = load_tokenizer(path, trust)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust)
     ref_model = None
     if cfg.beta != 0.0:
         ref_model = AutoModelForCausalLM.from_pretrained(
-            model_path(cfg.ref_policy or cfg.policy), dtype=torch.float32,
+            trainable_path(cfg.ref_policy or cfg.policy), dtype=torch.float32,
             trust_remote_code=trust).eval().requires_grad_(False)
     if cfg.lora:
         try:
