@@ -15,7 +15,8 @@ def register(app: typer.Typer) -> None:
 
 @user_errors
 def correct(
-    scored: Annotated[str, typer.Option(help="scored table folder (path or fsspec URL)")],
+    scored: Annotated[str, typer.Option(
+        help="scored table folder (path or fsspec URL); --mode luffy also reads rollouts")],
     out: Annotated[str, typer.Option(help="output corrected table folder")],
     teacher: Annotated[str, typer.Option(
         help="teacher: oracle:arith | reference | hf:<path-or-hub-id> | vllm:<path-or-hub-id> | "

@@ -1,8 +1,9 @@
 """Group assembly: from the corrected table to one training row per response (DESIGN.md 1.5).
 
-A group is one problem in one round. For `scope` and `luffy`, each accepted correction
-(kind ``corrected``) replaces its source rollout (the ``policy`` row whose rollout_id is its
-``source_rollout_id``) in that group; `grpo` and `prm_dense` ignore corrections. Advantages are
+A group is one problem in one round. For algos that use corrections (`scope_data.algos`:
+`scope`, `luffy`), each accepted correction (kind ``corrected``) replaces its source rollout
+(the ``policy`` row whose rollout_id is its ``source_rollout_id``) in that group; the others
+(`grpo`, `prm_dense`) ignore corrections. Advantages are
 then computed over the assembled group (`scope_data.advantages`), and groups whose advantages
 are all zero are skipped (they give no gradient) and counted.
 
@@ -24,12 +25,8 @@ import polars as pl
 import pyarrow as pa
 
 from scope_data.advantages import dense_step_advantages, group_advantages, zero_groups
-
-ALGOS = ("scope", "luffy", "grpo", "prm_dense")
-USES_CORRECTIONS = {"scope": True, "luffy": True, "grpo": False, "prm_dense": False}
-# correct_status values of kind="corrected" rows that `scope correct` writes; rejected_wrong
-# rows exist only when the user turned require_correct off, i.e. asked to train on them.
-ACCEPTED_STATUSES = ("accepted", "truncated", "rejected_wrong")
+from scope_data.algos import get_algo
+from scope_data.correction import CORRECTED_ROW_STATUSES
 
 ROW_SCHEMA = {
     "group_id": pl.String, "problem_id": pl.String, "round": pl.Int32, "rollout_id": pl.String,
@@ -79,21 +76,22 @@ def assemble(
     estimator: str = "grpo",
     scale_rewards: str | None = None,
     prm_alpha: float = 1.0,
-    accepted_statuses: tuple[str, ...] = ACCEPTED_STATUSES,
+    accepted_statuses: tuple[str, ...] = CORRECTED_ROW_STATUSES,
     keep_zero_groups: bool = False,
 ) -> Assembly:
     """Assemble groups from a corrected table and attach advantages.
 
-    `accepted_statuses`: ``correct_status`` values of corrected rows that count as accepted.
+    `accepted_statuses`: ``correct_status`` values of the corrected rows to use (default: every
+    corrected row `scope correct` writes, `scope_data.correction.CORRECTED_ROW_STATUSES`).
     `keep_zero_groups`: keep groups whose advantages are all zero (for inspection only).
     Raises ValueError naming the rollout for malformed rows.
     """
-    if algo not in ALGOS:
-        raise ValueError(f"unknown algo {algo!r}; use one of {ALGOS}")
+    record = get_algo(algo)
+    dense = record.dense_rewards
     df = table if isinstance(table, pl.DataFrame) else pl.from_arrow(table)
     cols = ["problem_id", "round", "rollout_id", "kind", "source_rollout_id", "prompt_token_ids",
             "response_token_ids", "behaviour_logprobs", "off_policy_start", "reward",
-            "correct_status"] + (["steps"] if algo == "prm_dense" else [])
+            "correct_status"] + (["steps"] if dense else [])
     missing = [c for c in cols if c not in df.columns]
     if missing:
         raise ValueError(f"corrected table lacks columns {missing}")
@@ -108,7 +106,7 @@ def assemble(
         if row["kind"] == "policy":
             groups.setdefault(key, {})[row["rollout_id"]] = row
             stats["policy_rows"] += 1
-        elif not USES_CORRECTIONS[algo]:
+        elif not record.uses_corrections:
             stats["corrections_ignored_by_algo"] += 1
         elif row["correct_status"] not in accepted_statuses:
             stats[f"corrections_rejected_{row['correct_status']}"] += 1
@@ -135,13 +133,13 @@ def assemble(
     gids = [g for g, _ in members]
     adv = group_advantages([r["reward"] for _, r in members], gids, estimator, scale_rewards)
     token_adv: list[Any] = [None] * len(members)
-    if algo == "prm_dense":
+    if dense:
         spans = [[(s["token_start"], s["token_end"], s["score"]) for s in (r["steps"] or [])
                   if s["token_start"] is not None and s["score"] is not None]
                  for _, r in members]
         token_adv = dense_step_advantages(
             adv, gids, spans, [len(r["response_token_ids"]) for _, r in members], prm_alpha)
-    dead = zero_groups(token_adv if algo == "prm_dense" else adv, gids)
+    dead = zero_groups(token_adv if dense else adv, gids)
     out = []
     for i, (gid, r) in enumerate(members):
         if gid in dead and not keep_zero_groups:

@@ -26,8 +26,6 @@ from scope_data.tasks import arith
 
 logger = logging.getLogger(__name__)
 
-TEACHER_STATUSES = ("ok", "teacher_error", "empty_response", "no_reference")
-
 
 @dataclass
 class TeacherItem:

@@ -22,7 +22,8 @@ from typing import Any
 
 import polars as pl
 
-from pipelines.loop.recipe import ALGOS, load_recipe
+from pipelines.loop.recipe import load_recipe
+from scope_data.algos import ALGO_NAMES
 
 QUICK_ROUNDS = 2
 
@@ -33,7 +34,7 @@ class DemoConfig:
     quick: bool = False
     seeds: int = 3
     rounds: int | None = None  # default: the recipe's (QUICK_ROUNDS with --quick)
-    algos: tuple[str, ...] = ALGOS
+    algos: tuple[str, ...] = ALGO_NAMES
     recipe: str = "arith-tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
     verbose: bool = False
@@ -65,8 +66,8 @@ def run(cfg: DemoConfig) -> DemoResult:
     # oversubscribed OpenMP threads cost 3x wall time (measured: generate 54 s vs 138 s)
     torch.set_num_threads(int(os.environ.get("SCOPE_NUM_THREADS", "1")))
     for algo in cfg.algos:
-        if algo not in ALGOS:
-            raise ValueError(f"unknown algo {algo!r}; valid: {', '.join(ALGOS)}")
+        if algo not in ALGO_NAMES:
+            raise ValueError(f"unknown algo {algo!r}; valid: {', '.join(ALGO_NAMES)}")
     seeds = 1 if cfg.quick else cfg.seeds
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
@@ -136,7 +137,7 @@ def paired_differences(df: pl.DataFrame, target: str = "scope",
         return pl.DataFrame()
     mine = last.filter(pl.col("algo") == target).select("seed", *metrics)
     rows = []
-    for base in [a for a in ALGOS if a != target and a in last["algo"].to_list()]:
+    for base in [a for a in ALGO_NAMES if a != target and a in last["algo"].to_list()]:
         other = last.filter(pl.col("algo") == base).select("seed", *metrics)
         joined = mine.join(other, on="seed", suffix="_b")
         for m in metrics:

@@ -25,6 +25,9 @@ from typing import Any
 
 import polars as pl
 
+from scope_data.algos import UNSCORED_STATUSES, get_algo, training_input_error
+from scope_data.correction import CORRECTED_ROW_STATUSES
+
 OLD_LOGPROBS = ("behaviour", "recompute")
 
 
@@ -35,7 +38,7 @@ class TrainConfig:
     data: str
     policy: str
     output_dir: str
-    algo: str = "scope"  # scope | luffy | grpo | prm_dense
+    algo: str = "scope"  # a name of scope_data.algos.ALGOS
     advantage: str = "grpo"  # grpo | dr_grpo
     scale_rewards: str | None = None  # group | batch | none (default: group; dr_grpo: none)
     prm_alpha: float = 1.0  # prm_dense shaping weight
@@ -68,17 +71,15 @@ class TrainConfig:
     optim: str = "adamw_torch"
     gradient_checkpointing: bool = False
     logprob_chunk_rows: int = 4
-    accepted_statuses: tuple[str, ...] = ("accepted", "truncated", "rejected_wrong")
+    accepted_statuses: tuple[str, ...] = CORRECTED_ROW_STATUSES  # correct_status values used
     use_cpu: bool = False
     trust_remote_code: bool = False
     storage_options: dict[str, Any] | None = field(default=None, repr=False)
 
     def check(self) -> None:
         from pipelines.training.loss import AGGREGATIONS
-        from scope_data.assembly import ALGOS
 
-        if self.algo not in ALGOS:
-            raise ValueError(f"unknown algo {self.algo!r}; use one of {ALGOS}")
+        get_algo(self.algo)
         if self.loss_type not in AGGREGATIONS:
             raise ValueError(f"unknown loss_type {self.loss_type!r}; use one of {AGGREGATIONS}")
         if self.old_logprobs not in OLD_LOGPROBS:
@@ -107,24 +108,25 @@ class TrainResult:
 def load_rows(cfg: TrainConfig) -> tuple[Any, Any]:
     """Read the input table and assemble its groups -> (Assembly, input Manifest).
 
-    A `rollouts` or `scored` table is accepted for algo grpo (and scored for prm_dense): every
-    row is then a policy row. Empty tables and tables whose every group has zero advantage
-    raise ValueError (nothing to train).
+    The algo's registry record (`scope_data.algos`) says which tables it trains from (a
+    `rollouts` or `scored` table's rows are all policy rows), which correction mode a corrected
+    table must have been made with (its manifest config's `mode`) and whether every response
+    needs PRM scores. A mismatch, an empty table, or a table whose every group has zero
+    advantage raises ValueError.
     """
     from scope_data.assembly import assemble
     from scope_data.shards import read_arrow, read_manifest
 
     manifest = read_manifest(cfg.data, cfg.storage_options)
-    table = read_arrow(cfg.data, cfg.storage_options)
     kind = manifest.table
-    allowed = {"corrected"} | ({"rollouts", "scored"} if cfg.algo == "grpo" else set()) | (
-        {"scored"} if cfg.algo == "prm_dense" else set())
-    if kind not in allowed:
-        raise ValueError(f"{cfg.data}: a {kind!r} table cannot train algo {cfg.algo!r}; "
-                         f"expected one of {sorted(allowed)}")
-    if table.num_rows == 0:
+    df = pl.from_arrow(read_arrow(cfg.data, cfg.storage_options))
+    unscored = (df.filter(pl.col("score_status").is_in(UNSCORED_STATUSES)).height
+                if "score_status" in df.columns else 0)
+    error = training_input_error(cfg.algo, kind, manifest.config.get("mode"), unscored)
+    if error:
+        raise ValueError(f"{cfg.data}: {error}")
+    if df.height == 0:
         raise ValueError(f"{cfg.data}: the {kind} table is empty; nothing to train")
-    df = pl.from_arrow(table)
     if kind != "corrected":
         df = df.with_columns(
             kind=pl.lit("policy"), source_rollout_id=pl.lit(None, pl.String),
