@@ -1,8 +1,9 @@
 """Group assembly: from the corrected table to one training row per response (DESIGN.md 1.5).
 
-A group is one problem in one round. For `scope` and `luffy`, each accepted correction
-(kind ``corrected``) replaces its source rollout (the ``policy`` row whose rollout_id is its
-``source_rollout_id``) in that group; `grpo` and `prm_dense` ignore corrections. Advantages are
+A group is one problem in one round. For algos that use corrections (`scope_data.algos`:
+`scope`, `luffy`), each accepted correction (kind ``corrected``) replaces its source rollout
+(the ``policy`` row whose rollout_id is its ``source_rollout_id``) in that group; the others
+(`grpo`, `prm_dense`) ignore corrections. Advantages are
 then computed over the assembled group (`scope_data.advantages`), and groups whose advantages
 are all zero are skipped (they give no gradient) and counted.
 
@@ -28,12 +29,8 @@ import polars as pl
 import pyarrow as pa
 
 from scope_data.advantages import dense_step_advantages, group_advantages, zero_groups
-
-ALGOS = ("scope", "luffy", "grpo", "prm_dense")
-USES_CORRECTIONS = {"scope": True, "luffy": True, "grpo": False, "prm_dense": False}
-# correct_status values of kind="corrected" rows that `scope correct` writes; rejected_wrong
-# rows exist only when the user turned require_correct off, i.e. asked to train on them.
-ACCEPTED_STATUSES = ("accepted", "truncated", "rejected_wrong")
+from scope_data.algos import get_algo
+from scope_data.correction import CORRECTED_ROW_STATUSES
 
 GROUP_KEY = ["problem_id", "round"]
 HEAVY = ["prompt_token_ids", "response_token_ids", "behaviour_logprobs"]  # gathered once
@@ -121,14 +118,14 @@ def _check_unique(policy: pl.DataFrame, fixes: pl.DataFrame) -> None:
                                                      "row; corrections replace policy rows")
 
 
-def _members(light: pl.DataFrame, algo: str, accepted_statuses: tuple[str, ...],
+def _members(light: pl.DataFrame, uses_corrections: bool, accepted_statuses: tuple[str, ...],
              stats: dict[str, int]) -> tuple[pl.DataFrame, int]:
     """The group members in assembled order (columns _row, _first: the group's code, _n and
     the scalars) and the number of groups."""
     policy, corrected = pl.col("kind") == "policy", pl.col("kind") == "corrected"
-    accepted = (pl.lit(USES_CORRECTIONS[algo]) & corrected
+    accepted = (pl.lit(uses_corrections) & corrected
                 & pl.col("correct_status").is_in(accepted_statuses).fill_null(False))
-    if not USES_CORRECTIONS[algo]:
+    if not uses_corrections:
         _count(stats, "corrections_ignored_by_algo", light.filter(corrected).height)
     else:
         rejected = light.filter(corrected & ~accepted).group_by("correct_status",
@@ -166,21 +163,22 @@ def assemble(
     estimator: str = "grpo",
     scale_rewards: str | None = None,
     prm_alpha: float = 1.0,
-    accepted_statuses: tuple[str, ...] = ACCEPTED_STATUSES,
+    accepted_statuses: tuple[str, ...] = CORRECTED_ROW_STATUSES,
     keep_zero_groups: bool = False,
 ) -> Assembly:
     """Assemble groups from a corrected table and attach advantages.
 
-    `accepted_statuses`: ``correct_status`` values of corrected rows that count as accepted.
+    `accepted_statuses`: ``correct_status`` values of the corrected rows to use (default: every
+    corrected row `scope correct` writes, `scope_data.correction.CORRECTED_ROW_STATUSES`).
     `keep_zero_groups`: keep groups whose advantages are all zero (for inspection only).
     Raises ValueError naming the rollout for malformed rows.
     """
-    if algo not in ALGOS:
-        raise ValueError(f"unknown algo {algo!r}; use one of {ALGOS}")
+    record = get_algo(algo)
+    dense = record.dense_rewards
     df = table if isinstance(table, pl.DataFrame) else pl.from_arrow(table)
     cols = ["problem_id", "round", "rollout_id", "kind", "source_rollout_id", "prompt_token_ids",
             "response_token_ids", "behaviour_logprobs", "off_policy_start", "reward",
-            "correct_status"] + (["steps"] if algo == "prm_dense" else [])
+            "correct_status"] + (["steps"] if dense else [])
     missing = [c for c in cols if c not in df.columns]
     if missing:
         raise ValueError(f"corrected table lacks columns {missing}")
@@ -190,7 +188,7 @@ def assemble(
                       "off_policy_start", "reward", "correct_status",
                       _n=pl.col("response_token_ids").list.len().cast(pl.Int64))
     stats: dict[str, int] = {}
-    members, n_groups = _members(light, algo, accepted_statuses, stats)
+    members, n_groups = _members(light, record.uses_corrections, accepted_statuses, stats)
     if members.height == 0:
         return Assembly(pl.DataFrame(schema=ROW_SCHEMA), dict(stats, groups=0, responses=0))
 
@@ -198,11 +196,11 @@ def assemble(
     adv = group_advantages(members["reward"].cast(pl.Float64).to_numpy(), codes, estimator,
                            scale_rewards)
     token_adv = pl.lit(None, ROW_SCHEMA["token_advantages"])
-    if algo == "prm_dense":
+    if dense:
         spans = (df.select(pl.col("steps").gather(members["_row"])).with_row_index("row")
                  .explode("steps").unnest("steps"))
         token_adv = dense_step_advantages(adv, codes, spans, members["_n"].to_numpy(), prm_alpha)
-    dead = zero_groups(adv if algo != "prm_dense" else token_adv, members["_first"])
+    dead = zero_groups(token_adv if dense else adv, members["_first"])
     members = members.with_columns(advantage=pl.Series(adv), token_advantages=token_adv)
     if not keep_zero_groups:
         dead_codes = pl.Series(list(dead), dtype=members["_first"].dtype)

@@ -43,6 +43,29 @@ class CorrectionError(ValueError):
     """A scored row whose step offsets cannot be spliced (names the rollout)."""
 
 
+# `correct_status` of a correction the teacher wrote (its source rollout gets the same status)
+ACCEPTED = "accepted"  # the corrected answer verifies
+TRUNCATED = "truncated"  # it verifies, but the suffix was cut to fit the length limit
+REJECTED_WRONG = "rejected_wrong"  # the corrected answer is still wrong
+VERIFIED_STATUSES = (ACCEPTED, TRUNCATED)  # corrections that salvage their rollout
+# the `kind="corrected"` rows `scope correct` writes: verified ones, plus wrong ones when the
+# user turns require_correct off (`--no-require-correct`: they asked to train on them)
+CORRECTED_ROW_STATUSES = (*VERIFIED_STATUSES, REJECTED_WRONG)
+SALVAGE_RATE = "verified corrections / failed rollouts"
+
+
+def outcome_status(verified: bool, truncated: bool) -> str:
+    """The `correct_status` of a spliced correction."""
+    if not verified:
+        return REJECTED_WRONG
+    return TRUNCATED if truncated else ACCEPTED
+
+
+def salvage_rate(verified_corrections: int, failed_rollouts: int) -> float | None:
+    """The salvage rate (`SALVAGE_RATE`); None when no rollout failed."""
+    return verified_corrections / failed_rollouts if failed_rollouts else None
+
+
 @dataclass(frozen=True)
 class Splice:
     """A corrected response: the kept policy prefix followed by the teacher suffix."""

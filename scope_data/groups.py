@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import polars as pl
 
+from scope_data.algos import CORRECTION_MODES
+
 # =============================================================================================
 # Selection (used by `scope correct`): which failed rollouts a teacher is asked to correct.
 # =============================================================================================
-
-MODES = ("scope", "luffy")
 
 # Selection outcome of one rollout; "selected" rows are then corrected by the teacher and get
 # the correction's outcome (accepted, rejected_wrong, teacher_error, ...) instead.
@@ -57,8 +57,8 @@ def select_corrections(
     with a correct response already has a learning signal, and replacing its failures can turn
     it all-correct (zero advantage), losing their negative signal.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown correction mode {mode!r}; valid: {', '.join(MODES)}")
+    if mode not in CORRECTION_MODES:
+        raise ValueError(f"unknown correction mode {mode!r}; valid: {', '.join(CORRECTION_MODES)}")
     if min_prefix_steps < 0:
         raise ValueError(f"min_prefix_steps must be >= 0, got {min_prefix_steps}")
     if max_corrections_per_group < 1:

@@ -436,7 +436,7 @@ class NanPRM:
     max_length = 1 << 20
 
     def __init__(self):
-        from pipelines.engines.base import EngineSpec
+        from pipelines.engines.spec import EngineSpec
 
         self.spec = EngineSpec("hf-cls", "nan-test")
 
@@ -581,7 +581,7 @@ def test_prompt_longer_than_the_context_is_kept_with_a_status(tmp_path, model_di
     ("tgi:http://x", "teacher", "oracle:arith, reference"),
 ])
 def test_unknown_engine_spec_lists_the_valid_forms(spec, role, forms):
-    from pipelines.engines.base import SpecError, parse_spec
+    from pipelines.engines.spec import SpecError, parse_spec
 
     with pytest.raises(SpecError, match=f"unknown {role} engine spec {spec!r}; valid forms: "
                                         f".*{forms}"):
@@ -589,7 +589,7 @@ def test_unknown_engine_spec_lists_the_valid_forms(spec, role, forms):
 
 
 def test_unknown_engine_spec_stops_a_stage_before_it_writes(tmp_path):
-    from pipelines.engines.base import SpecError
+    from pipelines.engines.spec import SpecError
     from pipelines.stages.generate import GenerateConfig, run
 
     url = str(tmp_path / "p")

@@ -37,7 +37,7 @@ def test_final_table_mean_and_std(tmp_path) -> None:
         _metrics(chunk).write_parquet(d / "metrics.parquet")
     df = load_runs([str(tmp_path / f"run{i}") for i in range(4)])
     table = final_table(df, "h")
-    assert table["algo"].to_list() == ["grpo", "scope"]  # baselines first, in ALGO_ORDER
+    assert table["algo"].to_list() == ["grpo", "scope"]  # baselines first, in registry order
     scope = table.filter(pl.col("algo") == "scope").row(0, named=True)
     assert scope["runs"] == 2 and scope["accuracy"] == pytest.approx(0.5)
     assert scope["accuracy_std"] == pytest.approx(pl.Series([0.4, 0.6]).std())

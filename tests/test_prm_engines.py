@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.engines.base import SpecError, load_prm, parse_spec, score_with_status
+from pipelines.engines.base import load_prm, score_with_status
+from pipelines.engines.spec import SpecError, parse_spec
 from scope_data.tasks import arith
 
 torch = pytest.importorskip("torch")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.engines.base import EngineSpec
+from pipelines.engines.spec import EngineSpec
 from pipelines.stages.prm_eval import PRMEvalConfig, run
 from scope_data.benchmarks import load_benchmark
 from tests.helpers_score import arith_rollout_rows, char_tokenizer_dir, write_rollouts

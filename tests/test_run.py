@@ -64,7 +64,7 @@ def test_unknown_stage_option_is_named(tmp_path) -> None:
 @pytest.mark.parametrize("algo,stages", [
     ("grpo", ["generate", "train"]),
     ("prm_dense", ["generate", "score", "train"]),
-    ("luffy", ["generate", "score", "correct", "train"]),
+    ("luffy", ["generate", "correct", "train"]),  # no PRM: correct reads the rollouts
     ("scope", ["generate", "score", "correct", "train"]),
 ])
 def test_dry_run_prints_stage_commands(tmp_path, algo, stages) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.engines.base import EngineSpec
+from pipelines.engines.spec import EngineSpec
 from pipelines.stages.score import ScoreConfig, run, token_offsets
 from scope_data.shards import ShardError, read_arrow, read_manifest
 from scope_data.tasks import arith

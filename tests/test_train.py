@@ -167,7 +167,8 @@ def test_nan_loss_stops_with_step_and_rollouts(tiny, tmp_path: Path) -> None:
 
 
 def test_bad_inputs(tiny, tmp_path: Path) -> None:
-    from pipelines.training.train import TrainConfig, model_path, run
+    from pipelines.engines.spec import trainable_path
+    from pipelines.training.train import TrainConfig, run
     from scope_data.schema import empty_table
     from scope_data.shards import TableStore
 
@@ -184,7 +185,7 @@ def test_bad_inputs(tiny, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="loss_type"):
         TrainConfig(data=data, policy=str(path), output_dir="x", loss_type="sum").check()
     with pytest.raises(ValueError, match="no trainable weights"):
-        model_path("rule:arith")
+        trainable_path("rule:arith")
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep")
     with pytest.raises(ValueError, match="refusing to overwrite"):

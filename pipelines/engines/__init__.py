@@ -1,16 +1,14 @@
 """Engines: generation (hf, vllm, openai), PRMs and teachers behind one spec string."""
 
 from pipelines.engines.base import (
-    EngineSpec,
     GenerationRequest,
     GenerationResult,
-    SpecError,
     load_generation_engine,
     load_prm,
-    parse_spec,
 )
+from pipelines.engines.spec import EngineSpec, SpecError, parse_spec, resolve
 
 __all__ = [
     "EngineSpec", "GenerationRequest", "GenerationResult", "SpecError",
-    "load_generation_engine", "load_prm", "parse_spec",
+    "load_generation_engine", "load_prm", "parse_spec", "resolve",
 ]

@@ -1,4 +1,4 @@
-"""One spec string per engine (DESIGN.md section 4) and the interfaces every engine implements.
+"""The interfaces every engine implements, and loading an engine from its spec (`engines.spec`).
 
 Generation engines (policy sampling and teachers) take token-id requests and return sampled
 token ids with their temperature-processed log-probs; PRM engines return P(step correct) per
@@ -11,9 +11,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-GENERATION_FORMS = ("hf:<path-or-hub-id>", "vllm:<path-or-hub-id>", "openai:<base_url>#<model>")
-PRM_FORMS = ("rule:arith", "hf-cls:<model>", "hf-tag:<model>", "vllm:<model>")
-TEACHER_FORMS = GENERATION_FORMS + ("oracle:arith", "reference")
+from pipelines.engines.spec import EngineSpec, parse_spec
 
 # kind -> "module:Class"; modules are imported only when a spec of that kind is loaded.
 GENERATION_ENGINES = {
@@ -27,44 +25,6 @@ PRM_ENGINES = {
     "hf-tag": "pipelines.engines.prm_hf:HFTagPRM",
     "vllm": "pipelines.engines.prm_vllm:VLLMPRM",
 }
-
-
-class SpecError(ValueError):
-    """An engine spec string that does not parse; the message lists the valid forms."""
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """A parsed spec: `kind:target`, plus the model name for `openai:<base_url>#<model>`."""
-
-    kind: str
-    target: str
-    model: str | None = None
-
-    def __str__(self) -> str:
-        if self.kind == "reference":
-            return "reference"
-        return f"{self.kind}:{self.target}" + (f"#{self.model}" if self.model else "")
-
-
-def parse_spec(spec: str, role: str = "generation") -> EngineSpec:
-    """Parse `spec` for `role` in {"generation", "prm", "teacher"}; SpecError lists valid forms."""
-    forms = {"generation": GENERATION_FORMS, "prm": PRM_FORMS, "teacher": TEACHER_FORMS}[role]
-    kinds = {f.split(":")[0] for f in forms}
-    text = (spec or "").strip()
-    kind, sep, target = text.partition(":")
-    if text == "reference" and "reference" in kinds:
-        return EngineSpec("reference", "")
-    if not sep or kind not in kinds or not target:
-        raise SpecError(f"unknown {role} engine spec {spec!r}; valid forms: {', '.join(forms)}")
-    if kind in ("rule", "oracle") and target != "arith":
-        raise SpecError(f"unknown {role} engine spec {spec!r}: only {kind}:arith exists")
-    if kind == "openai":
-        base_url, hash_sign, model = target.partition("#")
-        if not hash_sign or not base_url or not model:
-            raise SpecError(f"openai spec {spec!r} must look like openai:<base_url>#<model>")
-        return EngineSpec("openai", base_url, model)
-    return EngineSpec(kind, target)
 
 
 def check_remote_code(target: str, trust_remote_code: bool = False) -> None:

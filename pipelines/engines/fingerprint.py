@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from pipelines.engines.base import parse_spec
+from pipelines.engines.spec import parse_spec, resolve
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 SAMPLE_BYTES = 1 << 20
@@ -47,8 +47,8 @@ def folder_fingerprint(folder: str | Path) -> str:
 
 def model_fingerprint(spec: str, role: str = "generation") -> str | None:
     """Fingerprint of the local model folder a spec names, or None (hub id, endpoint, rule)."""
-    parsed = parse_spec(spec, role)
-    if parsed.kind in ("openai", "rule", "oracle", "reference"):
+    path = resolve(parse_spec(spec, role)).model_path
+    if path is None:
         return None
-    folder = Path(parsed.target).expanduser()
+    folder = Path(path).expanduser()
     return folder_fingerprint(folder) if folder.is_dir() else None

@@ -27,15 +27,10 @@ are exact:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from pipelines.engines.base import (
-    EngineSpec,
-    GenerationRequest,
-    GenerationResult,
-    check_remote_code,
-)
+from pipelines.engines.base import GenerationRequest, GenerationResult, check_remote_code
+from pipelines.engines.spec import EngineSpec, load_tokenizer, local_model_path, resolve
 
 
 @dataclass
@@ -77,38 +72,25 @@ def sample_tokens(logp: Any, u: Any) -> Any:
     return torch.searchsorted(cdf, (1 - u) * cdf[:, -1:]).squeeze(-1)
 
 
-def resolve_model_path(target: str) -> str:
-    """A local folder as is; anything that looks like a path but is missing raises naming it."""
-    path = Path(target).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model folder {target!r} has no config.json")
-        return str(path)
-    looks_local = target.startswith((".", "/", "~")) or target.count("/") != 1
-    if looks_local:
-        raise FileNotFoundError(f"model path {target!r} does not exist")
-    return target  # a hub id: from_pretrained resolves it (from the local HF cache offline)
-
-
 def load_model_and_tokenizer(
-    target: str, *, device: str, dtype: str | None, trust_remote_code: bool = False
+    spec: EngineSpec, *, device: str, dtype: str | None, trust_remote_code: bool = False
 ) -> tuple[Any, Any]:
-    """Load `AutoModelForCausalLM` (safetensors) + `AutoTokenizer` in eval mode on `device`."""
+    """Load `AutoModelForCausalLM` (safetensors) + its tokenizer in eval mode on `device`."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bar in stage output
-    source = resolve_model_path(target)
+    source = local_model_path(str(resolve(spec).model_path))
     check_remote_code(source, trust_remote_code)
     torch_dtype = getattr(torch, dtype or ("float32" if device == "cpu" else "bfloat16"))
     try:
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tok = load_tokenizer(source, trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
         )
     except OSError as e:
-        raise FileNotFoundError(f"cannot load model {target!r}: {e}") from None
+        raise FileNotFoundError(f"cannot load model {spec.target!r}: {e}") from None
     return model.to(device).eval(), tok
 
 
@@ -134,7 +116,7 @@ class HFGenerationEngine:
         self.spec = spec
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.tokenizer = load_model_and_tokenizer(
-            spec.target, device=self.device, dtype=dtype, trust_remote_code=trust_remote_code
+            spec, device=self.device, dtype=dtype, trust_remote_code=trust_remote_code
         )
         self.dtype = str(self.model.dtype).removeprefix("torch.")
         self.batch_size = batch_size

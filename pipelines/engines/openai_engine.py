@@ -33,7 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from pipelines.engines.base import EngineSpec, GenerationRequest, GenerationResult
+from pipelines.engines.base import GenerationRequest, GenerationResult
+from pipelines.engines.spec import EngineSpec, load_tokenizer, resolve
 from scope_data.hashing import canonical_json, sha256_hex
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -67,16 +68,12 @@ class OpenAIGenerationEngine:
         trust_remote_code: bool = False,
         **_ignored: Any,
     ) -> None:
-        from transformers import AutoTokenizer
-
         self.spec = spec
         self.base_url = spec.target.rstrip("/")
         self.model = spec.model
-        source = tokenizer or spec.model
+        source = str(resolve(spec, tokenizer).tokenizer_path)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(
-                source, trust_remote_code=trust_remote_code
-            )
+            self.tokenizer = load_tokenizer(source, trust_remote_code)
         except OSError as e:
             raise FileNotFoundError(
                 f"openai engine: cannot load the policy tokenizer {source!r} (pass the model "

@@ -32,8 +32,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
-from pipelines.engines.base import EngineSpec, PRMScores, check_remote_code
+from pipelines.engines.base import PRMScores, check_remote_code
 from pipelines.engines.prm_inputs import QWEN_PRM_SYSTEM, PRMInput, mark_nan, split_for_context
+from pipelines.engines.spec import EngineSpec, load_tokenizer, resolve
 
 
 def resolve_dtype(dtype: str, device: str) -> Any:
@@ -94,14 +95,15 @@ class _HFPRM(ABC):
         **_: Any,
     ):
         import torch
-        from transformers import AutoTokenizer
 
         self.spec = spec
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.torch_dtype = resolve_dtype(dtype, self.device)
         self.batch_tokens = int(batch_tokens)
-        check_remote_code(spec.target, trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(spec.target, trust_remote_code=trust_remote_code)
+        resolved = resolve(spec)
+        path = str(resolved.model_path)
+        check_remote_code(path, trust_remote_code)
+        tokenizer = load_tokenizer(str(resolved.tokenizer_path), trust_remote_code)
         try:
             self.input = PRMInput(tokenizer, self.family, step_token=step_token,
                                   good_token=good_token, bad_token=bad_token,
@@ -109,7 +111,7 @@ class _HFPRM(ABC):
         except ValueError as e:
             raise ValueError(f"{spec}: {e}") from None
         self.tokenizer = tokenizer
-        self.model = self._load_model(spec.target, trust_remote_code).to(self.device).eval()
+        self.model = self._load_model(path, trust_remote_code).to(self.device).eval()
         context = getattr(self.model.config, "max_position_embeddings", None) or 4096
         self.max_length = int(max_length or context)
         # Right padding never changes a causal decoder's outputs at real positions (they cannot

@@ -12,7 +12,8 @@ import re
 from functools import lru_cache
 from typing import Any
 
-from pipelines.engines.base import EngineSpec, PRMScores
+from pipelines.engines.base import PRMScores
+from pipelines.engines.spec import EngineSpec
 from scope_data.tasks import arith
 
 _PROMPT_RE = re.compile(

@@ -22,8 +22,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pipelines.engines.base import EngineSpec, PRMScores
+from pipelines.engines.base import PRMScores
 from pipelines.engines.prm_inputs import QWEN_PRM_SYSTEM, PRMInput, mark_nan, split_for_context
+from pipelines.engines.spec import EngineSpec, load_tokenizer, resolve
 
 
 class VLLMPRM:
@@ -47,10 +48,9 @@ class VLLMPRM:
         seed: int = 0,
         **_: Any,
     ):
-        from transformers import AutoTokenizer
-
         self.spec, self.family = spec, family
-        tokenizer = AutoTokenizer.from_pretrained(spec.target, trust_remote_code=trust_remote_code)
+        resolved = resolve(spec)
+        tokenizer = load_tokenizer(str(resolved.tokenizer_path), trust_remote_code)
         try:
             self.input = PRMInput(tokenizer, family, step_token=step_token,
                                   good_token=good_token, bad_token=bad_token,
@@ -73,7 +73,7 @@ class VLLMPRM:
         if max_length is not None:
             kwargs["max_model_len"] = int(max_length)
         self.llm = LLM(
-            model=spec.target, runner="pooling", pooler_config=pooler, dtype=dtype,
+            model=resolved.model_path, runner="pooling", pooler_config=pooler, dtype=dtype,
             trust_remote_code=trust_remote_code, gpu_memory_utilization=gpu_memory_utilization,
             tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager, seed=seed,
             **kwargs,

@@ -26,8 +26,6 @@ from scope_data.tasks import arith
 
 logger = logging.getLogger(__name__)
 
-TEACHER_STATUSES = ("ok", "teacher_error", "empty_response", "no_reference")
-
 
 @dataclass
 class TeacherItem:
@@ -236,7 +234,8 @@ def load_teacher(
     engine_options: dict[str, Any] | None = None,
 ) -> Teacher:
     """The teacher for a spec: ``oracle:arith``, ``reference`` or a generation engine spec."""
-    from pipelines.engines.base import load_generation_engine, parse_spec
+    from pipelines.engines.base import load_generation_engine
+    from pipelines.engines.spec import parse_spec
 
     parsed = parse_spec(spec, "teacher")
     if parsed.kind == "oracle":

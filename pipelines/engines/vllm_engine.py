@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.engines.base import EngineSpec, GenerationRequest, GenerationResult
-from pipelines.engines.hf import resolve_model_path
+from pipelines.engines.base import GenerationRequest, GenerationResult
+from pipelines.engines.spec import EngineSpec, local_model_path, resolve
 
 
 class VLLMGenerationEngine:
@@ -46,7 +46,7 @@ class VLLMGenerationEngine:
 
         self.spec = spec
         kwargs: dict[str, Any] = {
-            "model": resolve_model_path(spec.target),
+            "model": local_model_path(str(resolve(spec).model_path)),
             "dtype": dtype or "auto",
             "tensor_parallel_size": tensor_parallel_size,
             "pipeline_parallel_size": pipeline_parallel_size,

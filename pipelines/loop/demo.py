@@ -23,7 +23,8 @@ from typing import Any
 import polars as pl
 
 from pipelines.config import option
-from pipelines.loop.recipe import ALGOS, load_recipe
+from pipelines.loop.recipe import load_recipe
+from scope_data.algos import ALGO_NAMES
 
 QUICK_ROUNDS = 2
 
@@ -36,7 +37,8 @@ class DemoConfig:
     quick: bool = option(False, help="one seed, 2 rounds (about 2 minutes)")
     seeds: int = option(3, help="seeds per algorithm (ignored with --quick)")
     rounds: int | None = option(None, help="rounds (default: the recipe's; 2 with --quick)")
-    algos: tuple[str, ...] = option(ALGOS, sep=",", help="comma-separated algorithms to compare")
+    algos: tuple[str, ...] = option(ALGO_NAMES, sep=",",
+                                    help="comma-separated algorithms to compare")
     recipe: str = option("arith-tiny", help="recipe file or bundled name")
     overrides: dict[str, Any] = option(default_factory=dict, cli=False,
                                        help="recipe keys to override")
@@ -70,8 +72,8 @@ def run(cfg: DemoConfig) -> DemoResult:
     # oversubscribed OpenMP threads cost 3x wall time (measured: generate 54 s vs 138 s)
     torch.set_num_threads(int(os.environ.get("SCOPE_NUM_THREADS", "1")))
     for algo in cfg.algos:
-        if algo not in ALGOS:
-            raise ValueError(f"unknown algo {algo!r}; valid: {', '.join(ALGOS)}")
+        if algo not in ALGO_NAMES:
+            raise ValueError(f"unknown algo {algo!r}; valid: {', '.join(ALGO_NAMES)}")
     seeds = 1 if cfg.quick else cfg.seeds
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
@@ -141,7 +143,7 @@ def paired_differences(df: pl.DataFrame, target: str = "scope",
         return pl.DataFrame()
     mine = last.filter(pl.col("algo") == target).select("seed", *metrics)
     rows = []
-    for base in [a for a in ALGOS if a != target and a in last["algo"].to_list()]:
+    for base in [a for a in ALGO_NAMES if a != target and a in last["algo"].to_list()]:
         other = last.filter(pl.col("algo") == base).select("seed", *metrics)
         joined = mine.join(other, on="seed", suffix="_b")
         for m in metrics:

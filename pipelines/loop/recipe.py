@@ -2,7 +2,7 @@
 
 ```yaml
 name: arith-tiny
-algo: scope                 # grpo | luffy | prm_dense | scope
+algo: scope                 # grpo | luffy | prm_dense | scope (scope_data.algos)
 seed: 0
 rounds: 3
 policy: tiny                # an engine spec (hf:/path, vllm:...) or `tiny` (built and cached)
@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ALGOS = ("grpo", "luffy", "prm_dense", "scope")
+from scope_data.algos import ALGO_NAMES
+
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 STAGE_KEYS = ("generate", "score", "correct", "train", "evaluate")
 
@@ -108,8 +109,8 @@ def recipe_from_dict(body: dict[str, Any], source: str | None = None) -> Recipe:
     if missing:
         raise ValueError(f"{where}: missing required key(s) {missing}")
     body = copy.deepcopy(body)
-    if body["algo"] not in ALGOS:
-        raise ValueError(f"{where}: algo {body['algo']!r} is not one of {', '.join(ALGOS)}")
+    if body["algo"] not in ALGO_NAMES:
+        raise ValueError(f"{where}: algo {body['algo']!r} is not one of {', '.join(ALGO_NAMES)}")
     body.setdefault("seed", 0)
     body.setdefault("rounds", 1)
     if int(body["rounds"]) < 1:

@@ -18,10 +18,11 @@ from typing import Any
 import polars as pl
 
 from pipelines.loop.round_loop import METRICS_FILE
+from scope_data.algos import ALGO_NAMES
+from scope_data.correction import SALVAGE_RATE
 
 TABLE_COLUMNS = ("accuracy", "pass@1", "pass@max", "self_bleu_div", "novel_equations",
                  "distinct_4", "salvage_rate")
-ALGO_ORDER = ("grpo", "luffy", "prm_dense", "scope")
 
 
 @dataclass
@@ -47,7 +48,7 @@ def load_runs(run_dirs: list[str]) -> pl.DataFrame:
 
 
 def _label_order(labels: list[str]) -> list[str]:
-    return sorted(set(labels), key=lambda x: (ALGO_ORDER.index(x) if x in ALGO_ORDER else 99, x))
+    return sorted(set(labels), key=lambda x: (ALGO_NAMES.index(x) if x in ALGO_NAMES else 99, x))
 
 
 def final_table(df: pl.DataFrame, eval_set: str | None = None, label: str = "algo"
@@ -125,7 +126,7 @@ def make_plots(df: pl.DataFrame, out: Path, eval_set: str, label: str = "algo") 
         ("pass_at_k.png", ["pass@max"], f"held-out pass@{n} ({eval_set})"),
         ("diversity.png", ["self_bleu_div", "novel_equations"],
          "held-out diversity: 1 - self-BLEU (solid), novel equations (dashed)"),
-        ("salvage_rate.png", ["salvage_rate"], "salvage rate (accepted corrections / failed)"),
+        ("salvage_rate.png", ["salvage_rate"], f"salvage rate ({SALVAGE_RATE})"),
         ("train_loss.png", ["train_loss"], "training loss (mean per round)"),
     ]
     for name, cols, title in per_round:

@@ -8,7 +8,7 @@ Layout of a run folder::
     RUN_DIR/round-0000/eval/<name>/      evaluation of the initial policy
     RUN_DIR/round-XXXX/generate/         rollouts of the policy of round XXXX-1
     RUN_DIR/round-XXXX/score/            scored table          (algos that use the PRM)
-    RUN_DIR/round-XXXX/correct/          corrected table       (every algo: one code path)
+    RUN_DIR/round-XXXX/correct/          corrected table       (algos that use corrections)
     RUN_DIR/round-XXXX/train/            new checkpoint + train_metrics.parquet
     RUN_DIR/round-XXXX/eval/<name>/      evaluation of the new checkpoint
     RUN_DIR/round-XXXX/_stages/<s>.json  completion marker: the stage's config hash
@@ -20,12 +20,13 @@ downstream of it. Inside a stage, the shard store skips finished part files. Eve
 same `run(cfg)` the CLI calls; `--dry-run` returns the plan (stage, config) that
 `scope run --dry-run` prints as the equivalent `scope <stage>` commands.
 
-Algorithms share one code path and one budget (problems, n samples, seeds, train options):
-`grpo` trains on the rollouts (no PRM, no teacher), `prm_dense` scores every response and trains
-on the scored table (dense step rewards), `luffy` and `scope` score, correct (`--mode luffy`:
-whole teacher solutions; `--mode scope`: teacher suffix after the PRM's first error) and train
-on the corrected table. A round whose groups all have zero advantage trains nothing and keeps
-the policy (recorded in `round-XXXX/train_skipped.json`).
+Algorithms share one code path and one budget (problems, n samples, seeds, train options); the
+registry `scope_data.algos` says which stages each runs: `grpo` trains on the rollouts (no PRM,
+no teacher), `prm_dense` scores every response and trains on the scored table (dense step
+rewards), `luffy` corrects the rollouts (`--mode luffy`: whole teacher solutions, no PRM) and
+`scope` scores the failed ones and corrects them (`--mode scope`: teacher suffix after the PRM's
+first error); both train on the corrected table. A round whose groups all have zero advantage
+trains nothing and keeps the policy (recorded in `round-XXXX/train_skipped.json`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import polars as pl
 from pipelines.config import identity, option
 from pipelines.loop import round_stages as stages
 from pipelines.loop.recipe import Recipe, load_recipe
+from scope_data.algos import get_algo
 from scope_data.hashing import config_hash
 
 METRICS_FILE = "metrics.parquet"
@@ -208,12 +210,12 @@ def _round(runner: _Runner, recipe: Recipe, run_dir: Path, r: int, policy: str,
     h = runner.stage(where, "generate", gcfg, [problem_hashes["train"], policy_hash],
                      lambda: stages.run_generate(gcfg))
     table = gcfg.out
-    scores, mode = stages.ALGO_PLAN[recipe.algo]
-    if scores or mode:
+    algo = get_algo(recipe.algo)
+    if algo.uses_prm:
         scfg = stages.score_config(recipe, table, str(rd / "score"))
         h = runner.stage(where, "score", scfg, [h], lambda: stages.run_score(scfg))
         table = scfg.out
-    if mode:
+    if algo.uses_corrections:
         ccfg = stages.correct_config(recipe, table, str(rd / "correct"), r)
         h = runner.stage(where, "correct", ccfg, [h], lambda: stages.run_correct(ccfg))
         table = ccfg.out

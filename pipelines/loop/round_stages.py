@@ -18,18 +18,7 @@ import polars as pl
 
 from pipelines.config import identity, option
 from pipelines.loop.recipe import Recipe
-
-# algo -> (scores steps?, correction mode or None)
-ALGO_PLAN: dict[str, tuple[bool, str | None]] = {
-    "grpo": (False, None),
-    "prm_dense": (True, None),
-    "luffy": (False, "luffy"),
-    "scope": (True, "scope"),
-}
-
-
-def uses_prm(algo: str) -> bool:
-    return ALGO_PLAN[algo][0]
+from scope_data.algos import get_algo
 
 
 # -- generic helpers ------------------------------------------------------------------------
@@ -129,8 +118,7 @@ def score_config(recipe: Recipe, rollouts: str, out: str) -> Any:
     from pipelines.stages.score import ScoreConfig
 
     opts = dict(recipe.score)
-    if recipe.algo == "prm_dense":
-        opts.setdefault("only_failed", False)  # dense shaping needs every response's scores
+    opts.setdefault("only_failed", get_algo(recipe.algo).prm_scores == "failed")
     return make_config(ScoreConfig, opts, "score", rollouts=rollouts, out=out, prm=recipe.prm)
 
 
@@ -140,13 +128,14 @@ def run_score(cfg: Any) -> None:
     _finished(score.run(cfg), cfg.out)
 
 
-def correct_config(recipe: Recipe, scored: str, out: str, r: int) -> Any:
+def correct_config(recipe: Recipe, table: str, out: str, r: int) -> Any:
+    """The correct stage of the recipe's algo over `table` (scored, or rollouts for luffy)."""
     from pipelines.stages.correct import CorrectConfig
 
     opts = dict(recipe.correct)
     opts.setdefault("seed", _seed(recipe, "correct", r))
-    return make_config(CorrectConfig, opts, "correct", scored=scored, out=out,
-                       teacher=recipe.teacher, mode=ALGO_PLAN[recipe.algo][1])
+    return make_config(CorrectConfig, opts, "correct", scored=table, out=out,
+                       teacher=recipe.teacher, mode=get_algo(recipe.algo).correction_mode)
 
 
 def run_correct(cfg: Any) -> None:
@@ -186,10 +175,11 @@ def run_train(cfg: Any) -> None:
 
 def trained_policy(cfg: Any) -> str:
     """The policy spec after a train stage (the old one when the round had nothing to train)."""
+    from pipelines.engines.spec import trained_spec
+
     if (Path(cfg.output_dir).parent / SKIPPED_TRAIN).is_file():
         return cfg.policy
-    kind = cfg.policy.partition(":")[0]
-    return f"{kind if kind in ('hf', 'vllm') else 'hf'}:{cfg.output_dir}"
+    return trained_spec(cfg.policy, cfg.output_dir)
 
 
 def eval_config(recipe: Recipe, policy: str, problems: str, out: str, r: int) -> Any:
@@ -226,6 +216,8 @@ def round_metrics(recipe: Recipe, rd: Path, r: int) -> list[dict[str, Any]]:
 
 def training_figures(rd: Path) -> dict[str, Any]:
     """Figures of a round's training side, read back from its tables."""
+    from scope_data.correction import VERIFIED_STATUSES, salvage_rate
+    from scope_data.groups import rescue_counts
     from scope_data.shards import scan
 
     out: dict[str, Any] = {}
@@ -239,13 +231,12 @@ def training_figures(rd: Path) -> dict[str, Any]:
     out["all_failed_groups"] = int((~by_problem["any"]).sum())
     if (rd / "correct" / "_manifest.json").is_file():
         corr = scan(str(rd / "correct"), check=False).select(
-            "problem_id", "kind", "correct_status").collect()
-        accepted = corr.filter(pl.col("kind") == "corrected")
-        out["corrections"] = accepted.height
-        out["salvage_rate"] = accepted.height / failed if failed else None
-        dead = by_problem.filter(~pl.col("any"))["problem_id"]
-        out["rescued_groups"] = int(accepted.filter(pl.col("problem_id").is_in(dead.implode()))
-                                    ["problem_id"].n_unique())
+            "problem_id", "kind", "correct", "correct_status").collect()
+        corrected = corr.filter(pl.col("kind") == "corrected")
+        out["corrections"] = corrected.height
+        verified = corrected.filter(pl.col("correct_status").is_in(VERIFIED_STATUSES)).height
+        out["salvage_rate"] = salvage_rate(verified, failed)
+        out["rescued_groups"] = rescue_counts(corr)["groups_rescued"]
     train_dir = rd / "train"
     metrics = train_dir / "train_metrics.parquet"
     if metrics.is_file():

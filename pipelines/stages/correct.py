@@ -3,13 +3,15 @@
 Reads the scored table, picks which failed rollouts to correct (``scope_data.groups``), asks a
 teacher (``pipelines.engines.teachers``) to continue each kept prefix, splices prefix ids + policy
 re-encoding of the suffix (``scope_data.correction``), verifies the result and writes the
-corrected table:
+corrected table. ``--mode luffy`` ignores PRM scores, so it also reads the rollouts table (no
+PRM runs; its rows get no steps, ``prm=""``, threshold NaN, ``score_status="not_scored"``):
 
 - EVERY input row, ``kind="policy"``, with ``correct_status`` saying what happened to it
   (``not_failed``, ``not_scored``, ``prm_disagrees``, ``first_error_out_of_range``,
   ``no_prefix``, ``prefix_too_short``, ``over_group_limit``, ``group_has_correct``, or the
-  outcome of its correction: ``accepted``, ``truncated``, ``rejected_wrong``,
-  ``teacher_error``, ``empty_response``, ``no_reference``); its correction columns are null;
+  outcome of its correction: ``accepted``, ``truncated``, ``rejected_wrong``
+  (``scope_data.correction``), ``teacher_error``, ``empty_response``, ``no_reference``); its
+  correction columns are null;
 - after it, one ``kind="corrected"`` row per kept correction: a new ``rollout_id =
   stable_id(source_rollout_id, teacher, attempt)``, ``source_rollout_id``, ``prefix_steps``
   (k*), ``off_policy_start`` (= kept prefix tokens), ``teacher``, the spliced response, its
@@ -45,25 +47,30 @@ from pipelines.config import (
 )
 from pipelines.console import print_summary, progress
 from pipelines.engines.openai_engine import default_cache_dir
+from pipelines.engines.spec import load_tokenizer, parse_spec, policy_tokenizer_path
 from pipelines.engines.teachers import Teacher, TeacherItem, TeacherOutput, load_teacher
 from pipelines.executors.shard_executor import StageResult, run_stage
+from scope_data.algos import CORRECTION_MODES, mode_needs_scores
 from scope_data.correction import (
+    CORRECTED_ROW_STATUSES,
+    SALVAGE_RATE,
     check_prefix_text,
     check_table_offsets,
     corrected_table,
+    outcome_status,
     prefix_token_end,
+    salvage_rate,
     splice,
 )
 from scope_data.groups import (
     GROUP_HAS_CORRECT,
-    MODES,
     OVER_GROUP_LIMIT,
     SELECTED,
     rescue_counts,
     select_corrections,
 )
 from scope_data.hashing import derive_seed, stable_id
-from scope_data.schema import SCHEMAS
+from scope_data.schema import SCHEMAS, SCORED_FIELDS, conform
 from scope_data.shards import read_manifest
 
 
@@ -71,7 +78,8 @@ from scope_data.shards import read_manifest
 class CorrectConfig:
     """Options of `scope correct` (TRL-like names for the sampling ones)."""
 
-    scored: str = option(help="scored table folder (path or fsspec URL)", identity=False)
+    scored: str = option(help="scored table folder (path or fsspec URL); --mode luffy also "
+                         "reads a rollouts table", identity=False)
     out: str = option(help="output corrected table folder", identity=False)
     teacher: str = option(help="teacher: oracle:arith | reference | hf:<path-or-hub-id> | "
                           "vllm:<path-or-hub-id> | openai:<base_url>#<model>", model="teacher")
@@ -128,11 +136,10 @@ class CorrectConfig:
                 **self.engine_options}
 
     def check(self) -> None:
-        from pipelines.engines.base import parse_spec
-
         parse_spec(self.teacher, "teacher")
-        if self.mode not in MODES:
-            raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode not in CORRECTION_MODES:
+            raise ValueError(f"--mode must be one of {', '.join(CORRECTION_MODES)}, "
+                             f"got {self.mode!r}")
         for name in ("attempts", "max_corrections_per_group", "max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -156,22 +163,6 @@ def verify(row: dict[str, Any], text: str) -> tuple[str | None, bool]:
     return pred, bool(ok)
 
 
-def policy_tokenizer_path(policy: str) -> str:
-    """The local model folder / hub id behind a policy spec such as ``hf:/models/tiny``."""
-    from pipelines.engines.base import SpecError, parse_spec
-
-    try:
-        spec = parse_spec(policy, "generation")
-    except SpecError:
-        return policy
-    if spec.kind == "openai":
-        raise ValueError(
-            f"policy {policy!r} is a remote endpoint: pass --policy-tokenizer (a local folder or "
-            "hub id of its tokenizer)"
-        )
-    return spec.target
-
-
 class _Corrector:
     """State shared across shards: the teacher and the policy tokenizer, loaded once."""
 
@@ -183,20 +174,17 @@ class _Corrector:
 
     def load(self, policies: list[str]) -> None:
         if self.tokenizer is None:
-            from transformers import AutoTokenizer
-
-            path = self.cfg.policy_tokenizer
-            if path is None:
-                if len(set(policies)) > 1:
-                    raise ValueError(
-                        f"the scored table holds several policies ({sorted(set(policies))[:3]}); "
-                        "pass --policy-tokenizer"
-                    )
-                path = policy_tokenizer_path(policies[0])
+            if self.cfg.policy_tokenizer is None and len(set(policies)) > 1:
+                raise ValueError(
+                    f"the input table holds several policies ({sorted(set(policies))[:3]}); "
+                    "pass --policy-tokenizer"
+                )
+            path = policy_tokenizer_path(policies[0], self.cfg.policy_tokenizer)
             try:
-                self.tokenizer = AutoTokenizer.from_pretrained(path)
+                self.tokenizer = load_tokenizer(path)
             except OSError as e:
-                raise FileNotFoundError(f"cannot load the policy tokenizer {path!r}: {e}") from None
+                raise FileNotFoundError(f"cannot load the policy tokenizer {path!r} (pass "
+                                        f"--policy-tokenizer): {e}") from None
         if self.teacher is None:
             c = self.cfg
             self.teacher = load_teacher(
@@ -229,6 +217,8 @@ class _Corrector:
     # -- one shard ------------------------------------------------------------------------------
     def process(self, rows: pa.Table, shard_index: int) -> tuple[pa.Table, dict[str, Any]]:
         cfg = self.cfg
+        if "steps" not in rows.column_names:
+            rows = not_scored(rows)
         if rows.num_rows == 0:
             return SCHEMAS["corrected"].empty_table(), {"rollouts": 0}
         frame = pl.from_arrow(rows)
@@ -259,7 +249,7 @@ class _Corrector:
         written = [(i, c) for i, c in zip(sources, [corrections[r["rollout_id"]] for r in chosen],
                                           strict=True)
                    if (c["correct"] or not cfg.require_correct)
-                   and c["correct_status"] in ("accepted", "truncated", "rejected_wrong")]
+                   and c["correct_status"] in CORRECTED_ROW_STATUSES]
         table = corrected_table(rows, status, written)
         stats = self.stats(frame, status, table, attempts_used)
         return table, {**stats, "eligible": eligible, "attempted": len(chosen)}
@@ -324,9 +314,7 @@ class _Corrector:
                     max_response_tokens=self.max_tokens(row), eos_token_id=eos)
         pred, ok = verify(row, sp.response_text)
         finish = "length" if sp.status == "truncated" else out.finish_reason
-        status = "rejected_wrong" if not ok else (
-            "truncated" if sp.status == "truncated" else "accepted"
-        )
+        status = outcome_status(ok, sp.status == "truncated")
         return {**base, "response_text": sp.response_text,
                 "response_token_ids": sp.response_token_ids,
                 "behaviour_logprobs": sp.behaviour_logprobs, "finish_reason": finish,
@@ -356,17 +344,32 @@ class _Corrector:
         }
 
 
+def not_scored(rows: pa.Table) -> pa.Table:
+    """A rollouts table as a scored table whose rows no PRM scored: no steps, first_error null,
+    prm "", threshold NaN, score_status ``not_scored``."""
+    n = rows.num_rows
+    fill = {"steps": pa.array([[]] * n, SCORED_FIELDS[0].type),
+            "first_error": pa.nulls(n, pa.int32()), "prm": pa.array([""] * n, pa.string()),
+            "threshold": pa.array([math.nan] * n, pa.float32()),
+            "score_status": pa.array(["not_scored"] * n, pa.string())}
+    for name, column in fill.items():
+        rows = rows.append_column(name, column)
+    return conform("scored", rows)
+
+
 def summary_rows(stats: dict[str, Any]) -> list[tuple[str, Any]]:
     """The one-screen summary of a correct run from its (manifest) stats."""
     attempted, accepted = stats.get("attempted", 0), stats.get("accepted", 0)
+    salvage = salvage_rate(accepted, stats.get("failed", 0))
     return [
         ("rollouts", stats.get("rollouts", 0)),
         ("failed rollouts", stats.get("failed", 0)),
         ("eligible", stats.get("eligible", 0)),
         ("attempted", attempted),
         ("teacher calls", stats.get("teacher_calls", 0)),
-        ("accepted", accepted),
-        ("salvage rate", accepted / attempted if attempted else math.nan),
+        ("accepted (verified corrections)", accepted),
+        ("accepted / attempted", accepted / attempted if attempted else math.nan),
+        (f"salvage rate ({SALVAGE_RATE})", math.nan if salvage is None else salvage),
         ("mean kept-prefix share (tokens)",
          stats.get("prefix_share_sum", 0.0) / accepted if accepted else math.nan),
         ("groups with zero correct", stats.get("groups_all_failed", 0)),
@@ -376,13 +379,16 @@ def summary_rows(stats: dict[str, Any]) -> list[tuple[str, Any]]:
 
 
 def run(cfg: CorrectConfig) -> StageResult:
-    """Run the correct stage over the scored table at ``cfg.scored``; write ``cfg.out``."""
+    """Run the correct stage over the table at ``cfg.scored`` (the scored table; a rollouts
+    table too in a mode that needs no PRM scores, ``luffy``); write ``cfg.out``."""
     cfg.check()
     upstream = read_manifest(cfg.scored, cfg.storage_options)
-    if upstream.table != "scored":
+    readable = ("scored",) if mode_needs_scores(cfg.mode) else ("rollouts", "scored")
+    if upstream.table not in readable:
         raise ValueError(
-            f"--scored {cfg.scored} holds a {upstream.table!r} table; scope correct reads the "
-            "scored table written by `scope score`"
+            f"--scored {cfg.scored} holds a {upstream.table!r} table; scope correct --mode "
+            f"{cfg.mode} reads {' or '.join(readable)} tables (`scope score` writes the scored "
+            "one)"
         )
     corrector = _Corrector(cfg)
     try:

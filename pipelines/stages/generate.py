@@ -32,9 +32,10 @@ from pipelines.config import (
     storage_options_field,
 )
 from pipelines.console import print_summary, progress
-from pipelines.engines.base import GenerationRequest, load_generation_engine, parse_spec
+from pipelines.engines.base import GenerationRequest, load_generation_engine
 from pipelines.engines.openai_engine import default_cache_dir
 from pipelines.engines.prompts import TEMPLATES, render_and_encode
+from pipelines.engines.spec import parse_spec
 from pipelines.executors.shard_executor import StageResult, run_stage
 from scope_data.grading import grade_response
 from scope_data.hashing import derive_seed, stable_id

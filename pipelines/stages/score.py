@@ -34,8 +34,9 @@ from pipelines.config import (
     storage_options_field,
 )
 from pipelines.console import print_summary, progress
-from pipelines.engines.base import PRMEngine, load_prm, parse_spec, score_with_status
+from pipelines.engines.base import PRMEngine, load_prm, score_with_status
 from pipelines.engines.prm_options import PRM_HELP, PRM_OPTIONS_HELP, PRMOptions
+from pipelines.engines.spec import load_tokenizer, parse_spec, policy_tokenizer_path
 from pipelines.executors.shard_executor import StageResult, run_stage
 from scope_data.first_error import locate_determined, tune_threshold
 from scope_data.schema import SCORED_FIELDS, conform
@@ -87,12 +88,6 @@ class ScoreConfig:
 
 
 # -- token offsets ---------------------------------------------------------------------------
-def policy_tokenizer_path(policy: str) -> str:
-    """The model path of a policy spec (`hf:/p`, `vllm:/p`; openai uses its model name)."""
-    spec = parse_spec(policy, "generation")
-    return spec.model if spec.kind == "openai" else spec.target
-
-
 def token_offsets(tok: Any, text: str, token_ids: list[int], rollout_id: str
                   ) -> list[tuple[int, int]]:
     """(char_start, char_end) in `text` of each of `token_ids` (special tokens zero-width).
@@ -130,24 +125,22 @@ def token_offsets(tok: Any, text: str, token_ids: list[int], rollout_id: str
 
 
 class _Tokenizers:
-    """Policy tokenizers loaded once per path."""
+    """The policy tokenizer of each `policy` value (`engines.spec` resolves and caches)."""
 
     def __init__(self, override: str | None):
         self.override, self.cache = override, {}
 
     def get(self, policy: str, rollout_id: str) -> Any:
-        path = self.override or policy_tokenizer_path(policy)
-        if path not in self.cache:
-            from transformers import AutoTokenizer
-
+        if policy not in self.cache:
+            path = policy_tokenizer_path(policy, self.override)
             try:
-                self.cache[path] = AutoTokenizer.from_pretrained(path)
+                self.cache[policy] = load_tokenizer(path)
             except (OSError, ValueError) as e:
                 raise ValueError(
                     f"rollout {rollout_id}: cannot load the policy tokenizer {path!r} ({e}); "
                     "pass --tokenizer PATH"
                 ) from None
-        return self.cache[path]
+        return self.cache[policy]
 
 
 # -- the stage -------------------------------------------------------------------------------

@@ -281,10 +281,10 @@ def _fit(cfg: TinyPRMConfig, out: Path, verbose: bool) -> None:
 
 def evaluate_tiny_prm(model_dir: str | Path, cfg: TinyPRMConfig) -> dict[str, Any]:
     """Held-out arith first-error metrics (ProcessBench protocol, threshold 0.5)."""
-    from pipelines.engines.base import EngineSpec
     from pipelines.engines.prm_hf import HFTagPRM
+    from pipelines.engines.spec import EngineSpec
 
-    prm = HFTagPRM(EngineSpec("hf-tag", str(model_dir)), device="cpu", dtype="float32")
+    prm = HFTagPRM(EngineSpec("hf-tag", str(model_dir), role="prm"), device="cpu", dtype="float32")
     rows = labelled_responses(
         cfg.eval_examples, cfg.seed + 7_000_001, cfg.steps, cfg.modulus, cfg.error_share
     )

@@ -26,6 +26,8 @@ from typing import Any
 import polars as pl
 
 from pipelines.config import identity, meta, option, storage_options_field
+from scope_data.algos import ALGO_NAMES, UNSCORED_STATUSES, get_algo, training_input_error
+from scope_data.correction import CORRECTED_ROW_STATUSES
 
 OLD_LOGPROBS = ("behaviour", "recompute")
 
@@ -41,7 +43,7 @@ class TrainConfig:
     policy: str = option(help="policy to train: hf:<path> or a model folder")
     output_dir: str = option(flags="--out", identity=False,
                              help="output model folder (HF format + train metrics)")
-    algo: str = option("scope", help="scope | luffy | grpo | prm_dense")
+    algo: str = option("scope", help="one of scope_data.algos: " + " | ".join(ALGO_NAMES))
     advantage: str = option("grpo", help="grpo: (r-mean)/(std+eps) | dr_grpo: r-mean")
     scale_rewards: str | None = option(
         None, help="group | batch | none (default: group for grpo, none for dr_grpo)")
@@ -88,7 +90,7 @@ class TrainConfig:
     logprob_chunk_rows: int = option(
         4, help="sequences per chunk of the log-prob computation (memory)", identity=False)
     accepted_statuses: tuple[str, ...] = option(
-        ("accepted", "truncated", "rejected_wrong"), sep=",",
+        CORRECTED_ROW_STATUSES, sep=",",
         help="correct_status values of corrected rows trained as corrections")
     use_cpu: bool = option(False, help="train on CPU even if a GPU is present", identity=False)
     trust_remote_code: bool = option(False, help="allow custom model code", identity=False)
@@ -96,10 +98,8 @@ class TrainConfig:
 
     def check(self) -> None:
         from pipelines.training.loss import AGGREGATIONS
-        from scope_data.assembly import ALGOS
 
-        if self.algo not in ALGOS:
-            raise ValueError(f"unknown algo {self.algo!r}; use one of {ALGOS}")
+        get_algo(self.algo)
         if self.loss_type not in AGGREGATIONS:
             raise ValueError(f"unknown loss_type {self.loss_type!r}; use one of {AGGREGATIONS}")
         if self.old_logprobs not in OLD_LOGPROBS:
@@ -134,37 +134,28 @@ class TrainResult:
     summary: dict[str, Any]
 
 
-def model_path(spec: str) -> str:
-    """`hf:<path>`, `vllm:<path>` or a bare path/hub id -> the weights to load."""
-    kind, sep, target = spec.partition(":")
-    if sep and kind in ("hf", "vllm") and target:
-        return target
-    if sep and kind in ("rule", "oracle", "openai", "reference", "hf-cls", "hf-tag"):
-        raise ValueError(f"policy spec {spec!r} has no trainable weights; use hf:<path>")
-    return spec
-
-
 def load_rows(cfg: TrainConfig) -> tuple[Any, Any]:
     """Read the input table and assemble its groups -> (Assembly, input Manifest).
 
-    A `rollouts` or `scored` table is accepted for algo grpo (and scored for prm_dense): every
-    row is then a policy row. Empty tables and tables whose every group has zero advantage
-    raise ValueError (nothing to train).
+    The algo's registry record (`scope_data.algos`) says which tables it trains from (a
+    `rollouts` or `scored` table's rows are all policy rows), which correction mode a corrected
+    table must have been made with (its manifest config's `mode`) and whether every response
+    needs PRM scores. A mismatch, an empty table, or a table whose every group has zero
+    advantage raises ValueError.
     """
     from scope_data.assembly import assemble
     from scope_data.shards import read_arrow, read_manifest
 
     manifest = read_manifest(cfg.data, cfg.storage_options)
-    table = read_arrow(cfg.data, cfg.storage_options)
     kind = manifest.table
-    allowed = {"corrected"} | ({"rollouts", "scored"} if cfg.algo == "grpo" else set()) | (
-        {"scored"} if cfg.algo == "prm_dense" else set())
-    if kind not in allowed:
-        raise ValueError(f"{cfg.data}: a {kind!r} table cannot train algo {cfg.algo!r}; "
-                         f"expected one of {sorted(allowed)}")
-    if table.num_rows == 0:
+    df = pl.from_arrow(read_arrow(cfg.data, cfg.storage_options))
+    unscored = (df.filter(pl.col("score_status").is_in(UNSCORED_STATUSES)).height
+                if "score_status" in df.columns else 0)
+    error = training_input_error(cfg.algo, kind, manifest.config.get("mode"), unscored)
+    if error:
+        raise ValueError(f"{cfg.data}: {error}")
+    if df.height == 0:
         raise ValueError(f"{cfg.data}: the {kind} table is empty; nothing to train")
-    df = pl.from_arrow(table)
     if kind != "corrected":
         df = df.with_columns(
             kind=pl.lit("policy"), source_rollout_id=pl.lit(None, pl.String),
@@ -201,7 +192,7 @@ def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = Non
 
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from pipelines.console import print_summary
     from pipelines.training.data import Collator, ResponseDataset
@@ -220,18 +211,19 @@ def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = Non
     transformers.set_seed(cfg.seed)
     rows = rows.sample(fraction=1.0, shuffle=True, seed=cfg.seed)
     dataset = ResponseDataset(rows, cfg.max_length, cfg.old_logprobs)
-    path = model_path(cfg.policy)
-    trust = cfg.trust_remote_code
     from pipelines.engines.base import check_remote_code
+    from pipelines.engines.spec import load_tokenizer, trainable_path
 
+    path = trainable_path(cfg.policy)
+    trust = cfg.trust_remote_code
     check_remote_code(path, trust)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+    tok = load_tokenizer(path, trust)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust)
     ref_model = None
     if cfg.beta != 0.0:
         ref_model = AutoModelForCausalLM.from_pretrained(
-            model_path(cfg.ref_policy or cfg.policy), dtype=torch.float32,
+            trainable_path(cfg.ref_policy or cfg.policy), dtype=torch.float32,
             trust_remote_code=trust).eval().requires_grad_(False)
     if cfg.lora:
         try:
