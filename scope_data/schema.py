@@ -6,6 +6,8 @@ from plus its own, so any stage's output can be inspected on its own.
 
 from __future__ import annotations
 
+import math
+
 import pyarrow as pa
 
 SCHEMA_VERSION = 1
@@ -51,8 +53,10 @@ STEP_TYPE = pa.struct(
     ]
 )
 
+STEPS_TYPE = pa.list_(STEP_TYPE)
+
 SCORED_FIELDS = [
-    pa.field("steps", pa.list_(STEP_TYPE), nullable=False),
+    pa.field("steps", STEPS_TYPE, nullable=False),
     pa.field("first_error", pa.int32()),  # -1: no step below threshold; null: not scored
     pa.field("prm", pa.string(), nullable=False),
     pa.field("threshold", pa.float32(), nullable=False),
@@ -145,3 +149,16 @@ def conform(table_name: str, table: pa.Table, where: str = "") -> pa.Table:
 def empty_table(table_name: str) -> pa.Table:
     """A zero-row table with the table's schema."""
     return schema_for(table_name).empty_table()
+
+
+def unscored(rows: pa.Table) -> pa.Table:
+    """A rollouts table as a scored table whose rows no PRM scored: no steps, first_error null,
+    prm "", threshold NaN, score_status ``not_scored``."""
+    n = rows.num_rows
+    fill = {"steps": pa.array([[]] * n, STEPS_TYPE),
+            "first_error": pa.nulls(n, pa.int32()), "prm": pa.array([""] * n, pa.string()),
+            "threshold": pa.array([math.nan] * n, pa.float32()),
+            "score_status": pa.array(["not_scored"] * n, pa.string())}
+    for name, column in fill.items():
+        rows = rows.append_column(name, column)
+    return conform("scored", rows)

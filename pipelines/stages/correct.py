@@ -62,6 +62,7 @@ from scope_data.correction import (
     salvage_rate,
     splice,
 )
+from scope_data.grading import grade_response
 from scope_data.groups import (
     GROUP_HAS_CORRECT,
     OVER_GROUP_LIMIT,
@@ -70,7 +71,7 @@ from scope_data.groups import (
     select_corrections,
 )
 from scope_data.hashing import derive_seed, stable_id
-from scope_data.schema import SCHEMAS, SCORED_FIELDS, conform
+from scope_data.schema import SCHEMAS, unscored
 from scope_data.shards import read_manifest
 
 
@@ -155,14 +156,6 @@ class CorrectConfig:
             raise ValueError("--max-response-tokens must be >= 1")
 
 
-def verify(row: dict[str, Any], text: str) -> tuple[str | None, bool]:
-    """(pred_answer, correct) of a corrected response, graded as `scope generate` grades."""
-    from scope_data.grading import grade_response
-
-    pred, ok, _ = grade_response(row["task"], row["prompt"], row["answer"], text)
-    return pred, bool(ok)
-
-
 class _Corrector:
     """State shared across shards: the teacher and the policy tokenizer, loaded once."""
 
@@ -218,7 +211,7 @@ class _Corrector:
     def process(self, rows: pa.Table, shard_index: int) -> tuple[pa.Table, dict[str, Any]]:
         cfg = self.cfg
         if "steps" not in rows.column_names:
-            rows = not_scored(rows)
+            rows = unscored(rows)
         if rows.num_rows == 0:
             return SCHEMAS["corrected"].empty_table(), {"rollouts": 0}
         frame = pl.from_arrow(rows)
@@ -312,7 +305,8 @@ class _Corrector:
         eos = self.tokenizer.eos_token_id if out.finish_reason == "stop" else None
         sp = splice(item.prefix_token_ids, prefix_lp, out.text, self.encode, self.decode,
                     max_response_tokens=self.max_tokens(row), eos_token_id=eos)
-        pred, ok = verify(row, sp.response_text)
+        pred, ok, _ = grade_response(row["task"], row["prompt"], row["answer"],
+                                     sp.response_text)
         finish = "length" if sp.status == "truncated" else out.finish_reason
         status = outcome_status(ok, sp.status == "truncated")
         return {**base, "response_text": sp.response_text,
@@ -342,19 +336,6 @@ class _Corrector:
             **rescue_counts(out),
             "correct_status": dict(statuses.iter_rows()),
         }
-
-
-def not_scored(rows: pa.Table) -> pa.Table:
-    """A rollouts table as a scored table whose rows no PRM scored: no steps, first_error null,
-    prm "", threshold NaN, score_status ``not_scored``."""
-    n = rows.num_rows
-    fill = {"steps": pa.array([[]] * n, SCORED_FIELDS[0].type),
-            "first_error": pa.nulls(n, pa.int32()), "prm": pa.array([""] * n, pa.string()),
-            "threshold": pa.array([math.nan] * n, pa.float32()),
-            "score_status": pa.array(["not_scored"] * n, pa.string())}
-    for name, column in fill.items():
-        rows = rows.append_column(name, column)
-    return conform("scored", rows)
 
 
 def summary_rows(stats: dict[str, Any]) -> list[tuple[str, Any]]:
