@@ -176,7 +176,7 @@ def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = Non
     from pipelines.console import print_summary
     from pipelines.training.data import Collator, ResponseDataset
     from pipelines.training.trainer import NonFiniteLossError, progress_callback, trainer_class
-    from scope_data.shards import versions
+    from scope_data.provenance import versions
 
     cfg.check()
     out = Path(cfg.output_dir)
