@@ -21,7 +21,7 @@ import json
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +79,9 @@ class Manifest:
                 "config_hash": self.config_hash, "content_hash": self.content_hash}
 
 
+ROW_GROUP_ROWS = 65_536  # rows per Parquet row group at most: readers stream a group at a time
+
+
 class ShardWriter:
     """Writes one part file of a table; use `TableStore.part_writer`."""
 
@@ -90,7 +93,7 @@ class ShardWriter:
         """Validate and append a batch of rows."""
         table = conform(self.table_name, table, self.where)
         validate(self.table_name, table, self.where)
-        self._writer.write_table(table)
+        self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
         self.rows += table.num_rows
 
 
@@ -365,6 +368,19 @@ def read_arrow(
         for entry, future in pending:
             _check_digest(manifest, entry, future.result())
     return pa.concat_tables(tables)
+
+
+def read_batches(
+    manifest: Manifest, storage_options: dict[str, Any] | None = None, batch_rows: int = 65_536,
+) -> Iterator[pa.RecordBatch]:
+    """The table's rows in manifest order, in record batches of at most `batch_rows` rows. Part
+    files are read a row group at a time, so memory stays bounded. Checksums are not checked
+    here (`verify` or `scan` first)."""
+    folder = Folder(manifest.url, storage_options)
+    for entry in manifest.files:
+        path = folder.path(entry["path"])
+        with folder.fs.open(path, "rb") if not folder.is_local else nullcontext(path) as source:
+            yield from pq.ParquetFile(source).iter_batches(batch_size=batch_rows)
 
 
 def _part_buffer(folder: Folder, name: str) -> pa.Buffer:

@@ -11,6 +11,7 @@ from pathlib import Path
 import fsspec
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -323,6 +324,56 @@ def test_run_stage_resumes_after_a_failed_shard(tmp_path: Path) -> None:
     TableStore(src, "problems").write(problems_rows(0, 41), {"src": 1})
     rerun = run_stage(**common)
     assert sorted(calls) == [0, 1, 2] and rerun.manifest.rows == 41
+
+
+def grouped_problems(n: int, per: int, interleave: bool = False) -> pa.Table:
+    """`n` problems of `per` rows each (rows of a problem contiguous unless `interleave`)."""
+    order = [(i, j) for j in range(per) for i in range(n)] if interleave else [
+        (i, j) for i in range(n) for j in range(per)]
+    rows = [{"problem_id": f"p{i}", "source": "s", "source_index": 10 * i + j, "task": "math",
+             "prompt": f"q{i}", "answer": str(j), "solution": None} for i, j in order]
+    return pa.Table.from_pylist(rows, schema=schema_for("problems"))
+
+
+@pytest.mark.parametrize("num_shards", [1, 3])
+@pytest.mark.parametrize("interleave", [False, True])
+def test_run_stage_streams_batches_of_whole_problems(tmp_path: Path, num_shards: int,
+                                                     interleave: bool) -> None:
+    """Batches hold every row of their problems; the parts hold the rows of one call over the
+    whole shard, in order; a shard whose problems' rows interleave is one batch."""
+    src = str(tmp_path / "src")
+    TableStore(src, "problems").write(grouped_problems(40, 3, interleave), {"src": 1})
+    calls: list[tuple[int, list[str]]] = []
+
+    def process(rows: pa.Table, k: int) -> tuple[pa.Table, dict]:
+        calls.append((k, rows.column("problem_id").to_pylist()))
+        return rows, {"rows": rows.num_rows, "status": {"ok": rows.num_rows}}
+
+    common = dict(input_url=src, output_table="problems", config={}, process=process,
+                  num_shards=num_shards)
+    whole = run_stage(**common, output_url=str(tmp_path / "whole"), batch_rows=None)
+    assert len(calls) == num_shards
+    calls.clear()
+    streamed = run_stage(**common, output_url=str(tmp_path / "streamed"), batch_rows=7)
+    assert (len(calls) == num_shards) == interleave
+    seen = [pid for _, ids in calls for pid in dict.fromkeys(ids)]
+    assert len(seen) == len(set(seen)) == 40  # no problem split across batches
+    last = {k: i for i, (k, _) in enumerate(calls)}  # the last batch of a shard may be short
+    assert all(len(ids) > 7 - 3 for i, (k, ids) in enumerate(calls) if i != last[k])
+    assert streamed.manifest.stats == whole.manifest.stats == {"rows": 120, "status": {"ok": 120}}
+    for k in range(num_shards):
+        name = part_name(k, num_shards)
+        assert pq.read_table(tmp_path / "streamed" / name).equals(
+            pq.read_table(tmp_path / "whole" / name))
+
+
+def test_run_stage_limit_reads_the_first_rows(tmp_path: Path) -> None:
+    src = str(tmp_path / "src")
+    TableStore(src, "problems").write(grouped_problems(40, 3), {"src": 1})
+    result = run_stage(input_url=src, output_url=str(tmp_path / "out"), output_table="problems",
+                       config={}, process=lambda rows, k: (rows, {}), limit=50, batch_rows=8)
+    assert result.manifest.rows == 50
+    assert read_arrow(str(tmp_path / "out")).equals(read_arrow(src).slice(0, 50))
 
 
 def test_failed_upload_to_s3_leaves_no_object(s3_bucket: tuple[str, dict]) -> None:
