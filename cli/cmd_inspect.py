@@ -47,3 +47,6 @@ def inspect(
     out.print(f"[bold]first {len(info['head'])} rows[/]")
     for row in info["head"]:
         out.print("  " + json.dumps(row, default=str)[:300], highlight=False)
+    out.print("[bold]read with[/]")
+    for reader, line in info["read_with"].items():
+        out.print(f"  {reader}: {line}", highlight=False, markup=False, soft_wrap=True)

@@ -13,6 +13,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -91,6 +92,16 @@ def progress() -> Progress | LineProgress:
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(), console=console,
     )
+
+
+def part_task(bar: Progress, description: str, total: int) -> TaskID:
+    """The task `description` of `bar`, its total grown by `total`: a stage's `process` runs
+    once per batch of a part, and the part keeps one bar."""
+    for task in bar.tasks:
+        if task.description == description:
+            bar.update(task.id, total=(task.total or 0) + total)
+            return task.id
+    return bar.add_task(description, total=total)
 
 
 def summary_table(title: str, rows: Iterable[tuple[str, Any]]) -> Table:

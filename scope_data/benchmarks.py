@@ -88,12 +88,11 @@ def _load_table(url: str, storage_options: dict[str, Any] | None) -> Benchmark:
 
 
 def load_benchmark(path: str, storage_options: dict[str, Any] | None = None) -> Benchmark:
-    """A ProcessBench-format file, or a table folder (has `_manifest.json`) of arith rollouts."""
-    from scope_data.folder import Folder
-    from scope_data.shards import MANIFEST
+    """A ProcessBench-format file, or a table folder (has a manifest) of arith rollouts."""
+    from scope_data.shards import is_table
 
     if Path(path).is_file():
         return _load_processbench(path)
-    if Folder(path, storage_options).exists(MANIFEST):
+    if is_table(path, storage_options):
         return _load_table(path, storage_options)
     raise FileNotFoundError(f"benchmark {path}: neither a ProcessBench JSON file nor a table")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,11 +23,14 @@ _CHUNK = 8 << 20
 class Folder:
     """An fsspec-backed folder: relative names in, atomic writes where the filesystem allows."""
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None,
+                 temp_dir: str = ""):
+        """`temp_dir`: the sub-folder that holds temporary files (default: beside the target)."""
         self.url = str(url).rstrip("/")
         self.storage_options = dict(storage_options or {})
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
         self.is_local = "file" in _protocols(self.fs)
+        self.temp_dir = temp_dir
 
     def path(self, name: str) -> str:
         join = os.path.join if self.is_local else posixpath.join
@@ -39,33 +43,46 @@ class Folder:
         self.fs.invalidate_cache(path)
         return self.fs.exists(path)
 
+    def read_bytes(self, name: str) -> bytes:
+        if self.is_local:
+            with open(self.path(name), "rb") as f:
+                return f.read()
+        return self.fs.cat_file(self.path(name))
+
     def read_text(self, name: str) -> str:
-        with self.fs.open(self.path(name), "rb") as f:
-            return f.read().decode("utf-8")
+        return self.read_bytes(name).decode("utf-8")
+
+    def write_bytes(self, name: str, data: bytes, fsync: bool = True) -> None:
+        """Write `data` so readers see either the old or the whole new content."""
+        with self.open_atomic(name, fsync=fsync) as f:
+            f.write(data)
 
     def write_text(self, name: str, text: str, fsync: bool = True) -> None:
-        """Write `text` so readers see either the old or the whole new content."""
-        with self.open_atomic(name, fsync=fsync) as f:
-            f.write(text.encode("utf-8"))
+        self.write_bytes(name, text.encode("utf-8"), fsync)
 
     def remove_stale_temporaries(self, older_than_s: float = 600.0) -> int:
         """Delete temporary files that killed writers left behind (local disk only).
 
-        Only files older than `older_than_s` go, so a writer still running is not disturbed.
+        A file goes when its writer, a process of this host, is gone, or when it is older
+        than `older_than_s` (writers on other hosts sharing the disk); a writer still running
+        is not disturbed.
         """
-        if not self.is_local or not os.path.isdir(self.root):
+        where = self.path(self.temp_dir)
+        if not self.is_local or not os.path.isdir(where):
             return 0
         import time
 
         removed = 0
-        for entry in os.scandir(self.root):
-            if entry.name.startswith(".") and entry.name.endswith(".tmp"):
-                try:  # another job may finish or remove it meanwhile
-                    if time.time() - entry.stat().st_mtime > older_than_s:
-                        os.remove(entry.path)
-                        removed += 1
-                except FileNotFoundError:
-                    continue
+        for entry in os.scandir(where):
+            if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+                continue
+            try:  # another job may finish or remove it meanwhile
+                if (_writer_gone(entry.name)
+                        or time.time() - entry.stat().st_mtime > older_than_s):
+                    os.remove(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                continue
         return removed
 
     @contextmanager
@@ -77,8 +94,11 @@ class Folder:
         MB costs more than the write).
         """
         if self.is_local:
-            os.makedirs(self.root, exist_ok=True)
-            tmp = self.path(f".{name}.{uuid.uuid4().hex}.tmp")
+            writer = f"{_HOST}-{os.getpid()}"  # see _writer_gone
+            tmp = self.path(posixpath.join(
+                self.temp_dir, f".{posixpath.basename(name)}.{writer}.{uuid.uuid4().hex}.tmp"))
+            os.makedirs(os.path.dirname(tmp), exist_ok=True)
+            os.makedirs(os.path.dirname(self.path(name)), exist_ok=True)
             try:
                 with open(tmp, "wb") as f:
                     yield f
@@ -129,6 +149,25 @@ class Folder:
             while chunk := f.read(_CHUNK):
                 digest.update(chunk)
         return digest.hexdigest()
+
+
+_HOST = socket.gethostname().replace(".", "_")
+
+
+def _writer_gone(temp_name: str) -> bool:
+    """True when the temporary file `temp_name` was written by a process of this host that no
+    longer runs (names hold `<host>-<pid>` of their writer)."""
+    writer = temp_name.rsplit(".", 3)[-3] if temp_name.count(".") >= 3 else ""
+    host, _, pid = writer.rpartition("-")
+    if host != _HOST or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def _protocols(fs: Any) -> tuple[str, ...]:

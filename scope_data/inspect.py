@@ -6,13 +6,15 @@ from typing import Any
 
 import polars as pl
 
+from scope_data.layout import reader_one_liners
 from scope_data.shards import read_manifest, scan
 
 STATUS_COLUMNS = ("status", "score_status", "correct_status", "kind")
 
 
 def describe(url: str, rows: int = 5, storage_options: dict[str, Any] | None = None) -> dict:
-    """Manifest facts, schema, per-status counts and the first `rows` rows (long lists cut)."""
+    """Manifest facts, schema, per-status counts, the first `rows` rows (long lists cut) and
+    how to open the table with other readers."""
     manifest = read_manifest(url, storage_options)
     lf = scan(url, storage_options)
     schema = lf.collect_schema()
@@ -32,4 +34,5 @@ def describe(url: str, rows: int = 5, storage_options: dict[str, Any] | None = N
         "config": manifest.config, "inputs": manifest.inputs, "stats": manifest.stats,
         "versions": manifest.versions, "status_counts": counts,
         "schema": {k: str(v) for k, v in schema.items()}, "head": short.to_dicts(),
+        "read_with": reader_one_liners(manifest.url),
     }

@@ -1,25 +1,27 @@
-"""The shard store: a table is a folder of Parquet part files plus `_manifest.json`.
+"""The shard store: a table is a folder of Parquet part files plus a manifest (layout:
+`scope_data.layout`).
 
 Protocol (DESIGN.md section 3, datatrove's rules):
 - shard k of N writes `part-{k:05d}-of-{N:05d}.parquet`, then its completion marker
-  `part-{k:05d}-of-{N:05d}.json` (rows, sha256, bytes, config hash, stats). On local disk the
-  part is written to a temporary name and renamed; on object stores the PUT of the whole object
-  is the atomic step. A part without its marker is unfinished and invisible.
-- `finalize` (called by whichever shard finishes last, or by hand) writes `_manifest.json` only
-  when all N markers exist with the same config hash. Readers use the manifest's file list,
-  never a glob; a folder without a manifest is an unfinished stage.
+  `.scope/part-{k:05d}-of-{N:05d}.done.parquet` (rows, sha256, bytes, config hash, stats). On
+  local disk the part is written to a temporary name and renamed; on object stores the PUT of
+  the whole object is the atomic step. A part without its marker is unfinished and invisible.
+- `finalize` (called by whichever shard finishes last, or by hand) writes the manifest
+  `.scope/manifest.parquet` only when all N markers exist with the same config hash. Readers
+  use the manifest's file list, never a glob; a folder without a manifest is an unfinished
+  stage.
 - Any fsspec URL works (local paths, `memory://`, `s3://` ...).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
-import posixpath
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,72 +31,27 @@ import pyarrow.parquet as pq
 
 from scope_data.folder import Folder, HashingWriter
 from scope_data.hashing import config_hash, sha256_hex
+from scope_data.layout import (
+    LEGACY_MANIFEST,
+    MANIFEST,
+    META_DIR,
+    marker_name,
+    part_name,
+    record_bytes,
+    record_payload,
+    unfinished_hint,
+)
+from scope_data.provenance import redact, versions
 from scope_data.schema import SCHEMA_VERSION, conform, empty_table, schema_for, validate
-
-MANIFEST = "_manifest.json"
-
-
-_SECRET_WORDS = {"secret", "password", "token", "credential", "credentials", "key", "apikey"}
-
-
-def redact(config: Any) -> Any:
-    """`config` without storage options and with secret-looking values masked.
-
-    Manifests and part markers record configs; credentials must never reach them.
-    """
-    if isinstance(config, dict):
-        out = {}
-        for k, v in config.items():
-            name = str(k).lower()
-            if name in ("storage_options", "client_kwargs"):
-                continue
-            words = set(name.replace("-", "_").split("_"))
-            secret = bool(words & _SECRET_WORDS) and isinstance(v, str)
-            out[k] = "***" if secret else redact(v)
-        return out
-    if isinstance(config, (list, tuple)):
-        return [redact(v) for v in config]
-    return config
 
 
 class ShardError(RuntimeError):
     """A table folder is missing, unfinished, corrupted or unsafe; the message names the path."""
 
 
-def part_name(shard_index: int, num_shards: int) -> str:
-    if not 0 <= shard_index < num_shards:
-        raise ValueError(f"shard index {shard_index} is outside 0..{num_shards - 1}")
-    return f"part-{shard_index:05d}-of-{num_shards:05d}.parquet"
-
-
-def _marker_name(shard_index: int, num_shards: int) -> str:
-    return part_name(shard_index, num_shards)[: -len(".parquet")] + ".json"
-
-
-def versions() -> dict[str, str]:
-    """Versions of the packages that shape the data, recorded in every manifest.
-
-    Where torch is loaded, its CPU thread count is recorded too: float results (and so sampled
-    tokens) are bit-reproducible only at the same count.
-    """
-    import importlib.metadata as md
-    import platform
-    import sys
-
-    found = {"python": platform.python_version()}
-    for pkg in ("scope-rlvr", "pyarrow", "polars", "torch", "transformers", "trl", "vllm"):
-        try:
-            found[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            continue
-    if "torch" in sys.modules:
-        found["torch_threads"] = str(sys.modules["torch"].get_num_threads())
-    return found
-
-
 @dataclass
 class Manifest:
-    """The parsed `_manifest.json` of a finished table."""
+    """The parsed manifest of a finished table."""
 
     url: str
     table: str
@@ -108,7 +65,7 @@ class Manifest:
     created: str = ""
     scope_version: str = ""
     versions: dict[str, str] = field(default_factory=dict)
-    sha256: str = ""  # of the manifest file itself
+    sha256: str = ""  # of the manifest's JSON text
     num_shards: int = 1
 
     @property
@@ -122,6 +79,9 @@ class Manifest:
                 "config_hash": self.config_hash, "content_hash": self.content_hash}
 
 
+ROW_GROUP_ROWS = 65_536  # rows per Parquet row group at most: readers stream a group at a time
+
+
 class ShardWriter:
     """Writes one part file of a table; use `TableStore.part_writer`."""
 
@@ -133,7 +93,7 @@ class ShardWriter:
         """Validate and append a batch of rows."""
         table = conform(self.table_name, table, self.where)
         validate(self.table_name, table, self.where)
-        self._writer.write_table(table)
+        self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
         self.rows += table.num_rows
 
 
@@ -141,9 +101,10 @@ class TableStore:
     """One table folder: write parts, finalize, read back. `url` may be any fsspec URL."""
 
     def __init__(self, url: str, table_name: str, storage_options: dict[str, Any] | None = None):
-        self.folder = Folder(url, storage_options)
+        self.folder = Folder(url, storage_options, temp_dir=META_DIR)
         self.url = self.folder.url
         self.table_name = table_name
+        self.schema = schema_for(table_name)
 
     # -- writing ---------------------------------------------------------------------------
     @contextmanager
@@ -158,11 +119,11 @@ class TableStore:
         """
         config = redact(config)
         name = part_name(shard_index, num_shards)
-        self.folder.remove(_marker_name(shard_index, num_shards))
-        schema = schema_for(self.table_name)
+        self._refuse_legacy_layout(name)
+        self.folder.remove(marker_name(shard_index, num_shards))
         with self.folder.open_atomic(name, fsync=False) as raw:
             hashing = HashingWriter(raw)
-            writer = pq.ParquetWriter(hashing, schema)
+            writer = pq.ParquetWriter(hashing, self.schema)
             shard = ShardWriter(writer, self.table_name, f"{self.url}/{name}")
             try:
                 yield shard
@@ -174,8 +135,18 @@ class TableStore:
             "stats": stats or {},
         }
         # no fsync: a marker torn by a power loss is unreadable, hence "part missing" (rerun)
-        self.folder.write_text(_marker_name(shard_index, num_shards), json.dumps(marker),
-                               fsync=False)
+        self.folder.write_bytes(marker_name(shard_index, num_shards),
+                                record_bytes(self.schema, json.dumps(marker).encode()), fsync=False)
+
+    def _refuse_legacy_layout(self, part: str) -> None:
+        """Tables of the older layout are read, never written into (their bookkeeping files
+        beside the parts would outlive the rewrite)."""
+        old_marker = part[: -len(".parquet")] + ".json"
+        if self.folder.exists(LEGACY_MANIFEST) or self.folder.exists(old_marker):
+            raise ShardError(
+                f"{self.url} holds a table in the layout of an older scope ({LEGACY_MANIFEST} or "
+                "part-*.json beside the parts): write to a new folder, or delete this one"
+            )
 
     def write_part(
         self, table: pa.Table, shard_index: int, num_shards: int, config: dict[str, Any],
@@ -197,7 +168,7 @@ class TableStore:
     def finalize(
         self, num_shards: int, config: dict[str, Any], inputs: list[Manifest] | None = None,
     ) -> Manifest:
-        """Write `_manifest.json` once all parts exist; raise ShardError naming missing ones."""
+        """Write the manifest once all parts exist; raise ShardError naming missing ones."""
         config = redact(config)
         chash = config_hash(config)
         markers = []
@@ -227,7 +198,8 @@ class TableStore:
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "scope_version": found.get("scope-rlvr", "0"), "versions": found,
         }
-        self.folder.write_text(MANIFEST, json.dumps(body, indent=1, default=str))
+        text = json.dumps(body, indent=1, default=str)
+        self.folder.write_bytes(MANIFEST, record_bytes(self.schema, text.encode()))
         self.folder.remove_stale_temporaries()
         return read_manifest(self.url, self.folder.storage_options)
 
@@ -240,13 +212,13 @@ class TableStore:
         return self.finalize(1, config, inputs)
 
     def _marker(self, shard_index: int, num_shards: int) -> dict[str, Any] | None:
-        name = _marker_name(shard_index, num_shards)
+        name = marker_name(shard_index, num_shards)
         part = part_name(shard_index, num_shards)
         if not self.folder.exists(name) or not self.folder.exists(part):
             return None
         try:
-            return json.loads(self.folder.read_text(name))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            return json.loads(record_payload(self.folder.read_bytes(name)))
+        except (ValueError, FileNotFoundError):  # torn or removed meanwhile: not done
             return None
 
 
@@ -262,59 +234,50 @@ def add_stats(total: dict[str, Any], part: dict[str, Any]) -> None:
 
 
 # -- reading ---------------------------------------------------------------------------------
+def is_table(url: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """True when `url` holds a finished table (a manifest, of either layout)."""
+    folder = Folder(url, storage_options)
+    return folder.exists(MANIFEST) or folder.exists(LEGACY_MANIFEST)
+
+
 def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Manifest:
     """Parse and check a table's manifest; ShardError names the path on any problem."""
     folder = Folder(url, storage_options)
-    if not folder.exists(MANIFEST):
+    name = MANIFEST
+    if folder.exists(MANIFEST):
+        try:
+            payload = record_payload(folder.read_bytes(MANIFEST))
+        except ValueError as e:
+            raise ShardError(f"{folder.url}/{MANIFEST}: not a table manifest ({e})") from None
+    elif folder.exists(LEGACY_MANIFEST):  # written by an older scope: plain JSON
+        name, payload = LEGACY_MANIFEST, folder.read_bytes(LEGACY_MANIFEST)
+    else:
         raise ShardError(
-            f"{folder.url}: no {MANIFEST}; the stage that writes this table has not finished"
-            f"{_unfinished_hint(folder)}"
+            f"{folder.url}: no manifest ({MANIFEST}); the stage that writes this table has not "
+            f"finished{unfinished_hint(folder)}"
         )
+    where = f"{folder.url}/{name}"
     try:
-        text = folder.read_text(MANIFEST)
+        text = payload.decode("utf-8")
         body = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ShardError(f"{folder.url}/{MANIFEST}: not valid UTF-8 JSON ({e})") from None
+        raise ShardError(f"{where}: not valid UTF-8 JSON ({e})") from None
     if not isinstance(body, dict) or not isinstance(body.get("files", []), list):
-        raise ShardError(f"{folder.url}/{MANIFEST}: not a table manifest (expected an object "
-                         "with a 'files' list)")
+        raise ShardError(f"{where}: not a table manifest (expected an object with a 'files' "
+                         "list)")
     version = body.get("schema_version")
     if not isinstance(version, int):
-        raise ShardError(f"{folder.url}/{MANIFEST}: schema_version {version!r} is not an integer")
+        raise ShardError(f"{where}: schema_version {version!r} is not an integer")
     if version > SCHEMA_VERSION:
         raise ShardError(
-            f"{folder.url}/{MANIFEST}: schema_version {version!r} is newer than this code "
-            f"supports ({SCHEMA_VERSION}); upgrade scope to read it"
+            f"{where}: schema_version {version!r} is newer than this code supports "
+            f"({SCHEMA_VERSION}); upgrade scope to read it"
         )
     for entry in body.get("files", []):
         _check_relative(folder.url, entry.get("path", ""))
     known = {f for f in Manifest.__dataclass_fields__ if f not in ("url", "sha256")}
     return Manifest(url=folder.url, sha256=sha256_hex(text),
                     **{k: v for k, v in body.items() if k in known})
-
-
-def _unfinished_hint(folder: Folder) -> str:
-    """" (k of N parts done; missing: part-...)" for a folder holding parts of an unfinished
-    table, "" when it holds none."""
-    import re
-
-    if not folder.fs.exists(folder.root):
-        return ""
-    names = {posixpath.basename(p.rstrip("/")) for p in folder.fs.ls(folder.root, detail=False)}
-    done: dict[int, set[int]] = {}
-    for name in names:
-        m = re.fullmatch(r"part-(\d{5})-of-(\d{5})\.json", name)
-        if m and m.group(0)[:-5] + ".parquet" in names:
-            done.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
-    if not done:
-        parts = sum(n.endswith(".parquet") for n in names)
-        return f" ({parts} unfinished part files present)" if parts else ""
-    n, have = max(done.items(), key=lambda kv: len(kv[1]))
-    missing = [part_name(k, n) for k in range(n) if k not in have]
-    if not missing:
-        return f" (all {n} parts done but not finalized: rerun the stage to write the manifest)"
-    more = " ..." if len(missing) > 5 else ""
-    return f" ({len(have)} of {n} parts done; missing: {', '.join(missing[:5])}{more})"
 
 
 def _check_relative(url: str, path: str) -> None:
@@ -326,51 +289,31 @@ def _check_relative(url: str, path: str) -> None:
 
 def verify(manifest: Manifest, storage_options: dict[str, Any] | None = None) -> None:
     """Check every part file's sha256 against the manifest (files hashed in parallel)."""
-    pending = _start_verify(manifest, storage_options)
-    _finish_verify(manifest, pending)
-
-
-def _start_verify(
-    manifest: Manifest, storage_options: dict[str, Any] | None,
-) -> list[tuple[dict[str, Any], Future[str | None]]]:
-    """Hash the parts in background threads (hashlib releases the GIL) while the caller reads."""
     folder = Folder(manifest.url, storage_options)
 
-    def digest(name: str) -> str | None:
+    def digest(entry: dict[str, Any]) -> None:
         try:
-            return folder.sha256(name)
+            found = folder.sha256(entry["path"])
         except FileNotFoundError:
-            return None
+            found = None
+        _check_digest(manifest, entry, found)
 
-    pool = ThreadPoolExecutor(max_workers=max(1, min(len(manifest.files), os.cpu_count() or 1)))
-    pending = [(entry, pool.submit(digest, entry["path"])) for entry in manifest.files]
-    pool.shutdown(wait=False)
-    return pending
-
-
-def _finish_verify(
-    manifest: Manifest, pending: list[tuple[dict[str, Any], Future[str | None]]],
-) -> None:
-    for entry, future in pending:
-        found = future.result()
-        if found is None:
-            raise ShardError(f"{manifest.url}/{entry['path']}: listed in the manifest but missing")
-        if found != entry["sha256"]:
-            raise ShardError(
-                f"{manifest.url}/{entry['path']}: sha256 does not match the manifest "
-                "(file changed or corrupted after the stage finished)"
-            )
+    with ThreadPoolExecutor(max_workers=_workers(manifest)) as pool:
+        list(pool.map(digest, manifest.files))
 
 
-def _arrow_source(manifest: Manifest, storage_options: dict[str, Any] | None) -> tuple:
-    """(paths, pyarrow filesystem or None for local disk) of the manifest's part files."""
-    folder = Folder(manifest.url, storage_options)
-    paths = [folder.path(f["path"]) for f in manifest.files]
-    if folder.is_local:
-        return paths, None
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
+def _workers(manifest: Manifest) -> int:
+    return max(1, min(len(manifest.files), os.cpu_count() or 1))
 
-    return paths, PyFileSystem(FSSpecHandler(folder.fs))
+
+def _check_digest(manifest: Manifest, entry: dict[str, Any], found: str | None) -> None:
+    if found is None:
+        raise ShardError(f"{manifest.url}/{entry['path']}: listed in the manifest but missing")
+    if found != entry["sha256"]:
+        raise ShardError(
+            f"{manifest.url}/{entry['path']}: sha256 does not match the manifest "
+            "(file changed or corrupted after the stage finished)"
+        )
 
 
 def scan(
@@ -380,13 +323,16 @@ def scan(
     manifest = read_manifest(url, storage_options)
     if check:
         verify(manifest, storage_options)
-    paths, filesystem = _arrow_source(manifest, storage_options)
+    folder = Folder(manifest.url, storage_options)
+    paths = [folder.path(f["path"]) for f in manifest.files]
     if not paths:
         return pl.from_arrow(empty_table(manifest.table)).lazy()
-    if filesystem is None:
+    if folder.is_local:
         return pl.scan_parquet(paths)
     import pyarrow.dataset as ds
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
 
+    filesystem = PyFileSystem(FSSpecHandler(folder.fs))
     return pl.scan_pyarrow_dataset(ds.dataset(paths, format="parquet", filesystem=filesystem))
 
 
@@ -395,20 +341,55 @@ def read_arrow(
 ) -> pa.Table:
     """The whole table as one Arrow table, in manifest file order.
 
-    With `check`, the sha256 of each part is computed in background threads (on local disk
-    while pyarrow decodes), and the table is returned only if every checksum matches.
+    Each part's bytes are read once (memory-mapped on local disk, downloaded otherwise) and
+    both parsed and, with `check`, hashed from that one buffer, the sha256 in a background
+    thread while pyarrow decodes; the table is returned only if every checksum matches.
     """
     manifest = read_manifest(url, storage_options)
-    paths, filesystem = _arrow_source(manifest, storage_options)
-    pending = _start_verify(manifest, storage_options) if check else []
-    if filesystem is not None:  # fsspec file objects may be shared (memory://): hash first
-        _finish_verify(manifest, pending)
-    if not paths:
+    if not manifest.files:
         return empty_table(manifest.table)
-    try:
-        table = pq.read_table(paths, filesystem=filesystem)
-    except (pa.ArrowInvalid, OSError) as e:
-        _finish_verify(manifest, pending)  # a checksum error explains a broken file best
-        raise ShardError(f"{manifest.url}: unreadable Parquet part ({e})") from None
-    _finish_verify(manifest, pending)
-    return table
+    folder = Folder(manifest.url, storage_options)
+    tables = []
+    with ThreadPoolExecutor(max_workers=_workers(manifest)) as hashing:
+        pending = []
+        for entry in manifest.files:
+            try:
+                buf = _part_buffer(folder, entry["path"])
+            except FileNotFoundError:
+                _check_digest(manifest, entry, None)
+            if check:  # hashlib releases the GIL: hashes while pyarrow decodes
+                pending.append((entry, hashing.submit(_sha256, buf)))
+            try:
+                tables.append(pq.read_table(pa.BufferReader(buf)))
+            except (pa.ArrowInvalid, OSError) as e:
+                for done, future in pending:  # a checksum error explains a broken file best
+                    _check_digest(manifest, done, future.result())
+                raise ShardError(f"{manifest.url}: unreadable Parquet part ({e})") from None
+        for entry, future in pending:
+            _check_digest(manifest, entry, future.result())
+    return pa.concat_tables(tables)
+
+
+def read_batches(
+    manifest: Manifest, storage_options: dict[str, Any] | None = None, batch_rows: int = 65_536,
+) -> Iterator[pa.RecordBatch]:
+    """The table's rows in manifest order, in record batches of at most `batch_rows` rows. Part
+    files are read a row group at a time, so memory stays bounded. Checksums are not checked
+    here (`verify` or `scan` first)."""
+    folder = Folder(manifest.url, storage_options)
+    for entry in manifest.files:
+        path = folder.path(entry["path"])
+        with folder.fs.open(path, "rb") if not folder.is_local else nullcontext(path) as source:
+            yield from pq.ParquetFile(source).iter_batches(batch_size=batch_rows)
+
+
+def _part_buffer(folder: Folder, name: str) -> pa.Buffer:
+    """The bytes of a part file: a memory map on local disk (the page cache, no copy)."""
+    if not folder.is_local:
+        return pa.py_buffer(folder.read_bytes(name))
+    with pa.memory_map(folder.path(name)) as f:
+        return f.read_buffer()
+
+
+def _sha256(buf: pa.Buffer) -> str:
+    return hashlib.sha256(buf).hexdigest()

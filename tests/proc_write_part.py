@@ -14,10 +14,13 @@ import hashlib
 import json
 import os
 import sys
+import time
 
 import pyarrow as pa
 
 BATCH = 20_000
+PAUSE_S = 0.02  # after each batch: a kill a few ms after a progress line lands inside the part
+# even where writing the rest of it takes less than the killer's delay
 
 
 def big_table(rows: int) -> pa.Table:
@@ -58,6 +61,7 @@ def main() -> None:
             for start in range(0, part.num_rows, BATCH):
                 w.write(part.slice(start, BATCH))
                 print(f"part {k} batch {start // BATCH}", flush=True)
+                time.sleep(PAUSE_S)
     if not store.missing_parts(num_shards, config):
         store.finalize(num_shards, config)
         print("finalized", flush=True)

@@ -23,11 +23,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from scope_data.folder import Folder
 from scope_data.hashing import derive_seed, stable_id
+from scope_data.layout import MANIFEST
 from scope_data.schema import SCHEMAS, SchemaError, conform, validate
 from scope_data.shards import (
-    MANIFEST,
-    Folder,
     ShardError,
     TableStore,
     read_arrow,
@@ -36,6 +36,7 @@ from scope_data.shards import (
 )
 from scope_data.steps import split_steps
 from scope_data.tasks import arith
+from tests.helpers_tables import manifest_body, write_manifest_body, write_manifest_payload
 
 # --------------------------------------------------------------------------- helpers
 
@@ -61,14 +62,13 @@ def write_problems(url: str, n: int = 6, parts: int = 1) -> pa.Table:
 
 
 def edit_manifest(url: str, **changes) -> None:
-    path = Path(url) / MANIFEST
-    body = json.loads(path.read_text())
+    body = manifest_body(url)
     for key, value in changes.items():
         if callable(value):
             value(body)
         else:
             body[key] = value
-    path.write_text(json.dumps(body))
+    write_manifest_body(url, body)
 
 
 def part_path(url: str, k: int = 0) -> Path:
@@ -204,7 +204,7 @@ def test_manifest_from_a_newer_schema_is_refused(tmp_path):
     url = str(tmp_path / "t")
     write_problems(url, 3)
     edit_manifest(url, schema_version=99)
-    with pytest.raises(ShardError, match=r"_manifest.json: schema_version 99 is newer than this "
+    with pytest.raises(ShardError, match=r"manifest.parquet: schema_version 99 is newer than this "
                                          r"code supports \(1\); upgrade scope to read it"):
         read_manifest(url)
 
@@ -231,8 +231,8 @@ def test_path_traversal_in_manifest_file_list_is_refused(tmp_path, bad):
 def test_unreadable_manifest_names_the_file(tmp_path, content, message):
     url = str(tmp_path / "t")
     write_problems(url, 3)
-    (Path(url) / MANIFEST).write_bytes(content)
-    with pytest.raises(ShardError, match=f"t/_manifest.json: {message}"):
+    write_manifest_payload(url, content)
+    with pytest.raises(ShardError, match=f"t/{MANIFEST}: {message}"):
         read_manifest(url)
 
 
@@ -242,9 +242,9 @@ def test_unfinished_table_names_the_missing_part(tmp_path):
     store = TableStore(url, "problems")
     store.write_part(table.slice(0, 3), 0, 3, {"n": 6})
     store.write_part(table.slice(3, 3), 2, 3, {"n": 6})
-    with pytest.raises(ShardError, match=r"no _manifest.json; the stage that writes this table "
-                                         r"has not finished \(2 of 3 parts done; missing: "
-                                         r"part-00001-of-00003.parquet\)"):
+    with pytest.raises(ShardError, match=r"no manifest \(\.scope/manifest\.parquet\); the stage "
+                                         r"that writes this table has not finished \(2 of 3 "
+                                         r"parts done; missing: part-00001-of-00003.parquet\)"):
         read_arrow(url)
 
 
@@ -259,7 +259,7 @@ def test_missing_column_is_named_on_write_and_nothing_is_written(tmp_path):
                                           r"column 'answer' \(string\)"):
         TableStore(url, "problems").write(table, {})
     assert not (Path(url) / MANIFEST).exists()
-    assert not list(Path(url).glob("*.json"))  # no marker either
+    assert not list(Path(url).rglob("*.done.parquet"))  # no marker either
 
 
 @pytest.mark.parametrize("column, values, message", [

@@ -48,8 +48,10 @@ def test_problems_then_inspect(shared_data: Path, tmp_path: Path) -> None:
     assert info["head"][0]["answer"] == "204"
     assert info["stats"] == {"status": {"ok": 30, "skipped_invalid": 0}}
     assert info["schema"]["source_index"] == "Int64"
+    assert info["read_with"]["polars"] == f'pl.scan_parquet("{out}")'
     text = runner.invoke(app, ["inspect", str(out)])
     assert text.exit_code == 0 and "problems table" in text.output and "problem_id" in text.output
+    assert f'load_dataset("parquet", data_dir="{out}")' in text.output
 
 
 def test_problems_arith(tmp_path: Path) -> None:
@@ -81,7 +83,7 @@ def test_problems_invalid_row_and_skip(tmp_path: Path) -> None:
 def test_missing_inputs_and_tables(tmp_path: Path) -> None:
     missing = runner.invoke(app, ["inspect", str(tmp_path / "nothing")])
     assert missing.exit_code == 1
-    assert "no _manifest.json" in missing.output and "Traceback" not in missing.output
+    assert "no manifest" in missing.output and "Traceback" not in missing.output
     no_file = runner.invoke(app, ["problems", str(tmp_path / "x.jsonl"), "--out",
                                   str(tmp_path / "p")])
     assert no_file.exit_code == 1 and "x.jsonl: no such file" in no_file.output

@@ -15,7 +15,7 @@ from pipelines.tiny.tokenizer import save_char_tokenizer
 from scope_data.correction import CorrectionError
 from scope_data.hashing import stable_id
 from scope_data.schema import SCHEMAS
-from scope_data.shards import TableStore, read_arrow, read_manifest
+from scope_data.shards import TableStore, is_table, read_arrow, read_manifest
 from scope_data.steps import char_to_token_spans, split_steps
 from scope_data.tasks import arith
 
@@ -249,7 +249,7 @@ def test_bad_offsets_name_the_rollout(tmp_path: Path, policy_dir: Path) -> None:
     TableStore(url, "scored").write(pa.Table.from_pylist(rows, schema=SCHEMAS["scored"]), {})
     with pytest.raises(CorrectionError, match=f"rollout {rows[1]['rollout_id']}"):
         run(CorrectConfig(scored=url, out=str(tmp_path / "c"), teacher="oracle:arith"))
-    assert not (tmp_path / "c" / "_manifest.json").exists()
+    assert not is_table(str(tmp_path / "c"))
 
 
 def test_bad_options(scored: tuple[str, list[dict]], tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import random
 import signal
 import subprocess
@@ -21,7 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from scope_data.folder import Folder
-from scope_data.shards import MANIFEST, ShardError, read_arrow, read_manifest
+from scope_data.layout import MANIFEST, META_DIR, record_payload
+from scope_data.shards import ShardError, read_arrow, read_manifest
 from tests.proc_write_part import BATCH, big_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,11 +40,20 @@ def child_env(storage_options: dict | None = None) -> dict:
 
 
 def names(url: str, options: dict | None) -> set[str]:
+    """The files of the table folder and of its bookkeeping folder (`.scope/<name>`)."""
     folder = Folder(url, options)
-    folder.fs.invalidate_cache(folder.root)  # other processes write here
-    if not folder.fs.exists(folder.root):
-        return set()
-    return {Path(p.rstrip("/")).name for p in folder.fs.ls(folder.root, detail=False)}
+    found = set()
+    for sub in ("", META_DIR):
+        path = folder.path(sub)
+        folder.fs.invalidate_cache(path)  # other processes write here
+        if folder.fs.exists(path):
+            found |= {posixpath.join(sub, Path(p.rstrip("/")).name)
+                      for p in folder.fs.ls(path, detail=False)}
+    return found - {META_DIR}
+
+
+def marker(folder: Folder, name: str) -> dict:
+    return json.loads(record_payload(folder.read_bytes(name)))
 
 
 def kill_at_random_point(cmd: list[str], env: dict, url: str, options: dict | None,
@@ -82,30 +93,30 @@ def assert_nothing_partial_visible(url: str, options: dict | None) -> bool:
     present = names(url, options)
     if MANIFEST in present:
         return True
-    with pytest.raises(ShardError, match="no _manifest.json; the stage that writes this table "
-                                         "has not finished"):
+    with pytest.raises(ShardError, match="no manifest .*; the stage that writes this table has "
+                                         "not finished"):
         read_manifest(url, options)
     for name in sorted(present):
-        if name.startswith("part-") and name.endswith(".json"):
-            marker = json.loads(folder.read_text(name))
-            assert marker["path"] in present, f"marker {name} without its part"
-            assert folder.sha256(marker["path"]) == marker["sha256"], f"{name}: torn part"
-            with folder.fs.open(folder.path(marker["path"]), "rb") as f:
-                assert pq.ParquetFile(f).metadata.num_rows == marker["rows"]
+        if name.endswith(".done.parquet"):
+            done = marker(folder, name)
+            assert done["path"] in present, f"marker {name} without its part"
+            assert folder.sha256(done["path"]) == done["sha256"], f"{name}: torn part"
+            with folder.fs.open(folder.path(done["path"]), "rb") as f:
+                assert pq.ParquetFile(f).metadata.num_rows == done["rows"]
     return False
 
 
 def assert_consistent(url: str, options: dict | None, leftovers_ok: bool = False) -> None:
     """Every part file the manifest lists matches its marker and the manifest. Temporary files
-    of killed writers (hidden `.part-*.tmp` names, never listed) are allowed with
+    of killed writers (hidden `.scope/.part-*.tmp` names, never listed) are allowed with
     `leftovers_ok`; clean exits leave none."""
     manifest = read_manifest(url, options)
     folder = Folder(url, options)
     for entry in manifest.files:
-        marker = json.loads(folder.read_text(entry["path"][: -len(".parquet")] + ".json"))
-        assert marker["sha256"] == entry["sha256"] == folder.sha256(entry["path"])
+        done = marker(folder, f"{META_DIR}/{entry['path'][: -len('.parquet')]}.done.parquet")
+        assert done["sha256"] == entry["sha256"] == folder.sha256(entry["path"])
     leftovers = [n for n in names(url, options) if n.endswith(".tmp")]
-    assert all(n.startswith(".part-") for n in leftovers)
+    assert all(n.startswith(f"{META_DIR}/.part-") for n in leftovers)
     assert leftovers_ok or not leftovers
 
 
@@ -153,7 +164,7 @@ def test_concurrent_runs_of_one_shard_job_end_with_one_consistent_part(location)
     assert MANIFEST not in names(url, options)
     done = subprocess.run(base + ["1"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    parts = sorted(n for n in names(url, options) if n.endswith(".parquet"))
+    parts = sorted(n for n in names(url, options) if n.startswith("part-"))
     assert parts == ["part-00000-of-00002.parquet", "part-00001-of-00002.parquet"]
     assert_consistent(url, options)
     assert read_arrow(url, options).equals(big_table(BIG_ROWS // 2))
@@ -221,9 +232,9 @@ def test_two_concurrent_generate_jobs_of_one_shard_agree(tmp_path, gen_inputs):
                               text=True) for _ in range(2)]
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read()
-    assert sorted(n.name for n in out.glob("part-00001-*")) == [
-        "part-00001-of-00003.json", "part-00001-of-00003.parquet"]
-    marker = json.loads((out / "part-00001-of-00003.json").read_text())
-    assert Folder(str(out)).sha256(marker["path"]) == marker["sha256"]
-    assert pq.read_table(out / marker["path"]).num_rows == marker["rows"] > 0
-    assert not list(out.glob(".*.tmp"))
+    assert sorted(str(n.relative_to(out)) for n in out.glob("**/part-00001-*")) == [
+        ".scope/part-00001-of-00003.done.parquet", "part-00001-of-00003.parquet"]
+    done = marker(Folder(str(out)), ".scope/part-00001-of-00003.done.parquet")
+    assert Folder(str(out)).sha256(done["path"]) == done["sha256"]
+    assert pq.read_table(out / done["path"]).num_rows == done["rows"] > 0
+    assert not list(out.glob(".scope/.*.tmp"))

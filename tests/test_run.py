@@ -101,12 +101,14 @@ def test_dry_run_prints_stage_commands(tmp_path, algo, stages) -> None:
 
 
 def _stage_tables(run_dir: Path) -> dict[str, pl.DataFrame]:
+    from scope_data.layout import MANIFEST
     from scope_data.shards import scan
 
     tables = {}
-    for manifest in sorted(run_dir.rglob("_manifest.json")):
-        rel = str(manifest.parent.relative_to(run_dir))
-        df = scan(str(manifest.parent)).collect()
+    for manifest in sorted(run_dir.rglob(MANIFEST)):
+        folder = manifest.parent.parent  # <table>/.scope/manifest.parquet
+        rel = str(folder.relative_to(run_dir))
+        df = scan(str(folder)).collect()
         if "policy" in df.columns:  # the policy spec names its checkpoint folder in this run
             df = df.with_columns(pl.col("policy").str.replace(str(run_dir.resolve()), "RUN",
                                                               literal=True))

@@ -13,6 +13,7 @@ from pipelines.stages.score import ScoreConfig, run, token_offsets
 from scope_data.shards import ShardError, read_arrow, read_manifest
 from scope_data.tasks import arith
 from tests.helpers_score import arith_rollout_rows, char_tokenizer_dir, write_rollouts
+from tests.helpers_tables import manifest_body, write_manifest_body
 
 
 @pytest.fixture(scope="module")
@@ -161,9 +162,7 @@ def test_bad_inputs(rollouts, tmp_path: Path) -> None:
     # a rollouts table from a newer schema version
     newer = tmp_path / "newer"
     write_rollouts(str(newer), arith_rollout_rows(tok_dir, n_problems=2))
-    manifest = json.loads((newer / "_manifest.json").read_text())
-    manifest["schema_version"] = 99
-    (newer / "_manifest.json").write_text(json.dumps(manifest))
+    write_manifest_body(str(newer), {**manifest_body(str(newer)), "schema_version": 99})
     with pytest.raises(ShardError, match="schema_version 99 is newer"):
         run(ScoreConfig(str(newer), str(tmp_path / "o1")), quiet=True)
     # an unknown PRM spec lists the valid forms

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 import uuid
@@ -12,21 +11,21 @@ from pathlib import Path
 import fsspec
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipelines.executors.shard_executor import run_stage, shard_of
+from scope_data.folder import Folder
+from scope_data.layout import MANIFEST, marker_name, part_name
 from scope_data.schema import SCHEMA_VERSION, schema_for
-from scope_data.shards import (
-    MANIFEST,
-    Folder,
-    ShardError,
-    TableStore,
-    part_name,
-    read_arrow,
-    read_manifest,
-    scan,
+from scope_data.shards import ShardError, TableStore, read_arrow, read_manifest, scan
+from tests.helpers_tables import (
+    local_files,
+    manifest_body,
+    write_manifest_body,
+    write_manifest_payload,
 )
 
 SETTINGS = settings(max_examples=15, deadline=None,
@@ -75,10 +74,6 @@ def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def local_files(url: str) -> list[str]:
-    return sorted(os.listdir(url))
-
-
 # -- round trip, idempotence, partial writes (property tests) ---------------------------------
 @SETTINGS
 @given(rows=rollout_rows(), where=st.sampled_from(["local", "memory"]))
@@ -107,7 +102,7 @@ def test_rerun_is_idempotent(rows: list[dict]) -> None:
         second = TableStore(url, "rollouts").write(table, CONFIG)
         assert sha256_file(Path(url) / part_name(0, 1)) == digest == second.files[0]["sha256"]
         assert first.files == second.files and first.content_hash == second.content_hash
-        assert local_files(url) == sorted([MANIFEST, part_name(0, 1), "part-00000-of-00001.json"])
+        assert local_files(url) == sorted([MANIFEST, part_name(0, 1), marker_name(0, 1)])
         assert read_arrow(url).num_rows == len(rows)
 
 
@@ -126,13 +121,13 @@ def test_partial_write_is_never_visible(rows: list[dict], fail_after: int, where
                 raise RuntimeError("boom")
         folder = Folder(url)
         assert not folder.exists(part_name(0, 2))  # neither the part nor a temp file is left
-        assert not folder.exists("part-00000-of-00002.json")
+        assert not folder.exists(marker_name(0, 2))
         if where == "local" and os.path.isdir(url):
             assert local_files(url) == []
         assert store.missing_parts(2, CONFIG) == [part_name(0, 2), part_name(1, 2)]
-        with pytest.raises(ShardError, match="no _manifest.json"):
+        with pytest.raises(ShardError, match="no manifest"):
             read_manifest(url)
-        with pytest.raises(ShardError, match="no _manifest.json"):
+        with pytest.raises(ShardError, match="no manifest"):
             scan(url)
         with pytest.raises(ShardError, match=part_name(0, 2)):
             store.finalize(2, CONFIG)
@@ -155,11 +150,11 @@ def test_part_without_marker_is_unfinished(tmp_path: Path) -> None:
     url = str(tmp_path / "t")
     store = TableStore(url, "rollouts")
     store.write_part(as_table([]), 0, 1, CONFIG)
-    os.remove(Path(url) / "part-00000-of-00001.json")
+    os.remove(Path(url) / marker_name(0, 1))
     assert store.missing_parts(1, CONFIG) == [part_name(0, 1)]
     with pytest.raises(ShardError, match="1 of 1 parts missing"):
         store.finalize(1, CONFIG)
-    with pytest.raises(ShardError, match=r"no _manifest.json.*1 unfinished part files present"):
+    with pytest.raises(ShardError, match=r"no manifest.*1 unfinished part files present"):
         read_arrow(url)
 
 
@@ -175,10 +170,7 @@ def written(tmp_path: Path) -> str:
 
 
 def edit_manifest(url: str, **changes: object) -> None:
-    path = Path(url) / MANIFEST
-    body = json.loads(path.read_text())
-    body.update(changes)
-    path.write_text(json.dumps(body))
+    write_manifest_body(url, {**manifest_body(url), **changes})
 
 
 def test_sha256_mismatch_names_the_path(written: str) -> None:
@@ -199,30 +191,30 @@ def test_missing_part_file_names_the_path(written: str) -> None:
 
 def test_newer_schema_version_is_refused(written: str) -> None:
     edit_manifest(written, schema_version=SCHEMA_VERSION + 1)
-    with pytest.raises(ShardError, match=rf"{written}/_manifest.json: schema_version "
+    with pytest.raises(ShardError, match=rf"{written}/{MANIFEST}: schema_version "
                                          rf"{SCHEMA_VERSION + 1} is newer"):
         read_manifest(written)
 
 
 def test_folder_without_manifest(tmp_path: Path) -> None:
-    with pytest.raises(ShardError, match=rf"{tmp_path}: no _manifest.json"):
+    with pytest.raises(ShardError, match=rf"{tmp_path}: no manifest"):
         scan(str(tmp_path))
-    with pytest.raises(ShardError, match="no _manifest.json"):
+    with pytest.raises(ShardError, match="no manifest"):
         read_manifest(str(tmp_path / "does-not-exist"))
 
 
 def test_invalid_manifest_json(written: str) -> None:
-    (Path(written) / MANIFEST).write_text("{not json")
-    with pytest.raises(ShardError, match=f"{written}/_manifest.json: not valid (UTF-8 )?JSON"):
+    write_manifest_payload(written, b"{not json")
+    with pytest.raises(ShardError, match=f"{written}/{MANIFEST}: not valid (UTF-8 )?JSON"):
         read_manifest(written)
 
 
 @pytest.mark.parametrize("bad", ["../other/part.parquet", "/etc/passwd", "sub/part.parquet",
                                  "s3://bucket/x.parquet", "~/x.parquet", "..\\x.parquet", ""])
 def test_path_traversal_in_manifest_is_refused(written: str, bad: str) -> None:
-    body = json.loads((Path(written) / MANIFEST).read_text())
+    body = manifest_body(written)
     body["files"][0]["path"] = bad
-    (Path(written) / MANIFEST).write_text(json.dumps(body))
+    write_manifest_body(written, body)
     with pytest.raises(ShardError, match="unsafe file path"):
         read_arrow(written)
 
@@ -251,7 +243,7 @@ def test_sharded_write_finalizes_only_when_complete(tmp_path: Path, where: str) 
     assert store.missing_parts(3, CONFIG) == [part_name(1, 3)]
     with pytest.raises(ShardError, match=r"1 of 3 parts missing.*part-00001-of-00003.parquet"):
         store.finalize(3, CONFIG)
-    with pytest.raises(ShardError, match=r"no _manifest.json.*2 of 3 parts done; missing: "
+    with pytest.raises(ShardError, match=r"no manifest.*2 of 3 parts done; missing: "
                                          r"part-00001-of-00003.parquet"):
         read_manifest(url)
     # a part written under another config does not count
@@ -271,7 +263,7 @@ def test_manifest_records_config_inputs_and_versions(tmp_path: Path) -> None:
     up = TableStore(str(tmp_path / "up"), "problems").write(problems_rows(0, 3), {"a": 1})
     down = TableStore(str(tmp_path / "down"), "problems").write(problems_rows(0, 3), CONFIG,
                                                                  inputs=[up])
-    body = json.loads((tmp_path / "down" / MANIFEST).read_text())
+    body = manifest_body(str(tmp_path / "down"))
     assert body["table"] == "problems" and body["schema_version"] == SCHEMA_VERSION
     assert body["inputs"] == [up.as_input()] and body["config"] == CONFIG
     assert body["files"][0]["sha256"] == sha256_file(tmp_path / "down" / part_name(0, 1))
@@ -332,6 +324,56 @@ def test_run_stage_resumes_after_a_failed_shard(tmp_path: Path) -> None:
     TableStore(src, "problems").write(problems_rows(0, 41), {"src": 1})
     rerun = run_stage(**common)
     assert sorted(calls) == [0, 1, 2] and rerun.manifest.rows == 41
+
+
+def grouped_problems(n: int, per: int, interleave: bool = False) -> pa.Table:
+    """`n` problems of `per` rows each (rows of a problem contiguous unless `interleave`)."""
+    order = [(i, j) for j in range(per) for i in range(n)] if interleave else [
+        (i, j) for i in range(n) for j in range(per)]
+    rows = [{"problem_id": f"p{i}", "source": "s", "source_index": 10 * i + j, "task": "math",
+             "prompt": f"q{i}", "answer": str(j), "solution": None} for i, j in order]
+    return pa.Table.from_pylist(rows, schema=schema_for("problems"))
+
+
+@pytest.mark.parametrize("num_shards", [1, 3])
+@pytest.mark.parametrize("interleave", [False, True])
+def test_run_stage_streams_batches_of_whole_problems(tmp_path: Path, num_shards: int,
+                                                     interleave: bool) -> None:
+    """Batches hold every row of their problems; the parts hold the rows of one call over the
+    whole shard, in order; a shard whose problems' rows interleave is one batch."""
+    src = str(tmp_path / "src")
+    TableStore(src, "problems").write(grouped_problems(40, 3, interleave), {"src": 1})
+    calls: list[tuple[int, list[str]]] = []
+
+    def process(rows: pa.Table, k: int) -> tuple[pa.Table, dict]:
+        calls.append((k, rows.column("problem_id").to_pylist()))
+        return rows, {"rows": rows.num_rows, "status": {"ok": rows.num_rows}}
+
+    common = dict(input_url=src, output_table="problems", config={}, process=process,
+                  num_shards=num_shards)
+    whole = run_stage(**common, output_url=str(tmp_path / "whole"), batch_rows=None)
+    assert len(calls) == num_shards
+    calls.clear()
+    streamed = run_stage(**common, output_url=str(tmp_path / "streamed"), batch_rows=7)
+    assert (len(calls) == num_shards) == interleave
+    seen = [pid for _, ids in calls for pid in dict.fromkeys(ids)]
+    assert len(seen) == len(set(seen)) == 40  # no problem split across batches
+    last = {k: i for i, (k, _) in enumerate(calls)}  # the last batch of a shard may be short
+    assert all(len(ids) > 7 - 3 for i, (k, ids) in enumerate(calls) if i != last[k])
+    assert streamed.manifest.stats == whole.manifest.stats == {"rows": 120, "status": {"ok": 120}}
+    for k in range(num_shards):
+        name = part_name(k, num_shards)
+        assert pq.read_table(tmp_path / "streamed" / name).equals(
+            pq.read_table(tmp_path / "whole" / name))
+
+
+def test_run_stage_limit_reads_the_first_rows(tmp_path: Path) -> None:
+    src = str(tmp_path / "src")
+    TableStore(src, "problems").write(grouped_problems(40, 3), {"src": 1})
+    result = run_stage(input_url=src, output_url=str(tmp_path / "out"), output_table="problems",
+                       config={}, process=lambda rows, k: (rows, {}), limit=50, batch_rows=8)
+    assert result.manifest.rows == 50
+    assert read_arrow(str(tmp_path / "out")).equals(read_arrow(src).slice(0, 50))
 
 
 def test_failed_upload_to_s3_leaves_no_object(s3_bucket: tuple[str, dict]) -> None:

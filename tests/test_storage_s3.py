@@ -32,7 +32,9 @@ def test_s3_round_trip_and_no_credentials_in_manifest(s3_bucket):
     assert read_arrow(url, options).equals(table)
     import s3fs
 
-    raw = s3fs.S3FileSystem(**options).cat(f"{url}/_manifest.json").decode()
+    from scope_data.layout import MANIFEST, record_payload
+
+    raw = record_payload(s3fs.S3FileSystem(**options).cat(f"{url}/{MANIFEST}")).decode()
     for secret in ("testing-key-id", "testing-secret-value", "sk-should-not-leak"):
         assert secret not in raw
     assert json.loads(raw)["config"]["api_key"] == "***"
@@ -46,7 +48,7 @@ def test_s3_sharded_write_refuses_to_finalize_until_all_parts_exist(s3_bucket):
     store.write_part(table.slice(0, 10), 0, 3, {"x": 1})
     with pytest.raises(ShardError, match="part-00001-of-00003"):
         store.finalize(3, {"x": 1})
-    with pytest.raises(ShardError, match="no _manifest.json"):
+    with pytest.raises(ShardError, match="no manifest"):
         read_manifest(url, options)
     store.write_part(table.slice(10, 10), 1, 3, {"x": 1})
     assert store.finalize(3, {"x": 1}).rows == 30

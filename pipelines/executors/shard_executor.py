@@ -4,22 +4,40 @@ Rows go to shard `shard_of(problem_id, N)`, so a problem's whole group lands in 
 every stage can split the same way. Without `shard_index`, one process runs every missing part
 in turn; with it, the job runs only its own part (N machines split a stage). Whichever job sees
 all N parts done writes the manifest.
+
+A shard streams: its rows are read in batches of about `batch_rows` rows that hold whole
+problems, `process` runs once per batch, and each result is appended to the part file as it
+comes (its stats summed with `add_stats`), so a stage over a shard larger than memory runs in
+bounded memory. The part holds the rows in input order, as one `process` call over the whole
+shard would write them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from scope_data.hashing import sha256_hex
-from scope_data.schema import SchemaError, conform, schema_for, validate
-from scope_data.shards import Manifest, TableStore, add_stats, read_manifest, scan
+from scope_data.schema import SchemaError, conform, empty_table, schema_for, validate
+from scope_data.shards import (
+    Manifest,
+    TableStore,
+    add_stats,
+    read_batches,
+    read_manifest,
+    scan,
+)
 
 ProcessFn = Callable[[pa.Table, int], tuple[pa.Table, dict[str, Any]]]
+BATCH_ROWS = 4096
+"""Input rows per `process` call (generate: 4096 problems, so the n requests of each problem
+fill the engines' chunks of 256 and 4096 requests as one call over the shard would)."""
 
 
 def shard_of(problem_id: str, num_shards: int) -> int:
@@ -47,13 +65,76 @@ class StageResult:
     stats: dict[str, Any]
 
 
-def input_rows(lf: pl.LazyFrame, shard_index: int, num_shards: int) -> pa.Table:
-    """The rows of `lf` owned by shard k (all rows when N == 1), in input order."""
-    if num_shards == 1:
-        return lf.collect().to_arrow()
-    ids = lf.select("problem_id").unique().collect()["problem_id"].to_list()
-    mine = [pid for pid in ids if shard_of(pid, num_shards) == shard_index]
-    return lf.filter(pl.col("problem_id").is_in(mine)).collect().to_arrow()
+def input_batches(
+    manifest: Manifest, shard_index: int, num_shards: int, batch_rows: int | None = BATCH_ROWS,
+    storage_options: dict[str, Any] | None = None, limit: int | None = None,
+) -> Iterator[pa.Table]:
+    """The rows of the table owned by shard k (all rows when N == 1; only the table's first
+    `limit` rows count), in input order, in batches of about `batch_rows` rows that end at a
+    problem boundary (at least one batch, maybe empty).
+
+    The whole shard is one batch when `batch_rows` is None, or when the rows of a problem are
+    not contiguous in the input (a batch must hold every row of its problems).
+    """
+    lf = scan(manifest.url, storage_options, check=False)
+    if limit is not None:
+        lf = lf.head(limit)
+    rows = read_batches(manifest, storage_options, batch_rows or 65_536)
+    if limit is not None:
+        rows = _head(rows, limit)
+    if num_shards > 1:
+        ids = lf.select("problem_id").unique().collect()["problem_id"].to_list()
+        mine = pa.array([pid for pid in ids if shard_of(pid, num_shards) == shard_index],
+                        pa.string())
+        rows = (b.filter(pc.is_in(b.column("problem_id"), value_set=mine)) for b in rows)
+    if batch_rows is None or not _problems_contiguous(lf):
+        whole = list(rows)
+        batches = [pa.Table.from_batches(whole)] if whole else []
+    else:
+        batches = _whole_problems(rows, batch_rows)
+    empty = True
+    for batch in batches:
+        empty = False
+        yield batch
+    if empty:
+        yield empty_table(manifest.table)
+
+
+def _head(rows: Iterator[pa.RecordBatch], limit: int) -> Iterator[pa.RecordBatch]:
+    for batch in rows:
+        if limit <= 0:
+            return
+        yield batch.slice(0, limit)
+        limit -= batch.num_rows
+
+
+def _problems_contiguous(lf: pl.LazyFrame) -> bool:
+    ids = pl.col("problem_id")
+    runs, unique = lf.select(ids.rle_id().max().alias("runs"),
+                             ids.n_unique().alias("unique")).collect().row(0)
+    return runs is None or runs + 1 == unique
+
+
+def _whole_problems(rows: Iterator[pa.RecordBatch], batch_rows: int) -> Iterator[pa.Table]:
+    """Re-cut `rows` into tables that end at a change of problem_id: once `batch_rows` rows are
+    read, a table ends before the last problem seen, whose rows wait for the next table."""
+    pending: list[pa.RecordBatch] = []
+    count = 0
+    for batch in rows:
+        pending.append(batch)
+        count += batch.num_rows
+        if count < batch_rows:
+            continue
+        table = pa.Table.from_batches(pending)
+        ids = table.column("problem_id")
+        others = pc.indices_nonzero(pc.not_equal(ids, ids[-1]))
+        if len(others) == 0:  # one problem so far: keep reading
+            continue
+        cut = others[-1].as_py() + 1
+        yield table.slice(0, cut)
+        pending, count = table.slice(cut).to_batches(), table.num_rows - cut
+    if count:
+        yield pa.Table.from_batches(pending)
 
 
 def run_stage(
@@ -66,22 +147,22 @@ def run_stage(
     num_shards: int = 1,
     shard_index: int | None = None,
     storage_options: dict[str, Any] | None = None,
-    input_filter: Callable[[pl.LazyFrame], pl.LazyFrame] | None = None,
+    limit: int | None = None,
+    batch_rows: int | None = BATCH_ROWS,
 ) -> StageResult:
     """Run `process` on each owned, unfinished shard of the input and finalize when complete.
 
     `config` is what the output depends on; the input table's content hash is added to it, so a
     changed upstream table or option reruns the stage and an unchanged one resumes it.
+    Only the input's first `limit` rows are read, if given. `batch_rows` (see `input_batches`):
+    None hands `process` each shard whole, for stages that need all of a shard's rows at once.
     """
     if num_shards < 1:
         raise ValueError(f"--num-shards must be >= 1, got {num_shards}")
     upstream = read_manifest(input_url, storage_options)
     full_config = {**config, "input": upstream.content_hash, "num_shards": num_shards}
     store = TableStore(output_url, output_table, storage_options)
-    lf = scan(input_url, storage_options)
-    check_input_columns(input_url, upstream.table, lf)
-    if input_filter is not None:
-        lf = input_filter(lf)
+    check_input_columns(input_url, upstream.table, scan(input_url, storage_options))
     shards = range(num_shards) if shard_index is None else [shard_index]
     written = skipped = 0
     stats: dict[str, Any] = {}
@@ -89,11 +170,21 @@ def run_stage(
         if store.part_done(k, num_shards, full_config):
             skipped += 1
             continue
-        rows = input_rows(lf, k, num_shards)
-        rows = conform(upstream.table, rows, f"{input_url} (rows of part {k})")
-        validate(upstream.table, rows, f"{input_url} (rows of part {k})")
-        table, part_stats = process(rows, k)
-        store.write_part(table, k, num_shards, full_config, part_stats)
+        where = f"{input_url} (rows of part {k})"
+
+        def run(rows: pa.Table, k: int = k, where: str = where) -> tuple[pa.Table, dict]:
+            rows = conform(upstream.table, rows, where)
+            validate(upstream.table, rows, where)
+            return process(rows, k)
+
+        batches = input_batches(upstream, k, num_shards, batch_rows, storage_options, limit)
+        results = map(run, batches)
+        first = next(results)  # a stage failing on its first rows leaves the folder untouched
+        part_stats: dict[str, Any] = {}
+        with store.part_writer(k, num_shards, full_config, part_stats) as out:
+            for table, batch_stats in itertools.chain([first], results):
+                out.write(table)
+                add_stats(part_stats, batch_stats)
         add_stats(stats, part_stats)
         written += 1
     missing = store.missing_parts(num_shards, full_config)

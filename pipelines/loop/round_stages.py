@@ -218,7 +218,7 @@ def training_figures(rd: Path) -> dict[str, Any]:
     """Figures of a round's training side, read back from its tables."""
     from scope_data.correction import VERIFIED_STATUSES, salvage_rate
     from scope_data.groups import rescue_counts
-    from scope_data.shards import scan
+    from scope_data.shards import is_table, scan
 
     out: dict[str, Any] = {}
     roll = scan(str(rd / "generate"), check=False).select(
@@ -229,7 +229,7 @@ def training_figures(rd: Path) -> dict[str, Any]:
     out["failed"] = failed
     by_problem = roll.group_by("problem_id").agg(pl.col("correct").any().alias("any"))
     out["all_failed_groups"] = int((~by_problem["any"]).sum())
-    if (rd / "correct" / "_manifest.json").is_file():
+    if is_table(str(rd / "correct")):
         corr = scan(str(rd / "correct"), check=False).select(
             "problem_id", "kind", "correct", "correct_status").collect()
         corrected = corr.filter(pl.col("kind") == "corrected")

@@ -31,7 +31,7 @@ from pipelines.config import (
     shard_index_field,
     storage_options_field,
 )
-from pipelines.console import print_summary, progress
+from pipelines.console import part_task, print_summary, progress
 from pipelines.engines.base import GenerationRequest, load_generation_engine
 from pipelines.engines.openai_engine import default_cache_dir
 from pipelines.engines.prompts import TEMPLATES, render_and_encode
@@ -134,7 +134,7 @@ class _Generator:
                               seed=derive_seed(cfg.seed, problems[i]["problem_id"], s))
             for i, s in jobs
         ]
-        task = self.bar.add_task(f"generate part {shard_index}", total=len(requests))
+        task = part_task(self.bar, f"generate part {shard_index}", len(requests))
         results = []
         t0 = time.perf_counter()
         chunk = getattr(self.engine, "chunk_size", CHUNK)
@@ -185,7 +185,6 @@ def run(cfg: GenerateConfig, quiet: bool = False) -> StageResult:
     """Generate, grade and write the rollouts table at `cfg.out`; resumable by part."""
     cfg.check()
     t0 = time.perf_counter()
-    limit = cfg.limit
     with progress() as bar:
         gen = _Generator(cfg, bar)
         try:
@@ -193,8 +192,7 @@ def run(cfg: GenerateConfig, quiet: bool = False) -> StageResult:
                 input_url=cfg.problems, output_url=cfg.out, output_table="rollouts",
                 config=manifest_config("generate", cfg), process=gen,
                 num_shards=cfg.num_shards, shard_index=cfg.shard_index,
-                storage_options=cfg.storage_options,
-                input_filter=(lambda lf: lf.head(limit)) if limit else None,
+                storage_options=cfg.storage_options, limit=cfg.limit,
             )
         finally:
             gen.close()

@@ -33,11 +33,11 @@ from pipelines.config import (
     shard_index_field,
     storage_options_field,
 )
-from pipelines.console import print_summary, progress
+from pipelines.console import part_task, print_summary, progress
 from pipelines.engines.base import PRMEngine, load_prm, score_with_status
 from pipelines.engines.prm_options import PRM_HELP, PRM_OPTIONS_HELP, PRMOptions
 from pipelines.engines.spec import load_tokenizer, parse_spec, policy_tokenizer_path
-from pipelines.executors.shard_executor import StageResult, run_stage
+from pipelines.executors.shard_executor import BATCH_ROWS, StageResult, run_stage
 from scope_data.first_error import locate_determined, tune_threshold
 from scope_data.schema import SCORED_FIELDS, conform
 from scope_data.shards import read_manifest
@@ -160,6 +160,7 @@ def processbench_labelled(prm: PRMEngine, path: str) -> list[tuple[list[float], 
 class _Scorer:
     def __init__(self, cfg: ScoreConfig, prm: PRMEngine | None, quiet: bool):
         self.cfg, self._prm, self.quiet = cfg, prm, quiet
+        self.bar: Any = None  # the stage's progress display, set by `run`
         self.tokenizers = _Tokenizers(cfg.tokenizer)
         self.threshold: float | None = None if cfg.threshold == "auto" else float(cfg.threshold)
 
@@ -199,15 +200,14 @@ class _Scorer:
             else:
                 todo.append(i)
         scores: dict[int, list[float]] = {}
-        with progress() as bar:
-            task = bar.add_task(f"scoring part {shard_index}", total=len(todo))
-            for start in range(0, len(todo), self.cfg.batch_size):
-                chunk = todo[start : start + self.cfg.batch_size]
-                items = [(cols["prompt"][i], [s["text"] for s in steps_col[i]]) for i in chunk]
-                for i, res in zip(chunk, score_with_status(self.prm, items), strict=True):
-                    scores[i] = res.scores
-                    status[i] = res.status
-                bar.advance(task, len(chunk))
+        task = part_task(self.bar, f"scoring part {shard_index}", len(todo))
+        for start in range(0, len(todo), self.cfg.batch_size):
+            chunk = todo[start : start + self.cfg.batch_size]
+            items = [(cols["prompt"][i], [s["text"] for s in steps_col[i]]) for i in chunk]
+            for i, res in zip(chunk, score_with_status(self.prm, items), strict=True):
+                scores[i] = res.scores
+                status[i] = res.status
+            self.bar.advance(task, len(chunk))
         tau = self.threshold
         stats: dict[str, Any] = {}
         if tau is None:  # auto without --tune-on: arith rows labelled by the exact checker
@@ -277,11 +277,14 @@ def run(cfg: ScoreConfig, prm: PRMEngine | None = None, quiet: bool = False) -> 
         if set(tasks["task"].to_list()) - {"arith"}:
             raise ValueError("--threshold auto needs --tune-on FILE (ProcessBench format) unless "
                              "every rollout is of the arith task")
-    result = run_stage(
-        input_url=cfg.rollouts, output_url=cfg.out, output_table="scored", config=config,
-        process=scorer.process, num_shards=cfg.num_shards, shard_index=cfg.shard_index,
-        storage_options=cfg.storage_options,
-    )
+    with progress() as bar:
+        scorer.bar = bar
+        result = run_stage(  # tau tuned on a shard's own rows: the shard is one batch
+            input_url=cfg.rollouts, output_url=cfg.out, output_table="scored", config=config,
+            process=scorer.process, num_shards=cfg.num_shards, shard_index=cfg.shard_index,
+            storage_options=cfg.storage_options,
+            batch_rows=BATCH_ROWS if scorer.threshold is not None else None,
+        )
     if not quiet:
         _summary(cfg, result, scorer)
     return result

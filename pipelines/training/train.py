@@ -201,7 +201,7 @@ def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = Non
         NonFiniteLossError,
         RichProgress,
     )
-    from scope_data.shards import versions
+    from scope_data.provenance import versions
 
     cfg.check()
     out = Path(cfg.output_dir)
