@@ -6,6 +6,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
@@ -23,6 +24,17 @@ from rich.table import Table
 console = Console(stderr=True)
 
 
+@dataclass
+class _LineTask:
+    id: int
+    description: str
+    total: float | None
+    completed: float = 0.0
+    start: float = field(default_factory=lambda: time.monotonic())
+    last: float = field(default_factory=lambda: time.monotonic())
+    shown: float | None = None  # `completed` when last printed (None: never)
+
+
 class LineProgress:
     """Progress for a stderr that is not a terminal (CI logs, `| tee`, nohup): a plain line per
     task every `every` seconds ($SCOPE_PROGRESS_EVERY, default 30) and a last one when a task
@@ -31,7 +43,7 @@ class LineProgress:
 
     def __init__(self, every: float | None = None) -> None:
         self.every = float(os.environ.get("SCOPE_PROGRESS_EVERY", 30)) if every is None else every
-        self.tasks: list[dict[str, Any]] = []
+        self.tasks: list[_LineTask] = []
 
     def __enter__(self) -> LineProgress:
         return self
@@ -44,13 +56,11 @@ class LineProgress:
 
     def stop(self) -> None:
         for task in self.tasks:
-            if task["printed"] and task["shown"] != task["completed"]:
+            if task.shown is not None and task.shown != task.completed:
                 self._print(task)
 
     def add_task(self, description: str, total: float | None = None, **_: Any) -> int:
-        now = time.monotonic()
-        self.tasks.append({"description": description, "total": total, "completed": 0.0,
-                           "start": now, "last": now, "printed": False, "shown": None})
+        self.tasks.append(_LineTask(len(self.tasks), description, total))
         return len(self.tasks) - 1
 
     def advance(self, task_id: int, advance: float = 1) -> None:
@@ -61,27 +71,26 @@ class LineProgress:
                total: float | None = None, **_: Any) -> None:
         task = self.tasks[task_id]
         if description is not None:
-            task["description"] = description
+            task.description = description
         if total is not None:
-            task["total"] = total
+            task.total = total
         if completed is not None:
-            task["completed"] = completed
+            task.completed = completed
         if advance is not None:
-            task["completed"] += advance
+            task.completed += advance
         now = time.monotonic()
-        if now - task["last"] >= self.every:
-            task["last"], task["printed"] = now, True
+        if now - task.last >= self.every:
+            task.last = now
             self._print(task)
 
     @staticmethod
-    def _print(task: dict[str, Any]) -> None:
-        done, total = task["completed"], task["total"]
-        task["shown"] = done
+    def _print(task: _LineTask) -> None:
+        done, total = task.completed, task.total
+        task.shown = done
         share = f" ({100 * done / total:.0f}%)" if total else ""
         of = f"/{total:g}" if total else ""
-        elapsed = time.monotonic() - task["start"]
-        print(f"{task['description']}: {done:g}{of}{share}, {elapsed:.0f} s", file=sys.stderr,
-              flush=True)
+        print(f"{task.description}: {done:g}{of}{share}, {time.monotonic() - task.start:.0f} s",
+              file=sys.stderr, flush=True)
 
 
 def progress() -> Progress | LineProgress:
