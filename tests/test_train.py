@@ -259,3 +259,24 @@ def test_prm_dense_trains_all_failed_group_with_token_advantages(tiny, tmp_path:
     res = run(config(data, path, tmp_path / "dense", algo="prm_dense", prm_alpha=2.0))
     assert res.summary["groups_trained"] == 1 and res.steps == 1
     assert res.metrics["grad_norm"][0] > 0
+
+
+@pytest.mark.parametrize("column, value, message", [
+    ("top_p", 0.9, "top_p 0.9.*renormalised nucleus.*--old-logprobs recompute"),
+    ("temperature", 0.7, "temperature 0.7 but the trainer computes log-probs at 1"),
+])
+def test_behaviour_logprobs_of_other_sampling_are_refused(tiny, tmp_path: Path, column: str,
+                                                          value: float, message: str) -> None:
+    """Behaviour log-probs are pi_old only for full-vocabulary sampling at the trainer's
+    temperature; others are refused unless the old log-probs are recomputed."""
+    from pipelines.training.train import run
+
+    path, tok, model = tiny
+    rows = scope_group(tok, model, "7")
+    for row in rows:
+        row[column] = value
+    data = write_corrected(tmp_path / "c", rows)
+    with pytest.raises(ValueError, match=message):
+        run(config(data, path, tmp_path / "o1"))
+    result = run(config(data, path, tmp_path / "o2", old_logprobs="recompute"))
+    assert result.steps == 1

@@ -156,6 +156,8 @@ def load_rows(cfg: TrainConfig) -> tuple[Any, Any]:
         raise ValueError(f"{cfg.data}: {error}")
     if df.height == 0:
         raise ValueError(f"{cfg.data}: the {kind} table is empty; nothing to train")
+    if cfg.old_logprobs == "behaviour":
+        check_sampling(df, cfg.temperature, cfg.data)
     if kind != "corrected":
         df = df.with_columns(
             kind=pl.lit("policy"), source_rollout_id=pl.lit(None, pl.String),
@@ -169,6 +171,28 @@ def load_rows(cfg: TrainConfig) -> tuple[Any, Any]:
             f"of {s.get('groups', 0)} groups: all responses equally rewarded) or no response "
             "has tokens; nothing to train, no checkpoint written")
     return assembly, manifest
+
+
+def check_sampling(df: pl.DataFrame, temperature: float, where: str) -> None:
+    """Refuse behaviour log-probs the trainer's ratio cannot use as pi_old.
+
+    The ratio pi_theta / pi_old needs pi_old at the trainer's temperature over the full
+    vocabulary. Rows sampled at another temperature carry log-probs of another distribution;
+    rows sampled with top_p < 1 carry log-probs of the renormalised nucleus (biased by the kept
+    mass, TRL issue 6789). Both ask for `--old-logprobs recompute` (or the sampling temperature).
+    """
+    sampled = df.select("temperature", "top_p").unique().sort("temperature", "top_p")
+    for t, top_p in sampled.iter_rows():
+        if abs(t - temperature) > 1e-6:
+            raise ValueError(
+                f"{where}: rows were sampled at temperature {t:g} but the trainer computes "
+                f"log-probs at {temperature:g}; their behaviour log-probs are not pi_old: pass "
+                f"--temperature {t:g} or --old-logprobs recompute")
+        if top_p < 1.0:
+            raise ValueError(
+                f"{where}: rows were sampled with top_p {top_p:g}: their behaviour log-probs are "
+                "of the renormalised nucleus, not of the policy (the ratio would be biased by "
+                "the kept mass); pass --old-logprobs recompute")
 
 
 def _check_output(out: Path) -> None:
