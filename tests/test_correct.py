@@ -608,3 +608,23 @@ def test_token_merged_across_the_step_boundary_is_cut_not_fatal(tmp_path: Path) 
     assert fixed["response_text"] == p.solution and fixed["correct"]
     stats = read_manifest(str(tmp_path / "o")).stats
     assert "prefix_mismatch_examples" in stats and bad["rollout_id"] in str(stats)
+
+
+def test_unfinished_response_keeps_every_step(tmp_path: Path, policy_dir: Path) -> None:
+    """All written steps right but no answer: k* = len(steps) keeps them all and the oracle
+    writes the missing ones."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(policy_dir))
+    p = arith.generate_problems(1, seed=13, steps=(4, 4))[0]
+    text = "\n".join(p.solution_lines[:2])
+    row = scored_row(tok, f"hf:{policy_dir}", stable_id("arith", 0, p.prompt), 0, p, 0, text,
+                     k_override=2)
+    url = str(tmp_path / "s")
+    TableStore(url, "scored").write(pa.Table.from_pylist([row], schema=SCHEMAS["scored"]), {})
+    run(CorrectConfig(scored=url, out=str(tmp_path / "o"), teacher="oracle:arith"))
+    df = read(str(tmp_path / "o"))
+    assert df["correct_status"].to_list() == ["accepted", "accepted"]
+    fixed = df.row(1, named=True)
+    assert fixed["prefix_steps"] == 2 and fixed["response_text"] == p.solution
+    assert fixed["off_policy_start"] == row["steps"][-1]["token_end"]
