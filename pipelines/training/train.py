@@ -64,8 +64,11 @@ class TrainConfig:
     ref_policy: str | None = option(
         None, help="reference model for the KL term (default: --policy)")
     entropy_coef: float = option(0.0, help="entropy bonus coefficient")
-    loss_type: str = option("token_mean",
-                            help="aggregation: token_mean | seq_mean | constant (Dr. GRPO)")
+    loss_type: str = option(
+        "token_mean", help="aggregation: token_mean | seq_mean | constant, or TRL's names "
+        "grpo (seq_mean) | bnpo, dapo (token_mean) | dr_grpo (constant)")
+    importance_sampling_level: str = option(
+        "token", help="on-policy ratio per token (PPO) or per sequence (GSPO: sequence)")
     shaping_gamma: float = option(0.1, help="off-policy shaping f(p) = p/(p+gamma)")
     temperature: float = option(1.0, help="temperature of the log-probs")
     max_length: int = option(
@@ -97,11 +100,13 @@ class TrainConfig:
     storage_options: dict[str, Any] | None = storage_options_field()
 
     def check(self) -> None:
-        from pipelines.training.loss import AGGREGATIONS
+        from pipelines.training.loss import IMPORTANCE_SAMPLING_LEVELS, aggregation_of
 
         get_algo(self.algo)
-        if self.loss_type not in AGGREGATIONS:
-            raise ValueError(f"unknown loss_type {self.loss_type!r}; use one of {AGGREGATIONS}")
+        aggregation_of(self.loss_type)  # ValueError naming the valid names
+        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ValueError(f"unknown importance_sampling_level {self.importance_sampling_level!r}"
+                             f"; use one of {IMPORTANCE_SAMPLING_LEVELS}")
         if self.old_logprobs not in OLD_LOGPROBS:
             raise ValueError(f"unknown old_logprobs {self.old_logprobs!r}; use {OLD_LOGPROBS}")
         if self.max_length < 1 or self.per_device_train_batch_size < 1:
