@@ -104,6 +104,8 @@ def generate_config(recipe: Recipe, problems: str, policy: str, out: str, r: int
 
     opts = dict(recipe.generate)
     opts.setdefault("seed", _seed(recipe, "generate", r))
+    if opts.get("prompts_per_round") is not None:
+        opts.setdefault("prompt_seed", recipe.seed)
     return make_config(GenerateConfig, opts, "generate", problems=problems, policy=policy,
                        out=out, round=r)
 
