@@ -162,6 +162,7 @@ class _Corrector:
 
     def __init__(self, cfg: CorrectConfig) -> None:
         self.cfg = cfg
+        self.teacher_tokens = 0
         self.teacher: Teacher | None = None
         self.tokenizer: Any = None
         self.teacher_name = cfg.teacher
@@ -211,6 +212,7 @@ class _Corrector:
     # -- one shard ------------------------------------------------------------------------------
     def process(self, rows: pa.Table, shard_index: int) -> tuple[pa.Table, dict[str, Any]]:
         cfg = self.cfg
+        self.teacher_tokens = 0  # policy tokens of every teacher suffix (budget)
         if "steps" not in rows.column_names:
             rows = unscored(rows)
         if rows.num_rows == 0:
@@ -312,6 +314,7 @@ class _Corrector:
         eos = self.tokenizer.eos_token_id if out.finish_reason == "stop" else None
         sp = splice(item.prefix_token_ids, prefix_lp, out.text, self.encode, self.decode,
                     max_response_tokens=self.max_tokens(row), eos_token_id=eos)
+        self.teacher_tokens += len(sp.response_token_ids) - sp.off_policy_start
         pred, ok, _ = grade_response(row["task"], row["prompt"], row["answer"],
                                      sp.response_text)
         finish = "length" if sp.status == "truncated" else out.finish_reason
@@ -336,7 +339,7 @@ class _Corrector:
         statuses = status.to_frame().group_by("correct_status", maintain_order=True).len()
         return {
             "rollouts": rows.height, "failed": int((~rows["correct"]).sum()),
-            "teacher_calls": attempts_used,
+            "teacher_calls": attempts_used, "teacher_tokens": self.teacher_tokens,
             "accepted": good.height, "corrected_rows": corrected.height,
             "prefix_share_sum": sum(share.to_series().to_list()),  # in row order, as Python sums
             "prefix_tokens_sum": int(good["off_policy_start"].sum()),

@@ -248,6 +248,8 @@ class _Scorer:
         stats.update({
             "status": dict(Counter(status)), "scored": len(todo),
             "steps_scored": sum(len(s) for s in scores.values()),
+            # the budget measure of PRM compute: response tokens of the rows it scored
+            "prm_tokens": sum(len(cols["response_token_ids"][i]) for i in todo),
             "first_error_position": dict(hist), "disagree": disagree,
         })
         return conform("scored", out, f"part {shard_index}"), stats
