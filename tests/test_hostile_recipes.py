@@ -76,3 +76,33 @@ def test_ctrl_c_exits_130_with_a_resume_hint(tmp_path: Path,
     assert result.exit_code == 130
     assert "interrupted: scope problems stopped" in result.output
     assert "rerun of the same command resumes" in " ".join(result.output.split())
+
+
+def test_pickled_weights_are_never_loaded(tmp_path: Path) -> None:
+    """A model folder with only pytorch_model.bin is refused by scope train (one line)."""
+    import torch
+
+    from pipelines.training.train import _load_weights
+    from tests.helpers_engines import build_random_tiny
+
+    folder = build_random_tiny(tmp_path / "m")
+    from safetensors.torch import load_file
+
+    weights = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save(weights, folder / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="never loads pickled .bin weights"):
+        _load_weights(str(folder), False)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["score", "--rollouts", "r", "--out", "o", "--prm", "rule:arith", "--threshold", "nan"],
+     "--threshold must be in \\[0, 1\\]"),
+    (["generate", "--problems", "p", "--policy", "hf:x", "--out", "o", "--temperature", "nan"],
+     "--temperature must be a finite number"),
+])
+def test_nan_options_are_refused(args: list[str], message: str) -> None:
+    import re
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and re.search(message, " ".join(result.output.split()))

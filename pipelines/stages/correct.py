@@ -147,8 +147,8 @@ class CorrectConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.min_prefix_steps < 0:
             raise ValueError("--min-prefix-steps must be >= 0")
-        if self.temperature < 0:
-            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if not self.temperature >= 0 or self.temperature == float("inf"):  # NaN fails too
+            raise ValueError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.template not in ("chat", "raw"):

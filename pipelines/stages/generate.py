@@ -105,8 +105,8 @@ class GenerateConfig:
         parse_spec(self.policy, "generation")
         if self.n < 1:
             raise ValueError(f"--n must be >= 1, got {self.n}")
-        if self.temperature < 0:
-            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if not self.temperature >= 0 or self.temperature == float("inf"):  # NaN fails too
+            raise ValueError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:

@@ -83,6 +83,8 @@ class ScoreConfig:
                 raise ValueError(
                     f"--threshold must be a number or 'auto', got {self.threshold!r}"
                 ) from None
+            if not 0 <= self.threshold <= 1:  # NaN fails too
+                raise ValueError(f"--threshold must be in [0, 1], got {self.threshold}")
         if self.step_mode not in (None, "newline", "blank_line"):
             raise ValueError(f"--step-mode must be newline or blank_line, got {self.step_mode!r}")
         if self.batch_size < 1:

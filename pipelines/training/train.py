@@ -200,6 +200,20 @@ def check_sampling(df: pl.DataFrame, temperature: float, where: str) -> None:
                 "the kept mass); pass --old-logprobs recompute")
 
 
+def _load_weights(path: str, trust_remote_code: bool) -> Any:
+    """The causal LM at `path`, from safetensors only (pickled .bin weights can run code)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"cannot load {path!r} as safetensors weights (scope never loads pickled .bin "
+            f"weights: they can run code; convert them to safetensors first): {e}") from None
+
+
 def _check_output(out: Path) -> None:
     if out.exists() and any(out.iterdir()) and not (out / "train_manifest.json").is_file():
         raise ValueError(f"{out} exists and is not an earlier `scope train` output; "
@@ -221,7 +235,6 @@ def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = Non
 
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM
 
     from pipelines.console import print_summary
     from pipelines.training.data import Collator, ResponseDataset
@@ -248,12 +261,11 @@ def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = Non
     check_remote_code(path, trust)
     tok = load_tokenizer(path, trust)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust)
+    model = _load_weights(path, trust)
     ref_model = None
     if cfg.beta != 0.0:
-        ref_model = AutoModelForCausalLM.from_pretrained(
-            trainable_path(cfg.ref_policy or cfg.policy), dtype=torch.float32,
-            trust_remote_code=trust).eval().requires_grad_(False)
+        ref_model = _load_weights(trainable_path(cfg.ref_policy or cfg.policy),
+                                  trust).eval().requires_grad_(False)
     if cfg.lora:
         try:
             import peft
