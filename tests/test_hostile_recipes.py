@@ -106,3 +106,17 @@ def test_nan_options_are_refused(args: list[str], message: str) -> None:
 
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1 and re.search(message, " ".join(result.output.split()))
+
+
+def test_a_table_never_makes_scope_download_a_tokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub id in a (tampered) table's policy column is looked up offline only: one clear
+    line, no network attempt."""
+    import time
+
+    from pipelines.engines.spec import load_tokenizer
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    t0 = time.monotonic()
+    with pytest.raises(FileNotFoundError, match="never makes scope download"):
+        load_tokenizer("someone/not-a-cached-model", local_only=True)
+    assert time.monotonic() - t0 < 10

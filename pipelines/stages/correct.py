@@ -176,7 +176,8 @@ class _Corrector:
                 )
             path = policy_tokenizer_path(policies[0], self.cfg.policy_tokenizer)
             try:
-                self.tokenizer = load_tokenizer(path)
+                self.tokenizer = load_tokenizer(
+                    path, local_only=self.cfg.policy_tokenizer is None)
             except OSError as e:
                 raise FileNotFoundError(f"cannot load the policy tokenizer {path!r} (pass "
                                         f"--policy-tokenizer): {e}") from None

@@ -138,7 +138,7 @@ class _Tokenizers:
         if policy not in self.cache:
             path = policy_tokenizer_path(policy, self.override)
             try:
-                self.cache[policy] = load_tokenizer(path)
+                self.cache[policy] = load_tokenizer(path, local_only=self.override is None)
             except (OSError, ValueError) as e:
                 raise ValueError(
                     f"rollout {rollout_id}: cannot load the policy tokenizer {path!r} ({e}); "
