@@ -83,7 +83,7 @@ class GenerateConfig:
     pipeline_parallel_size: int = option(1, help="vllm pipeline parallelism", identity=False,
                                          engine=True)
     cache_dir: str | None = option(
-        None, help="openai: request cache folder (default OUT/_request_cache; "
+        None, help="openai: request cache folder (default $SCOPE_CACHE/requests/<hash of OUT>; "
         "$SCOPE_CACHE/requests for a remote OUT)", identity=False)
     max_concurrency: int = option(16, help="openai: requests in flight", identity=False,
                                   engine=True)
