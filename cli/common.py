@@ -70,6 +70,12 @@ def user_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
+        except KeyboardInterrupt:
+            Console(stderr=True).print(
+                f"interrupted: scope {escape(fn.__name__.replace('_', '-'))} stopped; finished "
+                "parts are kept and a rerun of the same command resumes", highlight=False,
+                soft_wrap=True)
+            raise typer.Exit(130) from None
         except Exception as e:
             if debug_enabled() or not is_user_error(e):
                 raise

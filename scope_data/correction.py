@@ -51,6 +51,8 @@ VERIFIED_STATUSES = (ACCEPTED, TRUNCATED)  # corrections that salvage their roll
 # the `kind="corrected"` rows `scope correct` writes: verified ones, plus wrong ones when the
 # user turns require_correct off (`--no-require-correct`: they asked to train on them)
 CORRECTED_ROW_STATUSES = (*VERIFIED_STATUSES, REJECTED_WRONG)
+# the kept tokens do not decode to the response before step k*: the row is kept, not corrected
+PREFIX_MISMATCH = "prefix_mismatch"
 SALVAGE_RATE = "verified corrections / failed rollouts"
 
 
@@ -155,29 +157,48 @@ def corrected_table(rows: pa.Table, status: pl.Series,
     return pa.concat_tables([policy, fixed]).take(order).combine_chunks()
 
 
-def check_prefix_text(
-    rollout_id: str, prefix_text: str, response_text: str, char_start: int
-) -> None:
-    """Raise CorrectionError unless the decoded prefix is the response text up to step k*.
+def prefix_bounds(steps: Sequence[Mapping[str, Any]], k: int) -> tuple[int, int]:
+    """(response tokens, response chars) kept when step k is the first error: everything before
+    step k. ``k == len(steps)`` (an unfinished response whose every step is right: the first
+    missing step is the error) keeps every step."""
+    if k < len(steps):
+        return int(steps[k]["token_start"]), int(steps[k]["char_start"])
+    return int(steps[-1]["token_end"]), int(steps[-1]["char_end"])
 
-    ``prefix_text`` (decode of the kept ids) must be a prefix of the response text that ends
-    at ``char_start`` of step k*, give or take the whitespace between two steps. Call it only
-    with tokenizers whose decode reproduces ``response_text`` from its ids.
+
+def kept_prefix(
+    rollout_id: str, steps: Sequence[Mapping[str, Any]], k: int, response_ids: Sequence[int],
+    response_text: str, decode: Decode,
+) -> tuple[list[int], str]:
+    """The policy's own token ids kept before step k, and their decoded text.
+
+    They are the ids before step k's first token. A token merged across the step boundary
+    (one token for ``"8\\n8"``: the end of step k-1 and the start of step k) would carry step
+    k's text into the prefix, so the prefix is cut before that token: the kept tokens end at or
+    before step k's start, and the teacher continues from inside step k-1. With a tokenizer whose
+    decode reproduces the response, the kept text must be the response up to step k (give or
+    take whitespace) or up to that cut; else CorrectionError names the rollout (the scored
+    table's token offsets do not match ``response_token_ids``).
     """
-    if not response_text.startswith(prefix_text) or (
-        len(prefix_text) > char_start or response_text[len(prefix_text) : char_start].strip()
-    ):
-        raise CorrectionError(
-            f"rollout {rollout_id}: the tokens before step k* decode to {prefix_text[-40:]!r}, "
-            f"which is not the response text before char {char_start} "
-            f"({response_text[max(0, char_start - 40) : char_start]!r}); the scored table's "
-            "token offsets do not match response_token_ids"
-        )
+    end, chars = prefix_bounds(steps, k)
+    ids = [int(t) for t in response_ids[:end]]
+    text = decode(ids)
+    if decode(list(response_ids)) != response_text:
+        return ids, text  # a lossy decode: there is nothing exact to check against
 
+    def inside(t: str) -> bool:
+        return response_text.startswith(t) and len(t) <= chars
 
-def prefix_token_end(steps: Sequence[Mapping[str, Any]], k: int) -> int:
-    """Number of response tokens kept when step k is the first error (token_start of step k)."""
-    return int(steps[k]["token_start"])
+    if inside(text) and not response_text[len(text) : chars].strip():
+        return ids, text
+    if ids and not inside(text) and inside(cut := decode(ids[:-1])):
+        return ids[:-1], cut
+    raise CorrectionError(
+        f"rollout {rollout_id}: the tokens before step {k} decode to {text[-40:]!r}, which is "
+        f"not the response text before char {chars} "
+        f"({response_text[max(0, chars - 40) : chars]!r}); the scored table's token offsets "
+        "do not match response_token_ids"
+    )
 
 
 def splice(

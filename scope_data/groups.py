@@ -19,7 +19,7 @@ from scope_data.algos import CORRECTION_MODES
 NOT_FAILED = "not_failed"  # the verifier says the response is correct: nothing to salvage
 NOT_SCORED = "not_scored"  # first_error undetermined (null) or not scored (scope mode only)
 PRM_DISAGREES = "prm_disagrees"  # wrong answer, but the PRM found no step below threshold
-OUT_OF_RANGE = "first_error_out_of_range"  # k* >= number of steps
+OUT_OF_RANGE = "first_error_out_of_range"  # k* > number of steps (k* == it: keep every step)
 NO_PREFIX = "no_prefix"  # k* == 0: the first step is already wrong, no good prefix to keep
 PREFIX_TOO_SHORT = "prefix_too_short"  # 0 < k* < min_prefix_steps
 OVER_GROUP_LIMIT = "over_group_limit"  # eligible, but M others in the group ranked higher
@@ -47,7 +47,8 @@ def select_corrections(
 
     ``scope``: a failed rollout is eligible when it was scored (``score_status`` in
     ``SCORED_STATUSES``, ``first_error`` not null), the PRM located a first error
-    ``0 <= k* < len(steps)`` and ``k* >= min_prefix_steps``; per problem the
+    ``0 <= k* <= len(steps)`` (``len(steps)``: every step right but no answer; the first
+    missing step is the error) and ``k* >= min_prefix_steps``; per problem the
     ``max_corrections_per_group`` eligible rollouts with the LATEST first error are
     selected (ties: more kept tokens, then lower ``sample_idx``). ``luffy``: every failed
     rollout is eligible with an empty prefix (the teacher solves from scratch; scores are
@@ -80,17 +81,19 @@ def select_corrections(
             .when(~pl.col("score_status").is_in(SCORED_STATUSES) | k.is_null())
             .then(pl.lit(NOT_SCORED))
             .when(k < 0).then(pl.lit(PRM_DISAGREES))
-            .when(k >= n_steps).then(pl.lit(OUT_OF_RANGE))
+            .when(k > n_steps).then(pl.lit(OUT_OF_RANGE))
             .when(k < min_prefix_steps).then(
                 pl.when(k == 0).then(pl.lit(NO_PREFIX)).otherwise(pl.lit(PREFIX_TOO_SHORT))
             )
             .otherwise(pl.lit(SELECTED))
         )
         prefix = k.cast(pl.Int32)
-        # tokens kept = token_start of step k* (only read for eligible rows, where k* is valid)
-        kept = pl.col("steps").list.get(
-            k.clip(0, None).cast(pl.Int64), null_on_oob=True
-        ).struct.field("token_start")
+        # tokens kept = token_start of step k*, or every step's tokens when k* = len(steps)
+        # (only read for eligible rows, where k* is valid)
+        kept = pl.coalesce(
+            pl.col("steps").list.get(k.clip(0, None).cast(pl.Int64), null_on_oob=True)
+            .struct.field("token_start"),
+            pl.col("steps").list.last().struct.field("token_end"))
         df = df.with_columns(_kept=kept)
         rank_keys, descending = ["first_error", "_kept", "sample_idx"], [True, True, False]
     if only_all_failed:

@@ -93,8 +93,11 @@ def test_oracle_continue_newline_join() -> None:
     assert oracle_continue(EXAMPLE, sol) == ""
     with pytest.raises(ValueError, match="step 1 is not correct"):
         oracle_continue(EXAMPLE, "1 - 7 = 4\n4 * 7 = 9\n")
+    # a prefix cut inside a step (a token merged across a step boundary) is completed
+    assert oracle_continue(EXAMPLE, "1 - 7 = 4\n4 * 7 = ") == "8\n8 + 3 = 1\nAnswer: 1"
+    assert oracle_continue(EXAMPLE, "1 - 7 =") == " 4\n4 * 7 = 8\n8 + 3 = 1\nAnswer: 1"
     with pytest.raises(ValueError, match="not correct"):
-        oracle_continue(EXAMPLE, "1 - 7 =")
+        oracle_continue(EXAMPLE, "1 - 7 = 5")
     with pytest.raises(ValueError, match="5 steps"):
         oracle_continue(EXAMPLE, sol + "\nAnswer: 1")
 

@@ -449,7 +449,7 @@ class NanPRM:
     (["A good step.", "A NAN step.", "A BAD step."], "nan", None),  # the NaN hides step 1
     (["A good step.", "A BAD step.", "A NAN step."], "nan", 1),  # the error precedes the NaN
     (["A NAN step.", "A NAN step."], "nan", None),  # never a first error at a NaN step
-    (["A good step.", "A good step."], "ok", -1),
+    (["A good step.", "A good step."], "ok", 2),  # no low step, no answer: step 2 is missing
 ])
 def test_nan_prm_scores_are_never_a_first_error(tmp_path, tok, tok_dir, steps, status,
                                                 first_error):

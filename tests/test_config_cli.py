@@ -122,7 +122,8 @@ def test_identity_decides_what_is_hashed() -> None:
     """The options that rerun a stage (pinned: a change here changes resume behaviour)."""
     gen = GenerateConfig(**REQUIRED["generate"], storage_options={"secret": "x"})
     assert set(identity(gen)) == {"policy", "n", "round", "temperature", "top_p",
-                                  "max_new_tokens", "seed", "limit", "template", "dtype"}
+                                  "max_new_tokens", "seed", "limit", "template", "dtype",
+                                  "prompts_per_round", "prompt_seed"}
     corr = CorrectConfig(**REQUIRED["correct"])
     assert set(identity(corr)) == {
         "teacher", "mode", "min_prefix_steps", "max_corrections_per_group", "only_all_failed",

@@ -569,3 +569,62 @@ def test_attempts_retry_until_verified(scored: tuple[str, list[dict]], tmp_path:
     for c in corrected.iter_rows(named=True):
         assert c["rollout_id"] == stable_id(c["source_rollout_id"], teacher, 2)
         assert c["correct_status"] == "rejected_wrong" and not c["correct"]
+
+
+def test_token_merged_across_the_step_boundary_is_cut_not_fatal(tmp_path: Path) -> None:
+    """A policy tokenizer with one token for "8\\n8" (the end of a step and the start of the
+    next): the kept prefix stops before that token, the oracle finishes the cut step, and a row
+    whose offsets cannot be spliced at all is kept with a status instead of stopping the stage."""
+    from transformers import AutoTokenizer
+
+    tok_dir = tmp_path / "merging"
+    save_char_tokenizer(tok_dir, model_max_length=256)
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    tok.add_tokens(["8\n8"])
+    tok.save_pretrained(str(tok_dir))
+    merged = tok.convert_tokens_to_ids("8\n8")
+    # a problem whose step j result is 8 (so step j+1 starts with 8); the error is at step j+1
+    p, j = next((p, j) for p in arith.generate_problems(200, seed=5, steps=(3, 5))
+                for j in range(len(p.ops) - 1) if p.values[j + 1] == 8)
+    pid = stable_id("arith", 0, p.prompt)
+    good = scored_row(tok, f"hf:{tok_dir}", pid, 0, p, 0, corrupt(p, j + 1))
+    assert good["first_error"] == j + 1 and merged in good["response_token_ids"]
+    bad = scored_row(tok, f"hf:{tok_dir}", pid, 0, p, 1, corrupt(p, j + 1))
+    for step in bad["steps"][j + 1 :]:  # offsets shifted: no cut can match the text
+        step["token_start"] += 3
+        step["token_end"] = max(step["token_end"], step["token_start"])
+    url = str(tmp_path / "s")
+    TableStore(url, "scored").write(pa.Table.from_pylist([good, bad], schema=SCHEMAS["scored"]),
+                                    {})
+    run(CorrectConfig(scored=url, out=str(tmp_path / "o"), teacher="oracle:arith",
+                      max_corrections_per_group=2))
+    df = read(str(tmp_path / "o"))
+    assert df["kind"].to_list() == ["policy", "corrected", "policy"]
+    assert df["correct_status"].to_list() == ["accepted", "accepted", "prefix_mismatch"]
+    fixed = df.row(1, named=True)
+    cut = good["response_token_ids"].index(merged)  # the merged token is not kept
+    assert fixed["off_policy_start"] == cut
+    assert fixed["response_token_ids"][:cut] == good["response_token_ids"][:cut]
+    assert fixed["response_text"] == p.solution and fixed["correct"]
+    stats = read_manifest(str(tmp_path / "o")).stats
+    assert "prefix_mismatch_examples" in stats and bad["rollout_id"] in str(stats)
+
+
+def test_unfinished_response_keeps_every_step(tmp_path: Path, policy_dir: Path) -> None:
+    """All written steps right but no answer: k* = len(steps) keeps them all and the oracle
+    writes the missing ones."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(policy_dir))
+    p = arith.generate_problems(1, seed=13, steps=(4, 4))[0]
+    text = "\n".join(p.solution_lines[:2])
+    row = scored_row(tok, f"hf:{policy_dir}", stable_id("arith", 0, p.prompt), 0, p, 0, text,
+                     k_override=2)
+    url = str(tmp_path / "s")
+    TableStore(url, "scored").write(pa.Table.from_pylist([row], schema=SCHEMAS["scored"]), {})
+    run(CorrectConfig(scored=url, out=str(tmp_path / "o"), teacher="oracle:arith"))
+    df = read(str(tmp_path / "o"))
+    assert df["correct_status"].to_list() == ["accepted", "accepted"]
+    fixed = df.row(1, named=True)
+    assert fixed["prefix_steps"] == 2 and fixed["response_text"] == p.solution
+    assert fixed["off_policy_start"] == row["steps"][-1]["token_end"]

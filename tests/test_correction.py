@@ -14,10 +14,9 @@ from pipelines.engines.teachers import OracleTeacher, TeacherItem
 from pipelines.tiny.tokenizer import build_char_tokenizer
 from scope_data.correction import (
     CorrectionError,
-    check_prefix_text,
     check_step_offsets,
     check_table_offsets,
-    prefix_token_end,
+    kept_prefix,
     splice,
 )
 from scope_data.steps import char_to_token_spans, split_steps
@@ -79,10 +78,9 @@ def test_oracle_splice_property(case: tuple[arith.ArithProblem, str, int]) -> No
     k = arith.first_error(problem, text)
     assert k == j >= 1
     check_step_offsets("r", steps, len(ids), len(ids))
-    end = prefix_token_end(steps, k)
-    prefix_ids = ids[:end]
-    prefix_text = decode(prefix_ids)
-    check_prefix_text("r", prefix_text, text, steps[k]["char_start"])
+    prefix_ids, prefix_text = kept_prefix("r", steps, k, ids, text, decode)
+    end = len(prefix_ids)
+    assert end == steps[k]["token_start"]
     (out,) = OracleTeacher().continue_batch(
         [TeacherItem({"prompt": problem.prompt}, prefix_text, prefix_ids, k)]
     )
@@ -140,9 +138,10 @@ def test_offsets_that_do_not_fit_name_the_rollout() -> None:
     with pytest.raises(CorrectionError, match="must be ordered"):
         check_step_offsets("abc123", bad, len(ids), len(ids))
     # offsets in range but shifted: the decoded prefix does not end where step k starts
-    with pytest.raises(CorrectionError, match="rollout abc123: the tokens before step"):
-        check_prefix_text("abc123", decode(ids[: steps[1]["token_start"] + 2]), text,
-                          steps[1]["char_start"])
+    shifted = [dict(s) for s in steps]
+    shifted[1]["token_start"] += 2
+    with pytest.raises(CorrectionError, match="rollout abc123: the tokens before step 1"):
+        kept_prefix("abc123", shifted, 1, ids, text, decode)
 
 
 def test_table_offsets_raise_the_first_bad_rows_error() -> None:

@@ -160,7 +160,7 @@ def test_plain_server_response_is_retokenised(served, tmp_path):
 
 
 def test_generate_stage_via_openai_and_down_endpoint(served, tmp_path, monkeypatch):
-    monkeypatch.setenv("SCOPE_CACHE", str(tmp_path / "shared"))  # not used for a local --out
+    monkeypatch.setenv("SCOPE_CACHE", str(tmp_path / "shared"))
     root, model, hf, server = served
     write_problems(str(tmp_path / "problems"), n=2)
     base = {"problems": str(tmp_path / "problems"), "n": 2, "max_new_tokens": 12, "seed": 1}
@@ -168,7 +168,9 @@ def test_generate_stage_via_openai_and_down_endpoint(served, tmp_path, monkeypat
     res = run(GenerateConfig(policy=f"openai:{server.url}#tiny", out=str(tmp_path / "oa"),
                              tokenizer=str(model), **base), quiet=True)
     assert res.manifest.rows == 4
-    assert (tmp_path / "oa" / "_request_cache").is_dir()  # default cache: under the table
+    # default cache: per output folder, outside the table (polars reads every file in it)
+    assert len(list((tmp_path / "shared" / "requests").iterdir())) == 1
+    assert sorted(p.suffix for p in (tmp_path / "oa").iterdir() if p.is_file()) == [".parquet"]
     a, b = read_arrow(str(tmp_path / "hf")), read_arrow(str(tmp_path / "oa"))
     assert a.column("response_token_ids").equals(b.column("response_token_ids"))
     with socket.socket() as s:

@@ -25,7 +25,7 @@ ROWS = [
     row("a", "a2", 2, False, 3),  # latest first error in group a
     row("a", "a3", 3, False, 0),
     row("a", "a4", 4, False, 2),
-    row("b", "b0", 0, False, 4),  # beyond the last step (4 steps: 0..3)
+    row("b", "b0", 0, False, 5),  # beyond the last step (4 steps: 0..3)
     row("b", "b1", 1, False, -1),
     row("b", "b2", 2, False, None, status="no_steps"),
     row("b", "b3", 3, False, 2),
@@ -33,6 +33,7 @@ ROWS = [
     row("b", "b5", 5, True, None, status="skipped"),
     row("c", "c0", 0, False, 1, status="truncated"),  # error located before the PRM's limit
     row("c", "c1", 1, False, None, status="nan"),  # a NaN before any low step: undetermined
+    row("d", "d0", 0, False, 4),  # unfinished: 4 right steps, the missing 5th is the error
 ]
 
 
@@ -50,19 +51,19 @@ def test_scope_statuses_and_latest_first_error_wins() -> None:
         "b0": ("first_error_out_of_range", None), "b1": ("prm_disagrees", None),
         "b2": ("not_scored", None), "b3": ("over_group_limit", None),
         "b4": ("selected", 2), "b5": ("not_failed", None),
-        "c0": ("selected", 1), "c1": ("not_scored", None),
+        "c0": ("selected", 1), "c1": ("not_scored", None), "d0": ("selected", 4),
     }
 
 
 def test_max_corrections_and_min_prefix_steps() -> None:
     sel = selection(max_corrections_per_group=2, min_prefix_steps=2)
-    assert {r for r, (s, _) in sel.items() if s == "selected"} == {"a2", "a4", "b3", "b4"}
+    assert {r for r, (s, _) in sel.items() if s == "selected"} == {"a2", "a4", "b3", "b4", "d0"}
     assert sel["c0"] == ("prefix_too_short", None)
     assert sel["a1"] == ("prefix_too_short", None)
     assert sel["a3"] == ("no_prefix", None)
     sel = selection(max_corrections_per_group=10)
     assert {r for r, (s, _) in sel.items() if s == "selected"} == {"a1", "a2", "a4", "b3", "b4",
-                                                                  "c0"}
+                                                                  "c0", "d0"}
 
 
 def test_luffy_ignores_first_errors() -> None:
@@ -81,7 +82,7 @@ def test_only_all_failed_corrects_groups_without_a_correct_response() -> None:
     assert sel["c0"] == ("selected", 1)  # group c has no correct response
     assert sel["a3"] == ("no_prefix", None) and sel["b1"] == ("prm_disagrees", None)
     luffy = selection(mode="luffy", only_all_failed=True)
-    assert {r for r, (s, _) in luffy.items() if s == "selected"} == {"c0"}
+    assert {r for r, (s, _) in luffy.items() if s == "selected"} == {"c0", "d0"}
 
 
 def test_bad_options() -> None:

@@ -277,3 +277,43 @@ def test_source_name() -> None:
     assert source_name("s3://bucket/x/train.parquet") == "train"
     assert source_name("data.jsonl.gz") == "data"
     assert source_name("/a/folder/") == "folder"
+
+
+def test_round_batches_walk_shuffled_epochs_and_wrap() -> None:
+    """3 rounds of 4 over 10 problems: rounds 1-2 and the first 2 of round 3 are epoch 0 in
+    its shuffled order; round 3 wraps into epoch 1 (another order), which rounds 3-5 cover.
+    A batch never holds an id twice. Deterministic, whatever the table's row order."""
+    from scope_data.problems import round_batch
+
+    ids = [f"p{i}" for i in range(10)]
+    r1, r2, r3, r4, r5 = (round_batch(ids, r, 4, seed=7) for r in range(1, 6))
+    epoch0 = r1 + r2 + r3[:2]
+    assert sorted(epoch0) == ids and epoch0 != ids  # each problem once, shuffled
+    assert all(len(set(b)) == 4 for b in (r1, r2, r3, r4, r5))
+    assert set(r3 + r4 + r5) == set(ids)  # epoch 1 (r3's tail on) covers the table again
+    assert r3[2:] + r4 != epoch0[:6]  # in another order
+    assert [r1, r2, r3] == [round_batch(ids[::-1], r, 4, seed=7) for r in (1, 2, 3)]
+    assert round_batch(ids, 1, 4, seed=8) != r1
+    with pytest.raises(ValueError, match="prompts_per_round must be in 1..10"):
+        round_batch(ids, 1, 11, seed=7)
+
+
+def test_generate_takes_the_rounds_batch(tmp_path: Path) -> None:
+    """`scope generate --prompts-per-round K --round R` reads exactly round R's batch."""
+    import polars as pl
+
+    from pipelines.executors.shard_executor import input_batches
+    from pipelines.stages.generate import GenerateConfig, _round_problems
+    from scope_data.problems import round_batch
+    from scope_data.shards import read_manifest, scan
+
+    write_arith(str(tmp_path / "p"), count=10, seed=3)
+    ids = scan(str(tmp_path / "p")).select("problem_id").collect()["problem_id"].to_list()
+    for r in (1, 2, 3):
+        cfg = GenerateConfig(problems=str(tmp_path / "p"), policy="hf:x", out="o", round=r,
+                             prompts_per_round=4, prompt_seed=5)
+        batch = _round_problems(cfg)
+        assert batch == round_batch(ids, r, 4, seed=5)
+        rows = pl.concat(pl.from_arrow(b) for b in input_batches(
+            read_manifest(str(tmp_path / "p")), 0, 1, problem_ids=batch))
+        assert sorted(rows["problem_id"].to_list()) == sorted(batch)

@@ -36,20 +36,19 @@ def test_rule_arith_first_errors_equal_the_task_checker(rollouts, tmp_path: Path
     assert result.manifest is not None and result.manifest.table == "scored"
     rows = scored_rows(str(tmp_path / "scored"))
     assert len(rows) == 160
-    checked = 0
+    checked = unfinished = 0
     for r in rows:
         if not r["response_text"].strip():
             assert r["score_status"] == "no_steps" and r["first_error"] is None
             continue
         assert r["score_status"] == "ok" and r["prm"] == "rule:arith"
         gold = arith.first_error(arith.parse_prompt(r["prompt"]), r["response_text"])
-        if gold < len(r["steps"]):
-            assert r["first_error"] == gold
-            checked += 1
-        else:  # an unfinished response: every written step is right, the missing one is not
-            assert r["first_error"] == -1
-            assert not r["correct"]
-    assert checked >= 120
+        assert r["first_error"] == gold  # the exact checker's first error, missing steps too
+        checked += gold < len(r["steps"])
+        if gold == len(r["steps"]):  # unfinished: every written step right, the next missing
+            assert not r["correct"] and r["pred_answer"] is None
+            unfinished += 1
+    assert checked >= 120 and unfinished >= 1
     stats = result.manifest.stats
     assert stats["status"]["ok"] + stats["status"].get("no_steps", 0) == 160
     assert stats["disagree"]["wrong_answer_no_low_step"] == sum(
@@ -124,8 +123,9 @@ def test_nan_scores_are_kept_and_never_a_first_error(rollouts, tmp_path: Path) -
             assert r["score_status"] == "nan"
             assert r["steps"][1]["score"] is None
             assert r["first_error"] is None  # step 1 unscored: the error could hide there
-        elif len(r["steps"]) == 1:
-            assert r["score_status"] == "ok" and r["first_error"] == -1
+        elif len(r["steps"]) == 1:  # no low step: -1, or 1 (the missing step) if unfinished
+            unfinished = not r["correct"] and r["pred_answer"] is None
+            assert r["score_status"] == "ok" and r["first_error"] == (1 if unfinished else -1)
     assert read_manifest(out).stats["status"]["nan"] > 0
 
 

@@ -259,3 +259,51 @@ def test_prm_dense_trains_all_failed_group_with_token_advantages(tiny, tmp_path:
     res = run(config(data, path, tmp_path / "dense", algo="prm_dense", prm_alpha=2.0))
     assert res.summary["groups_trained"] == 1 and res.steps == 1
     assert res.metrics["grad_norm"][0] > 0
+
+
+@pytest.mark.parametrize("column, value, message", [
+    ("top_p", 0.9, "top_p 0.9.*renormalised nucleus.*--old-logprobs recompute"),
+    ("temperature", 0.7, "temperature 0.7 but the trainer computes log-probs at 1"),
+])
+def test_behaviour_logprobs_of_other_sampling_are_refused(tiny, tmp_path: Path, column: str,
+                                                          value: float, message: str) -> None:
+    """Behaviour log-probs are pi_old only for full-vocabulary sampling at the trainer's
+    temperature; others are refused unless the old log-probs are recomputed."""
+    from pipelines.training.train import run
+
+    path, tok, model = tiny
+    rows = scope_group(tok, model, "7")
+    for row in rows:
+        row[column] = value
+    data = write_corrected(tmp_path / "c", rows)
+    with pytest.raises(ValueError, match=message):
+        run(config(data, path, tmp_path / "o1"))
+    result = run(config(data, path, tmp_path / "o2", old_logprobs="recompute"))
+    assert result.steps == 1
+
+
+def test_trl_loss_type_names_and_gspo(tiny, tmp_path: Path) -> None:
+    """TRL's loss_type names train exactly as the aggregation they map to; GSPO's sequence-level
+    ratio is a different update on the same batch."""
+    from safetensors.torch import load_file
+
+    from pipelines.training.train import run
+
+    path, tok, model = tiny
+    data = write_corrected(tmp_path / "c", scope_group(tok, model, "5", n_fail=3))
+
+    def weights(name: str, **kw: object) -> dict:
+        run(config(data, path, tmp_path / name, **kw))
+        return load_file(str(tmp_path / name / "model.safetensors"))
+
+    def same(a: dict, b: dict) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    token_mean = weights("tm")
+    assert same(weights("dapo", loss_type="dapo"), token_mean)
+    assert same(weights("grpo", loss_type="grpo"), weights("sm", loss_type="seq_mean"))
+    # at ratio 1 (step one) GSPO's gradient equals PPO's under token_mean; by step two the
+    # policy has moved, the ratios differ per token, and the sequence-level ratio differs
+    two = {"max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-2}
+    gspo = weights("gspo", importance_sampling_level="sequence", **two)
+    assert not same(gspo, weights("ppo", **two))

@@ -41,13 +41,15 @@ RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
 
 def default_cache_dir(out: str) -> str:
-    """Where the openai engine caches responses: `<out>/_request_cache` for a local output
-    folder (a rerun of this stage re-sends nothing; other runs never see its replies), else
-    `$SCOPE_CACHE/requests` (default `~/.cache/scope/requests`). `--cache-dir` shares one."""
+    """Where the openai engine caches responses: `$SCOPE_CACHE/requests` (default
+    `~/.cache/scope/requests`), in a subfolder per local output folder (a rerun of this stage
+    re-sends nothing; other runs never see its replies), shared for object-store outputs. Never
+    inside the table folder: readers such as `pl.scan_parquet(folder)` list every file there.
+    `--cache-dir` shares one on purpose."""
+    root = Path(os.environ.get("SCOPE_CACHE") or Path.home() / ".cache" / "scope") / "requests"
     if "://" not in out:
-        return str(Path(out) / "_request_cache")
-    return str(Path(os.environ.get("SCOPE_CACHE") or Path.home() / ".cache" / "scope")
-               / "requests")
+        return str(root / sha256_hex(str(Path(out).expanduser().resolve()))[:16])
+    return str(root)
 
 
 class OpenAIGenerationEngine:

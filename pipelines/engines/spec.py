@@ -132,13 +132,17 @@ def local_model_path(target: str) -> str:
     return target  # a hub id: from_pretrained resolves it (from the local HF cache offline)
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+def load_tokenizer(path: str, trust_remote_code: bool = False, local_only: bool = False) -> Any:
     """`AutoTokenizer.from_pretrained(path)`, loaded once per process and folder content.
+
+    `local_only`: never download (a path a TABLE named, e.g. its `policy` column: data must
+    not make scope fetch anything; the user's own options may).
 
     Callers share the object: never mutate it. A folder whose tokenizer files change (a model
     saved again to the same path) is loaded anew. OSError becomes FileNotFoundError naming path.
     """
-    return _load_tokenizer(str(path), bool(trust_remote_code), _files_stamp(str(path)))
+    return _load_tokenizer(str(path), bool(trust_remote_code), bool(local_only),
+                           _files_stamp(str(path)))
 
 
 def _files_stamp(path: str) -> tuple[tuple[str, int, int], ...]:
@@ -150,10 +154,14 @@ def _files_stamp(path: str) -> tuple[tuple[str, int, int], ...]:
 
 
 @functools.lru_cache(maxsize=16)
-def _load_tokenizer(path: str, trust_remote_code: bool, _stamp: tuple[Any, ...]) -> Any:
+def _load_tokenizer(path: str, trust_remote_code: bool, local_only: bool,
+                    _stamp: tuple[Any, ...]) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                             local_files_only=local_only)
     except OSError as e:
-        raise FileNotFoundError(f"cannot load the tokenizer {path!r}: {e}") from None
+        hint = (" (named by the table, which never makes scope download anything: pass the "
+                "tokenizer option)" if local_only else "")
+        raise FileNotFoundError(f"cannot load the tokenizer {path!r}{hint}: {e}") from None

@@ -15,7 +15,7 @@ shard would write them.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +68,7 @@ class StageResult:
 def input_batches(
     manifest: Manifest, shard_index: int, num_shards: int, batch_rows: int | None = BATCH_ROWS,
     storage_options: dict[str, Any] | None = None, limit: int | None = None,
+    problem_ids: Collection[str] | None = None,
 ) -> Iterator[pa.Table]:
     """The rows of the table owned by shard k (all rows when N == 1; only the table's first
     `limit` rows count), in input order, in batches of about `batch_rows` rows that end at a
@@ -82,6 +83,10 @@ def input_batches(
     rows = read_batches(manifest, storage_options, batch_rows or 65_536)
     if limit is not None:
         rows = _head(rows, limit)
+    if problem_ids is not None:
+        wanted = pa.array(sorted(set(problem_ids)), pa.string())
+        lf = lf.filter(pl.col("problem_id").is_in(wanted.to_pylist()))
+        rows = (b.filter(pc.is_in(b.column("problem_id"), value_set=wanted)) for b in rows)
     if num_shards > 1:
         ids = lf.select("problem_id").unique().collect()["problem_id"].to_list()
         mine = pa.array([pid for pid in ids if shard_of(pid, num_shards) == shard_index],
@@ -148,13 +153,15 @@ def run_stage(
     shard_index: int | None = None,
     storage_options: dict[str, Any] | None = None,
     limit: int | None = None,
+    problem_ids: Collection[str] | None = None,
     batch_rows: int | None = BATCH_ROWS,
 ) -> StageResult:
     """Run `process` on each owned, unfinished shard of the input and finalize when complete.
 
     `config` is what the output depends on; the input table's content hash is added to it, so a
     changed upstream table or option reruns the stage and an unchanged one resumes it.
-    Only the input's first `limit` rows are read, if given. `batch_rows` (see `input_batches`):
+    Only the input's first `limit` rows are read, if given, and of them only the rows of
+    `problem_ids`, if given (a round's batch of problems). `batch_rows` (see `input_batches`):
     None hands `process` each shard whole, for stages that need all of a shard's rows at once.
     """
     if num_shards < 1:
@@ -177,7 +184,8 @@ def run_stage(
             validate(upstream.table, rows, where)
             return process(rows, k)
 
-        batches = input_batches(upstream, k, num_shards, batch_rows, storage_options, limit)
+        batches = input_batches(upstream, k, num_shards, batch_rows, storage_options, limit,
+                                problem_ids)
         results = map(run, batches)
         first = next(results)  # a stage failing on its first rows leaves the folder untouched
         part_stats: dict[str, Any] = {}

@@ -91,13 +91,45 @@ def load_recipe(name_or_path: str, overrides: dict[str, Any] | None = None) -> R
     import yaml
 
     path = resolve_recipe_path(name_or_path)
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise ValueError(f"{path}: {size} bytes; a recipe is at most {MAX_RECIPE_BYTES} bytes")
     try:
-        body = yaml.safe_load(path.read_text())
+        body = yaml.load(path.read_text(), Loader=_no_alias_loader())  # a SafeLoader
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(body, dict):
         raise ValueError(f"{path}: a recipe must be a YAML mapping")
     return recipe_from_dict({**body, **(overrides or {})}, source=str(path))
+
+
+MAX_RECIPE_BYTES = 1 << 20
+
+
+def _no_alias_loader() -> type:
+    """yaml's SafeLoader refusing aliases: `*anchor` references let a few hundred bytes expand
+    to gigabytes once written out (a "billion laughs" recipe); recipes never need them."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.events.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(f"line {mark.line + 1}: YAML aliases (*name) are not "
+                                     "allowed in a recipe")
+            return super().compose_node(parent, index)
+
+    return NoAliasLoader
+
+
+def _typed(where: str, key: str, value: Any, kind: type | tuple[type, ...]) -> Any:
+    """`value` if it has the recipe type of `key` (bool is not an int here), else ValueError."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise ValueError(f"{where}: {key} must be {names}, got {type(value).__name__} "
+                         f"{value!r}")
+    return value
 
 
 def recipe_from_dict(body: dict[str, Any], source: str | None = None) -> Recipe:
@@ -113,7 +145,11 @@ def recipe_from_dict(body: dict[str, Any], source: str | None = None) -> Recipe:
         raise ValueError(f"{where}: algo {body['algo']!r} is not one of {', '.join(ALGO_NAMES)}")
     body.setdefault("seed", 0)
     body.setdefault("rounds", 1)
-    if int(body["rounds"]) < 1:
+    for key, kind in (("name", str), ("algo", str), ("policy", str), ("prm", str),
+                      ("teacher", str), ("seed", int), ("rounds", int)):
+        if key in body:
+            _typed(where, key, body[key], kind)
+    if body["rounds"] < 1:
         raise ValueError(f"{where}: rounds must be >= 1, got {body['rounds']}")
     base = Path(source).parent if source else Path.cwd()
     body["problems"] = _problem_source(body["problems"], base, f"{where}: problems")

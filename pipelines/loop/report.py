@@ -23,6 +23,8 @@ from scope_data.correction import SALVAGE_RATE
 
 TABLE_COLUMNS = ("accuracy", "pass@1", "pass@max", "self_bleu_div", "novel_equations",
                  "distinct_4", "salvage_rate")
+# what each algorithm spent, summed over a run's rounds (equal budgets are a fair comparison)
+BUDGET_COLUMNS = ("train_steps", "tokens_trained", "teacher_tokens", "prm_tokens")
 
 
 @dataclass
@@ -65,6 +67,21 @@ def final_table(df: pl.DataFrame, eval_set: str | None = None, label: str = "alg
     order = _label_order(table[label].to_list())
     return table.with_columns(pl.col(label).cast(pl.Enum(order))).sort(label).with_columns(
         pl.col(label).cast(pl.String))
+
+
+def budget_table(df: pl.DataFrame, label: str = "algo") -> str:
+    """Markdown: per label, the mean over runs of each budget column summed over rounds."""
+    cols = [c for c in BUDGET_COLUMNS if c in df.columns]
+    if not cols:
+        return ""
+    per_run = (df.filter(pl.col("eval_set") == df["eval_set"][0])
+               .group_by(label, "run").agg(pl.col(c).fill_null(0).sum() for c in cols))
+    table = per_run.group_by(label).agg(pl.col(c).mean() for c in cols)
+    order = _label_order(table[label].to_list())
+    lines = [f"| {label} | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for row in sorted(table.iter_rows(named=True), key=lambda r: order.index(r[label])):
+        lines.append(f"| {row[label]} | " + " | ".join(f"{row[c]:,.0f}" for c in cols) + " |")
+    return "\n".join(lines)
 
 
 def initial_row(df: pl.DataFrame, eval_set: str) -> dict[str, Any] | None:
@@ -210,6 +227,10 @@ def report(run_dirs: list[str], out: str | None = None, label: str = "algo",
         final = final_table(df, eval_set, label)
         sections.append(f"## Final round on `{eval_set}` (mean ± std over runs)\n")
         sections.append(markdown_table(final, initial_row(df, eval_set), label) + "\n")
+    budget = budget_table(df, label)
+    if budget:
+        sections.append("## Budget (per run, summed over rounds; mean over runs)\n")
+        sections.append(budget + "\n")
     sections.append("## Runs\n")
     sections += [f"- `{d}`" for d in run_dirs]
     sections.append("\n## Plots\n")

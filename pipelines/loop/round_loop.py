@@ -191,7 +191,10 @@ def _problems(runner: _Runner, entry: dict[str, Any], out: Path, exclude_from: s
 
 def _check_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
     path = run_dir / "recipe.json"
-    text = json.dumps(recipe.to_dict(), indent=1, sort_keys=True, default=str)
+    from scope_data.shards import redact
+
+    # storage options and secret-looking values never reach the run folder
+    text = json.dumps(redact(recipe.to_dict()), indent=1, sort_keys=True, default=str)
     if path.is_file() and not resume:
         raise FileExistsError(
             f"{run_dir} already holds a run; pass --resume to continue it, or choose a new --out"

@@ -104,6 +104,8 @@ def generate_config(recipe: Recipe, problems: str, policy: str, out: str, r: int
 
     opts = dict(recipe.generate)
     opts.setdefault("seed", _seed(recipe, "generate", r))
+    if opts.get("prompts_per_round") is not None:
+        opts.setdefault("prompt_seed", recipe.seed)
     return make_config(GenerateConfig, opts, "generate", problems=problems, policy=policy,
                        out=out, round=r)
 
@@ -218,7 +220,7 @@ def training_figures(rd: Path) -> dict[str, Any]:
     """Figures of a round's training side, read back from its tables."""
     from scope_data.correction import VERIFIED_STATUSES, salvage_rate
     from scope_data.groups import rescue_counts
-    from scope_data.shards import is_table, scan
+    from scope_data.shards import is_table, read_manifest, scan
 
     out: dict[str, Any] = {}
     roll = scan(str(rd / "generate"), check=False).select(
@@ -237,12 +239,16 @@ def training_figures(rd: Path) -> dict[str, Any]:
         verified = corrected.filter(pl.col("correct_status").is_in(VERIFIED_STATUSES)).height
         out["salvage_rate"] = salvage_rate(verified, failed)
         out["rescued_groups"] = rescue_counts(corr)["groups_rescued"]
+        out["teacher_tokens"] = read_manifest(str(rd / "correct")).stats.get("teacher_tokens", 0)
+    if is_table(str(rd / "score")):
+        out["prm_tokens"] = read_manifest(str(rd / "score")).stats.get("prm_tokens", 0)
     train_dir = rd / "train"
     metrics = train_dir / "train_metrics.parquet"
     if metrics.is_file():
         tm = pl.read_parquet(metrics)
         summary = json.loads((train_dir / "train_manifest.json").read_text())["summary"]
         out["train_steps"] = tm.height
+        out["tokens_trained"] = int(summary.get("tokens", 0))
         out["train_loss"] = float(tm["loss"].mean()) if tm.height else None
         for key in ("clip_fraction", "off_policy_share", "mean_entropy", "corrections_used",
                     "groups_trained", "groups_zero_advantage"):

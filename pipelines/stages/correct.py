@@ -53,12 +53,13 @@ from pipelines.executors.shard_executor import StageResult, run_stage
 from scope_data.algos import CORRECTION_MODES, mode_needs_scores
 from scope_data.correction import (
     CORRECTED_ROW_STATUSES,
+    PREFIX_MISMATCH,
     SALVAGE_RATE,
-    check_prefix_text,
+    CorrectionError,
     check_table_offsets,
     corrected_table,
+    kept_prefix,
     outcome_status,
-    prefix_token_end,
     salvage_rate,
     splice,
 )
@@ -146,8 +147,8 @@ class CorrectConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.min_prefix_steps < 0:
             raise ValueError("--min-prefix-steps must be >= 0")
-        if self.temperature < 0:
-            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if not self.temperature >= 0 or self.temperature == float("inf"):  # NaN fails too
+            raise ValueError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.template not in ("chat", "raw"):
@@ -161,6 +162,7 @@ class _Corrector:
 
     def __init__(self, cfg: CorrectConfig) -> None:
         self.cfg = cfg
+        self.teacher_tokens = 0
         self.teacher: Teacher | None = None
         self.tokenizer: Any = None
         self.teacher_name = cfg.teacher
@@ -174,7 +176,8 @@ class _Corrector:
                 )
             path = policy_tokenizer_path(policies[0], self.cfg.policy_tokenizer)
             try:
-                self.tokenizer = load_tokenizer(path)
+                self.tokenizer = load_tokenizer(
+                    path, local_only=self.cfg.policy_tokenizer is None)
             except OSError as e:
                 raise FileNotFoundError(f"cannot load the policy tokenizer {path!r} (pass "
                                         f"--policy-tokenizer): {e}") from None
@@ -210,6 +213,7 @@ class _Corrector:
     # -- one shard ------------------------------------------------------------------------------
     def process(self, rows: pa.Table, shard_index: int) -> tuple[pa.Table, dict[str, Any]]:
         cfg = self.cfg
+        self.teacher_tokens = 0  # policy tokens of every teacher suffix (budget)
         if "steps" not in rows.column_names:
             rows = unscored(rows)
         if rows.num_rows == 0:
@@ -225,38 +229,44 @@ class _Corrector:
         selected = sel["selection"] == SELECTED
         chosen = rows.filter(selected.to_arrow()).to_pylist()
         corrections: dict[str, dict[str, Any]] = {}
+        mismatched: dict[str, str] = {}
         attempts_used = 0
         if chosen:
             self.load(frame["policy"].unique(maintain_order=True).to_list())
             ks = sel.filter(selected)["prefix_steps"]
-            items = [self.item(r, k) for r, k in zip(chosen, ks, strict=True)]
-            corrections, attempts_used = self.correct_all(chosen, items)
+            items, asked = [], []
+            for r, k in zip(chosen, ks, strict=True):
+                try:
+                    items.append(self.item(r, k))
+                    asked.append(r)
+                except CorrectionError as e:  # a bad row is kept with a status, never fatal
+                    mismatched[r["rollout_id"]] = str(e)
+            corrections, attempts_used = self.correct_all(asked, items)
         # every input row with its selection, or the outcome of its correction where it had one
-        outcomes = pl.DataFrame(
-            {"rollout_id": list(corrections),
-             "outcome": [c["correct_status"] for c in corrections.values()]},
-            schema={"rollout_id": pl.String, "outcome": pl.String})
+        outcome = {**{rid: PREFIX_MISMATCH for rid in mismatched},
+                   **{rid: c["correct_status"] for rid, c in corrections.items()}}
+        outcomes = pl.DataFrame({"rollout_id": list(outcome), "outcome": list(outcome.values())},
+                                schema={"rollout_id": pl.String, "outcome": pl.String})
         status = sel.join(outcomes, on="rollout_id", how="left", maintain_order="left").select(
             correct_status=pl.coalesce("outcome", "selection"))["correct_status"]
         sources = np.flatnonzero(selected.to_numpy())
-        written = [(i, c) for i, c in zip(sources, [corrections[r["rollout_id"]] for r in chosen],
-                                          strict=True)
-                   if (c["correct"] or not cfg.require_correct)
+        written = [(i, c) for i, r in zip(sources, chosen, strict=True)
+                   if (c := corrections.get(r["rollout_id"])) is not None
+                   and (c["correct"] or not cfg.require_correct)
                    and c["correct_status"] in CORRECTED_ROW_STATUSES]
         table = corrected_table(rows, status, written)
         stats = self.stats(frame, status, table, attempts_used)
-        return table, {**stats, "eligible": eligible, "attempted": len(chosen)}
+        return table, {**stats, "eligible": eligible, "attempted": len(chosen) - len(mismatched),
+                       **({"prefix_mismatch_examples": list(mismatched.values())[:3]}
+                          if mismatched else {})}
 
     def item(self, row: dict[str, Any], k: int) -> TeacherItem:
         """The kept prefix of a selected row (empty in luffy mode), checked against its text."""
         rid = row["rollout_id"]
         if self.cfg.mode == "luffy":
             return TeacherItem(row, "", [], 0)
-        end = prefix_token_end(row["steps"], k)
-        ids = list(row["response_token_ids"][:end])
-        text = self.decode(ids)
-        if self.decode(list(row["response_token_ids"])) == row["response_text"]:
-            check_prefix_text(rid, text, row["response_text"], row["steps"][k]["char_start"])
+        ids, text = kept_prefix(rid, row["steps"], k, row["response_token_ids"],
+                                row["response_text"], self.decode)
         return TeacherItem(row, text, ids, k)
 
     def correct_all(
@@ -305,6 +315,7 @@ class _Corrector:
         eos = self.tokenizer.eos_token_id if out.finish_reason == "stop" else None
         sp = splice(item.prefix_token_ids, prefix_lp, out.text, self.encode, self.decode,
                     max_response_tokens=self.max_tokens(row), eos_token_id=eos)
+        self.teacher_tokens += len(sp.response_token_ids) - sp.off_policy_start
         pred, ok, _ = grade_response(row["task"], row["prompt"], row["answer"],
                                      sp.response_text)
         finish = "length" if sp.status == "truncated" else out.finish_reason
@@ -329,7 +340,7 @@ class _Corrector:
         statuses = status.to_frame().group_by("correct_status", maintain_order=True).len()
         return {
             "rollouts": rows.height, "failed": int((~rows["correct"]).sum()),
-            "teacher_calls": attempts_used,
+            "teacher_calls": attempts_used, "teacher_tokens": self.teacher_tokens,
             "accepted": good.height, "corrected_rows": corrected.height,
             "prefix_share_sum": sum(share.to_series().to_list()),  # in row order, as Python sums
             "prefix_tokens_sum": int(good["off_policy_start"].sum()),

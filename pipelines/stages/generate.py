@@ -60,6 +60,11 @@ class GenerateConfig:
     max_new_tokens: int = option(256, help="response token budget")
     seed: int = option(0, help="base seed; sample i of problem p uses derive_seed(seed, p, i)")
     limit: int | None = option(None, help="only the first K problems")
+    prompts_per_round: int | None = option(
+        None, help="take this many problems: round R's batch of a seeded shuffle of the table, "
+        "epoch after epoch (scope_data.problems.round_batch; default: every problem)")
+    prompt_seed: int = option(0, help="seed of the per-epoch problem order "
+                              "(with --prompts-per-round)")
     template: str = option("chat", help="chat (tokenizer chat template) | raw")
     num_shards: int = num_shards_field()
     shard_index: int | None = shard_index_field()
@@ -78,7 +83,7 @@ class GenerateConfig:
     pipeline_parallel_size: int = option(1, help="vllm pipeline parallelism", identity=False,
                                          engine=True)
     cache_dir: str | None = option(
-        None, help="openai: request cache folder (default OUT/_request_cache; "
+        None, help="openai: request cache folder (default $SCOPE_CACHE/requests/<hash of OUT>; "
         "$SCOPE_CACHE/requests for a remote OUT)", identity=False)
     max_concurrency: int = option(16, help="openai: requests in flight", identity=False,
                                   engine=True)
@@ -100,8 +105,8 @@ class GenerateConfig:
         parse_spec(self.policy, "generation")
         if self.n < 1:
             raise ValueError(f"--n must be >= 1, got {self.n}")
-        if self.temperature < 0:
-            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if not self.temperature >= 0 or self.temperature == float("inf"):  # NaN fails too
+            raise ValueError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
@@ -145,6 +150,8 @@ class _Generator:
         by_job = dict(zip(jobs, results, strict=True))
         out, stats = [], {"status": {}, "problems": len(problems), "responses": 0, "correct": 0,
                           "response_tokens": 0, "truncated": 0, "generate_seconds": seconds}
+        if cfg.prompts_per_round is not None:  # the round's batch, recorded in the manifest
+            stats["round_problems"] = {p["problem_id"]: 1 for p in problems}
         for i, p in enumerate(problems):
             for s in range(cfg.n):
                 seed = derive_seed(cfg.seed, p["problem_id"], s)
@@ -185,6 +192,7 @@ def run(cfg: GenerateConfig, quiet: bool = False) -> StageResult:
     """Generate, grade and write the rollouts table at `cfg.out`; resumable by part."""
     cfg.check()
     t0 = time.perf_counter()
+    round_problems = _round_problems(cfg)
     with progress() as bar:
         gen = _Generator(cfg, bar)
         try:
@@ -193,12 +201,30 @@ def run(cfg: GenerateConfig, quiet: bool = False) -> StageResult:
                 config=manifest_config("generate", cfg), process=gen,
                 num_shards=cfg.num_shards, shard_index=cfg.shard_index,
                 storage_options=cfg.storage_options, limit=cfg.limit,
+                problem_ids=round_problems,
             )
         finally:
             gen.close()
     if not quiet:
         print_summary("scope generate", summary_rows(result, time.perf_counter() - t0, cfg))
     return result
+
+
+def _round_problems(cfg: GenerateConfig) -> list[str] | None:
+    """This round's batch of problem ids (`--prompts-per-round`; of the first `limit`), or None
+    for every problem."""
+    if cfg.prompts_per_round is None:
+        return None
+    if cfg.round < 1:
+        raise ValueError("--prompts-per-round needs --round >= 1 (round R takes the R-th batch)")
+    from scope_data.problems import round_batch
+    from scope_data.shards import scan
+
+    ids = scan(cfg.problems, cfg.storage_options).select("problem_id")
+    if cfg.limit:
+        ids = ids.head(cfg.limit)
+    return round_batch(ids.collect()["problem_id"].to_list(), cfg.round, cfg.prompts_per_round,
+                       cfg.prompt_seed)
 
 
 def summary_rows(result: StageResult, seconds: float, cfg: GenerateConfig

@@ -10,7 +10,9 @@ Statuses: ``ok``; ``skipped`` (a correct response under ``only_failed``: steps k
 first_error null); ``no_steps`` (empty response); ``truncated`` (longer than the PRM context:
 tail steps NaN); ``nan`` (the PRM gave a non-finite score). ``first_error`` is the first step
 below the threshold, -1 when none, and null when a NaN before it (or anywhere, when none is
-found) leaves it undetermined: a NaN is never an error, and a hidden error is never guessed.
+found) leaves it undetermined: a NaN is never an error, and a hidden error is never guessed. A
+failed response with no step below the threshold and no final answer (it stopped early) gets
+``first_error = len(steps)``: its first MISSING step is the error, every written step is kept.
 
 ``threshold="auto"`` tunes tau for ProcessBench F1 on ``tune_on`` (a ProcessBench-format file
 scored with the same PRM) or, for arith rollouts without one, on the shard's own scored rows
@@ -81,6 +83,8 @@ class ScoreConfig:
                 raise ValueError(
                     f"--threshold must be a number or 'auto', got {self.threshold!r}"
                 ) from None
+            if not 0 <= self.threshold <= 1:  # NaN fails too
+                raise ValueError(f"--threshold must be in [0, 1], got {self.threshold}")
         if self.step_mode not in (None, "newline", "blank_line"):
             raise ValueError(f"--step-mode must be newline or blank_line, got {self.step_mode!r}")
         if self.batch_size < 1:
@@ -134,7 +138,7 @@ class _Tokenizers:
         if policy not in self.cache:
             path = policy_tokenizer_path(policy, self.override)
             try:
-                self.cache[policy] = load_tokenizer(path)
+                self.cache[policy] = load_tokenizer(path, local_only=self.override is None)
             except (OSError, ValueError) as e:
                 raise ValueError(
                     f"rollout {rollout_id}: cannot load the policy tokenizer {path!r} ({e}); "
@@ -174,7 +178,7 @@ class _Scorer:
         rows = rows.drop_columns([c for c in SCORED_COLUMNS if c in rows.column_names])
         cols = {c: rows.column(c).to_pylist() for c in (
             "rollout_id", "task", "prompt", "response_text", "response_token_ids", "policy",
-            "correct")}
+            "correct", "pred_answer")}
         n = rows.num_rows
         steps_col: list[list[dict[str, Any]]] = []
         status = ["ok"] * n
@@ -225,12 +229,16 @@ class _Scorer:
             for step, x in zip(steps_col[i], s, strict=True):
                 step["score"] = None if math.isnan(x) else x
             k = locate_determined(s, tau)
+            if k == -1 and not cols["correct"][i] and cols["pred_answer"][i] is None:
+                k = len(s)  # every step right, no answer: the first missing step is the error
             first_error[i] = k
             if k is None:
                 hist["undetermined"] += 1
             elif k == -1:
                 hist["none"] += 1
                 disagree["wrong_answer_no_low_step"] += not cols["correct"][i]
+            elif k == len(s):
+                hist["unfinished"] += 1
             else:
                 hist[_position_bin(k, len(s))] += 1
                 disagree["correct_answer_low_step"] += bool(cols["correct"][i])
@@ -242,6 +250,8 @@ class _Scorer:
         stats.update({
             "status": dict(Counter(status)), "scored": len(todo),
             "steps_scored": sum(len(s) for s in scores.values()),
+            # the budget measure of PRM compute: response tokens of the rows it scored
+            "prm_tokens": sum(len(cols["response_token_ids"][i]) for i in todo),
             "first_error_position": dict(hist), "disagree": disagree,
         })
         return conform("scored", out, f"part {shard_index}"), stats

@@ -64,8 +64,11 @@ class TrainConfig:
     ref_policy: str | None = option(
         None, help="reference model for the KL term (default: --policy)")
     entropy_coef: float = option(0.0, help="entropy bonus coefficient")
-    loss_type: str = option("token_mean",
-                            help="aggregation: token_mean | seq_mean | constant (Dr. GRPO)")
+    loss_type: str = option(
+        "token_mean", help="aggregation: token_mean | seq_mean | constant, or TRL's names "
+        "grpo (seq_mean) | bnpo, dapo (token_mean) | dr_grpo (constant)")
+    importance_sampling_level: str = option(
+        "token", help="on-policy ratio per token (PPO) or per sequence (GSPO: sequence)")
     shaping_gamma: float = option(0.1, help="off-policy shaping f(p) = p/(p+gamma)")
     temperature: float = option(1.0, help="temperature of the log-probs")
     max_length: int = option(
@@ -97,11 +100,13 @@ class TrainConfig:
     storage_options: dict[str, Any] | None = storage_options_field()
 
     def check(self) -> None:
-        from pipelines.training.loss import AGGREGATIONS
+        from pipelines.training.loss import IMPORTANCE_SAMPLING_LEVELS, aggregation_of
 
         get_algo(self.algo)
-        if self.loss_type not in AGGREGATIONS:
-            raise ValueError(f"unknown loss_type {self.loss_type!r}; use one of {AGGREGATIONS}")
+        aggregation_of(self.loss_type)  # ValueError naming the valid names
+        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ValueError(f"unknown importance_sampling_level {self.importance_sampling_level!r}"
+                             f"; use one of {IMPORTANCE_SAMPLING_LEVELS}")
         if self.old_logprobs not in OLD_LOGPROBS:
             raise ValueError(f"unknown old_logprobs {self.old_logprobs!r}; use {OLD_LOGPROBS}")
         if self.max_length < 1 or self.per_device_train_batch_size < 1:
@@ -156,6 +161,8 @@ def load_rows(cfg: TrainConfig) -> tuple[Any, Any]:
         raise ValueError(f"{cfg.data}: {error}")
     if df.height == 0:
         raise ValueError(f"{cfg.data}: the {kind} table is empty; nothing to train")
+    if cfg.old_logprobs == "behaviour":
+        check_sampling(df, cfg.temperature, cfg.data)
     if kind != "corrected":
         df = df.with_columns(
             kind=pl.lit("policy"), source_rollout_id=pl.lit(None, pl.String),
@@ -169,6 +176,42 @@ def load_rows(cfg: TrainConfig) -> tuple[Any, Any]:
             f"of {s.get('groups', 0)} groups: all responses equally rewarded) or no response "
             "has tokens; nothing to train, no checkpoint written")
     return assembly, manifest
+
+
+def check_sampling(df: pl.DataFrame, temperature: float, where: str) -> None:
+    """Refuse behaviour log-probs the trainer's ratio cannot use as pi_old.
+
+    The ratio pi_theta / pi_old needs pi_old at the trainer's temperature over the full
+    vocabulary. Rows sampled at another temperature carry log-probs of another distribution;
+    rows sampled with top_p < 1 carry log-probs of the renormalised nucleus (biased by the kept
+    mass, TRL issue 6789). Both ask for `--old-logprobs recompute` (or the sampling temperature).
+    """
+    sampled = df.select("temperature", "top_p").unique().sort("temperature", "top_p")
+    for t, top_p in sampled.iter_rows():
+        if abs(t - temperature) > 1e-6:
+            raise ValueError(
+                f"{where}: rows were sampled at temperature {t:g} but the trainer computes "
+                f"log-probs at {temperature:g}; their behaviour log-probs are not pi_old: pass "
+                f"--temperature {t:g} or --old-logprobs recompute")
+        if top_p < 1.0:
+            raise ValueError(
+                f"{where}: rows were sampled with top_p {top_p:g}: their behaviour log-probs are "
+                "of the renormalised nucleus, not of the policy (the ratio would be biased by "
+                "the kept mass); pass --old-logprobs recompute")
+
+
+def _load_weights(path: str, trust_remote_code: bool) -> Any:
+    """The causal LM at `path`, from safetensors only (pickled .bin weights can run code)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"cannot load {path!r} as safetensors weights (scope never loads pickled .bin "
+            f"weights: they can run code; convert them to safetensors first): {e}") from None
 
 
 def _check_output(out: Path) -> None:
@@ -192,7 +235,6 @@ def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = Non
 
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM
 
     from pipelines.console import print_summary
     from pipelines.training.data import Collator, ResponseDataset
@@ -219,12 +261,11 @@ def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = Non
     check_remote_code(path, trust)
     tok = load_tokenizer(path, trust)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust)
+    model = _load_weights(path, trust)
     ref_model = None
     if cfg.beta != 0.0:
-        ref_model = AutoModelForCausalLM.from_pretrained(
-            trainable_path(cfg.ref_policy or cfg.policy), dtype=torch.float32,
-            trust_remote_code=trust).eval().requires_grad_(False)
+        ref_model = _load_weights(trainable_path(cfg.ref_policy or cfg.policy),
+                                  trust).eval().requires_grad_(False)
     if cfg.lora:
         try:
             import peft

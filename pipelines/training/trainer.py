@@ -19,7 +19,12 @@ from transformers import Trainer, TrainerCallback
 
 from pipelines.console import progress
 from pipelines.training.data import response_logprobs
-from pipelines.training.loss import METRIC_KEYS, metrics_from_sums, mixed_policy_loss
+from pipelines.training.loss import (
+    METRIC_KEYS,
+    aggregation_of,
+    metrics_from_sums,
+    mixed_policy_loss,
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -51,7 +56,7 @@ class MixedPolicyTrainer(Trainer):
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
         samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         key = "response_mask"
-        if self.cfg.loss_type == "token_mean":
+        if aggregation_of(self.cfg.loss_type) == "token_mean":
             count = sum(b[key].sum() for b in samples)
         else:
             count = sum(float(b[key].shape[0]) for b in samples)
@@ -114,6 +119,7 @@ class MixedPolicyTrainer(Trainer):
             logp, old, inputs["advantages"], inputs["response_mask"], inputs["off_mask"],
             epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
             shaping_gamma=cfg.shaping_gamma, aggregation=cfg.loss_type,
+            importance_sampling_level=cfg.importance_sampling_level,
             max_length=cfg.max_length, num_items=num_items_in_batch, ref_logp=ref,
             beta=cfg.beta, entropy=entropy, entropy_coef=cfg.entropy_coef)
         bad = torch.as_tensor(float(not torch.isfinite(loss)), device=loss.device)

@@ -208,22 +208,29 @@ def oracle_continue(problem: ArithProblem, prefix_text: str) -> str:
     """The suffix that completes a correct prefix into the canonical solution.
 
     ``prefix_text`` holds k >= 0 complete, correct steps (blank lines allowed), ending with or
-    without a newline. ``prefix_text + suffix`` reads as the full solution: the suffix starts
-    with ``\\n`` when the prefix ends inside a non-empty line. Raises ValueError otherwise.
+    without a newline, possibly followed by the start of step k (a kept prefix cut inside a
+    step: ``"4 * 7 = "``), which the suffix completes. ``prefix_text + suffix`` reads as the full
+    solution: the suffix starts with ``\\n`` when the prefix ends after a complete line. Raises
+    ValueError otherwise.
     """
     expected = problem.solution_lines
     lines = response_lines(prefix_text)
-    if len(lines) > len(expected):
-        raise ValueError(f"prefix has {len(lines)} steps, the solution only {len(expected)}")
-    for i, line in enumerate(lines):
+    last = prefix_text.rsplit("\n", 1)[-1].lstrip()  # text after the last newline
+    partial = bool(last.strip()) and 0 < len(lines) <= len(expected) and (
+        lines[-1] != expected[len(lines) - 1] and expected[len(lines) - 1].startswith(last))
+    whole = lines[:-1] if partial else lines
+    if len(whole) > len(expected):
+        raise ValueError(f"prefix has {len(whole)} steps, the solution only {len(expected)}")
+    for i, line in enumerate(whole):
         if line != expected[i]:
             raise ValueError(f"prefix step {i} is not correct: {line!r} != {expected[i]!r}")
-    rest = expected[len(lines) :]
+    if partial:  # finish the started step, then the rest
+        return expected[len(whole)][len(last):] + "".join(
+            "\n" + line for line in expected[len(whole) + 1 :])
+    rest = expected[len(whole) :]
     if not rest:
         return ""
-    last = prefix_text.rsplit("\n", 1)[-1]
-    joiner = "\n" if last.strip() else ""
-    return joiner + "\n".join(rest)
+    return ("\n" if last.strip() else "") + "\n".join(rest)
 
 
 def inject_error(problem: ArithProblem, rng: random.Random) -> tuple[str, int]:
