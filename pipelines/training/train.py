@@ -103,7 +103,10 @@ class TrainConfig:
         from pipelines.training.loss import IMPORTANCE_SAMPLING_LEVELS, aggregation_of
 
         get_algo(self.algo)
-        aggregation_of(self.loss_type)  # ValueError naming the valid names
+        try:
+            aggregation_of(self.loss_type)
+        except ValueError as e:
+            raise ValueError(f"--loss-type: {e}") from None
         if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
             raise ValueError(f"unknown importance_sampling_level {self.importance_sampling_level!r}"
                              f"; use one of {IMPORTANCE_SAMPLING_LEVELS}")
