@@ -106,7 +106,7 @@ class TrainConfig:
         try:
             aggregation_of(self.loss_type)
         except ValueError as e:
-            raise ValueError(f"--loss-type: {e}") from None
+            raise ValueError(f"loss_type (--loss-type): {e}") from None
         if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
             raise ValueError(f"unknown importance_sampling_level {self.importance_sampling_level!r}"
                              f"; use one of {IMPORTANCE_SAMPLING_LEVELS}")
