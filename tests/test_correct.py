@@ -395,8 +395,10 @@ def test_model_teacher_hf_and_openai_agree(scored: tuple[str, list[dict]], tmp_p
         s = src[c["source_rollout_id"]]
         assert tuple(s["prompt_token_ids"] + c["response_token_ids"][: c["off_policy_start"]]) \
             in sent
-    # the trained teacher salvages most of them
-    assert (corrected["correct_status"] == "accepted").sum() >= corrected.height // 2
+    # both engines verified the same corrections (how many depends on the tiny teacher build,
+    # see test_tiny_teacher_is_clean_and_better)
+    assert (corrected["correct_status"] == "accepted").sum() == (
+        oa.filter(pl.col("kind") == "corrected")["correct_status"] == "accepted").sum()
 
 
 @pytest.fixture(scope="module")
