@@ -177,11 +177,16 @@ def first_error(problem: ArithProblem, response: str) -> int:
     A response whose lines are all correct but which stops early (missing operations or the
     answer line) gets the index of the first missing step, i.e. its number of lines.
     """
-    verdicts = check_steps(problem, response)
+    return first_error_of(check_steps(problem, response), problem.num_steps)
+
+
+def first_error_of(verdicts: list[bool], num_steps: int) -> int:
+    """The first False verdict; else -1 for a complete solution (`num_steps` lines), or the
+    first missing step of an unfinished one. Shared by the tasks' exact checkers."""
     for i, ok in enumerate(verdicts):
         if not ok:
             return i
-    return -1 if len(verdicts) == problem.num_steps else len(verdicts)
+    return -1 if len(verdicts) == num_steps else len(verdicts)
 
 
 def gold_first_error(prompt: str, response: str) -> int:

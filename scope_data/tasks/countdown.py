@@ -31,7 +31,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from scope_data.tasks.arith import apply_op, extract_answer, response_lines
+from scope_data.tasks.arith import apply_op, extract_answer, first_error_of, response_lines
 from scope_data.tasks.countdown_search import (
     Step,
     after,
@@ -198,11 +198,7 @@ def first_error(problem: CountdownProblem, response: str) -> int:
     A response whose lines are all correct but which stops early (missing steps or the answer
     line) gets the index of the first missing step, i.e. its number of lines.
     """
-    verdicts = check_steps(problem, response)
-    for i, ok in enumerate(verdicts):
-        if not ok:
-            return i
-    return -1 if len(verdicts) == problem.num_steps else len(verdicts)
+    return first_error_of(check_steps(problem, response), problem.num_steps)
 
 
 def gold_first_error(prompt: str, response: str) -> int:
