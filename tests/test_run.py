@@ -100,6 +100,33 @@ def test_dry_run_prints_stage_commands(tmp_path, algo, stages) -> None:
             assert check.exit_code == 0, (line, check.output)
 
 
+@pytest.mark.slow
+def test_dry_run_commands_run_and_reproduce_the_run(tmp_path, tiny_policy: Path) -> None:
+    """Every command `scope run --dry-run` prints (problems, generate, score, correct, train,
+    eval) runs as printed, in order, and writes the same tables as `scope run` itself."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    recipe = _write(tmp_path / "r.yaml", _recipe(f"hf:{tiny_policy}", rounds=1))
+    by_hand, looped = tmp_path / "hand", tmp_path / "loop"
+    res = CliRunner().invoke(app, ["run", str(recipe), "--out", str(by_hand), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    printed = [line.split("  #")[0] for line in res.output.strip().splitlines()]
+    kinds = [shlex.split(line)[1] for line in printed]
+    assert kinds == ["problems", "problems", "eval", "generate", "score", "correct", "train",
+                     "eval"]
+    for line in printed:
+        words = shlex.split(line)[1:]
+        done = CliRunner().invoke(app, words)
+        assert done.exit_code == 0, (line, done.output)
+    run(RunConfig(recipe=str(recipe), out=str(looped), verbose=False))
+    hand, loop = _stage_tables(by_hand), _stage_tables(looped)
+    assert set(hand) == set(loop) and len(hand) >= 7
+    for name in ("round-0001/generate", "round-0001/score", "round-0001/correct"):
+        cols = ["rollout_id", "response_token_ids", "correct"]
+        assert hand[name].select(cols).equals(loop[name].select(cols)), name
+
+
 def _stage_tables(run_dir: Path) -> dict[str, pl.DataFrame]:
     from scope_data.layout import MANIFEST
     from scope_data.shards import scan
