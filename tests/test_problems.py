@@ -283,7 +283,7 @@ def test_round_batches_walk_shuffled_epochs_and_wrap() -> None:
     """3 rounds of 4 over 10 problems: rounds 1-2 and the first 2 of round 3 are epoch 0 in
     its shuffled order; round 3 wraps into epoch 1 (another order), which rounds 3-5 cover.
     A batch never holds an id twice. Deterministic, whatever the table's row order."""
-    from scope_data.problems import round_batch
+    from scope_data.rounds import round_batch
 
     ids = [f"p{i}" for i in range(10)]
     r1, r2, r3, r4, r5 = (round_batch(ids, r, 4, seed=7) for r in range(1, 6))
@@ -304,7 +304,7 @@ def test_generate_takes_the_rounds_batch(tmp_path: Path) -> None:
 
     from pipelines.executors.shard_executor import input_batches
     from pipelines.stages.generate import GenerateConfig, _round_problems
-    from scope_data.problems import round_batch
+    from scope_data.rounds import round_batch
     from scope_data.shards import read_manifest, scan
 
     write_arith(str(tmp_path / "p"), count=10, seed=3)

@@ -62,7 +62,7 @@ class GenerateConfig:
     limit: int | None = option(None, help="only the first K problems")
     prompts_per_round: int | None = option(
         None, help="take this many problems: round R's batch of a seeded shuffle of the table, "
-        "epoch after epoch (scope_data.problems.round_batch; default: every problem)")
+        "epoch after epoch (scope_data.rounds.round_batch; default: every problem)")
     prompt_seed: int = option(0, help="seed of the per-epoch problem order "
                               "(with --prompts-per-round)")
     template: str = option("chat", help="chat (tokenizer chat template) | raw")
@@ -217,7 +217,7 @@ def _round_problems(cfg: GenerateConfig) -> list[str] | None:
         return None
     if cfg.round < 1:
         raise ValueError("--prompts-per-round needs --round >= 1 (round R takes the R-th batch)")
-    from scope_data.problems import round_batch
+    from scope_data.rounds import round_batch
     from scope_data.shards import scan
 
     ids = scan(cfg.problems, cfg.storage_options).select("problem_id")
