@@ -32,7 +32,7 @@ def inspect(
         return
     from rich.console import Console
 
-    from pipelines.console import summary_table
+    from pipelines.console import printable, summary_table
 
     out = Console()
     out.print(summary_table(f"{info['table']} table at {info['url']}", [
@@ -43,10 +43,10 @@ def inspect(
     ]))
     out.print("[bold]schema[/]")
     for name, dtype in info["schema"].items():
-        out.print(f"  {name}: {dtype}", highlight=False)
+        out.print(f"  {printable(name)}: {printable(dtype)}", highlight=False)
     out.print(f"[bold]first {len(info['head'])} rows[/]")
     for row in info["head"]:
-        out.print("  " + json.dumps(row, default=str)[:300], highlight=False)
+        out.print("  " + printable(json.dumps(row, default=str)[:300]), highlight=False)
     out.print("[bold]read with[/]")
     for reader, line in info["read_with"].items():
         out.print(f"  {reader}: {line}", highlight=False, markup=False, soft_wrap=True)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -113,12 +114,21 @@ def part_task(bar: Progress, description: str, total: int) -> TaskID:
     return bar.add_task(description, total=total)
 
 
+def printable(value: Any) -> str:
+    """`value` as text safe for a terminal: control characters (escape sequences, bells) shown
+    as ``\\x1b``-style escapes and rich markup (``[link=...]``) escaped, so data from a table,
+    a file or a server can never drive the terminal."""
+    text = "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in str(value))
+    return escape(text)
+
+
 def summary_table(title: str, rows: Iterable[tuple[str, Any]]) -> Table:
-    table = Table(title=title, show_header=False, title_justify="left")
+    """A two-column table; every cell (and the title) goes through `printable`."""
+    table = Table(title=printable(title), show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
     for key, value in rows:
-        table.add_row(key, _fmt(value))
+        table.add_row(printable(key), printable(_fmt(value)))
     return table
 
 

@@ -120,3 +120,18 @@ def test_a_table_never_makes_scope_download_a_tokenizer(monkeypatch: pytest.Monk
     with pytest.raises(FileNotFoundError, match="never makes scope download"):
         load_tokenizer("someone/not-a-cached-model", local_only=True)
     assert time.monotonic() - t0 < 10
+
+
+def test_inspect_never_passes_table_values_to_the_terminal(tmp_path: Path) -> None:
+    """Escape sequences and rich markup inside table values print as inert text."""
+    hostile = "\x1b]0;TITLE\x07\x1b[2J[link=http://x]click[/link]"
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"problem": hostile, "answer": "1"}) + "\n")
+    runner = CliRunner()
+    made = runner.invoke(app, ["problems", str(data), "--out", str(tmp_path / "t"),
+                               "--source", hostile])
+    assert made.exit_code == 0, made.output
+    shown = runner.invoke(app, ["inspect", str(tmp_path / "t")])
+    assert shown.exit_code == 0, shown.output
+    assert "\x1b" not in shown.output and "\x07" not in shown.output
+    assert "[link=http://x]" in shown.output  # markup printed literally, not rendered
