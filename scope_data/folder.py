@@ -43,11 +43,19 @@ class Folder:
         self.fs.invalidate_cache(path)
         return self.fs.exists(path)
 
-    def read_bytes(self, name: str) -> bytes:
+    def read_bytes(self, name: str, limit: int | None = None) -> bytes:
+        """The file's bytes; with `limit`, ValueError instead of reading more than `limit`
+        bytes (metadata files: a huge file, or a link to /dev/zero, must not exhaust memory)."""
         if self.is_local:
             with open(self.path(name), "rb") as f:
-                return f.read()
-        return self.fs.cat_file(self.path(name))
+                data = f.read() if limit is None else f.read(limit + 1)
+        elif limit is None:
+            return self.fs.cat_file(self.path(name))
+        else:
+            data = self.fs.cat_file(self.path(name), start=0, end=limit + 1)
+        if limit is not None and len(data) > limit:
+            raise ValueError(f"{self.path(name)}: larger than {limit} bytes")
+        return data
 
     def read_text(self, name: str) -> str:
         return self.read_bytes(name).decode("utf-8")

@@ -44,6 +44,8 @@ from scope_data.layout import (
 from scope_data.provenance import redact, versions
 from scope_data.schema import SCHEMA_VERSION, conform, empty_table, schema_for, validate
 
+METADATA_LIMIT = 64 << 20  # bytes: a manifest or marker is read whole, so it is bounded
+
 
 class ShardError(RuntimeError):
     """A table folder is missing, unfinished, corrupted or unsafe; the message names the path."""
@@ -217,7 +219,7 @@ class TableStore:
         if not self.folder.exists(name) or not self.folder.exists(part):
             return None
         try:
-            return json.loads(record_payload(self.folder.read_bytes(name)))
+            return json.loads(record_payload(self.folder.read_bytes(name, METADATA_LIMIT)))
         except (ValueError, FileNotFoundError):  # torn or removed meanwhile: not done
             return None
 
@@ -243,19 +245,18 @@ def is_table(url: str, storage_options: dict[str, Any] | None = None) -> bool:
 def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Manifest:
     """Parse and check a table's manifest; ShardError names the path on any problem."""
     folder = Folder(url, storage_options)
-    name = MANIFEST
-    if folder.exists(MANIFEST):
-        try:
-            payload = record_payload(folder.read_bytes(MANIFEST))
-        except ValueError as e:
-            raise ShardError(f"{folder.url}/{MANIFEST}: not a table manifest ({e})") from None
-    elif folder.exists(LEGACY_MANIFEST):  # written by an older scope: plain JSON
-        name, payload = LEGACY_MANIFEST, folder.read_bytes(LEGACY_MANIFEST)
-    else:
+    # the legacy `_manifest.json` was written by an older scope (plain JSON)
+    name = next((n for n in (MANIFEST, LEGACY_MANIFEST) if folder.exists(n)), None)
+    if name is None:
         raise ShardError(
             f"{folder.url}: no manifest ({MANIFEST}); the stage that writes this table has not "
             f"finished{unfinished_hint(folder)}"
         )
+    try:
+        payload = folder.read_bytes(name, METADATA_LIMIT)
+        payload = record_payload(payload) if name == MANIFEST else payload
+    except ValueError as e:
+        raise ShardError(f"{folder.url}/{name}: not a table manifest ({e})") from None
     where = f"{folder.url}/{name}"
     try:
         text = payload.decode("utf-8")

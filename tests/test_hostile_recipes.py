@@ -135,3 +135,24 @@ def test_inspect_never_passes_table_values_to_the_terminal(tmp_path: Path) -> No
     assert shown.exit_code == 0, shown.output
     assert "\x1b" not in shown.output and "\x07" not in shown.output
     assert "[link=http://x]" in shown.output  # markup printed literally, not rendered
+
+
+def test_metadata_reads_are_bounded(tmp_path: Path) -> None:
+    """A manifest linked to /dev/zero, or a huge legacy one, is refused naming the file, after
+    reading at most the bound (never the whole thing)."""
+    import os
+
+    from scope_data.layout import LEGACY_MANIFEST, MANIFEST
+    from scope_data.shards import METADATA_LIMIT, ShardError, read_manifest
+
+    table = tmp_path / "t"
+    (table / MANIFEST).parent.mkdir(parents=True)
+    os.symlink("/dev/zero", table / MANIFEST)
+    with pytest.raises(ShardError, match=f"manifest.*larger than {METADATA_LIMIT} bytes"):
+        read_manifest(str(table))
+    legacy = tmp_path / "old"
+    legacy.mkdir()
+    with open(legacy / LEGACY_MANIFEST, "wb") as f:
+        f.truncate(METADATA_LIMIT + 10)  # sparse: 64 MiB of zeros on disk costs nothing
+    with pytest.raises(ShardError, match=f"{LEGACY_MANIFEST}.*larger than"):
+        read_manifest(str(legacy))
