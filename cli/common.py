@@ -11,7 +11,6 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -35,8 +34,8 @@ def json_object(text: str, flag: str) -> dict[str, Any]:
 
 PACKAGE_DIRS = tuple(str(Path(__file__).resolve().parents[1] / name) + os.sep
                      for name in ("cli", "pipelines", "scope_data"))
-USER_ERROR_TYPES = (ValueError, RuntimeError, FileNotFoundError, FileExistsError,
-                    PermissionError, NotADirectoryError, IsADirectoryError)
+FILE_SYSTEM_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
+                      IsADirectoryError)
 
 
 def debug_enabled() -> bool:
@@ -46,13 +45,12 @@ def debug_enabled() -> bool:
 
 def is_user_error(e: BaseException) -> bool:
     """True for an error scope raised on purpose about the user's input (a bad option, table,
-    spec or path): one of USER_ERROR_TYPES raised by a `raise` in this project's own code (or a
-    file-system error). An error raised inside a library (polars, torch, ...) or of another type
+    spec or path): a ValueError or RuntimeError raised by a `raise` in this project's own code, or
+    a file-system error. An error raised inside a library (polars, torch, ...) or of another type
     (KeyError, TypeError, ...) is unexpected: a bug, shown with its traceback."""
-    if isinstance(e, (FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
-                      IsADirectoryError)):
+    if isinstance(e, FILE_SYSTEM_ERRORS):
         return True
-    if not isinstance(e, USER_ERROR_TYPES):
+    if not isinstance(e, (ValueError, RuntimeError)):
         return False
     tb = e.__traceback__
     while tb is not None and tb.tb_next is not None:
@@ -62,7 +60,8 @@ def is_user_error(e: BaseException) -> bool:
 
 def user_errors(fn: F) -> F:
     """User errors become one red line + exit 1; unexpected errors keep their traceback (as do
-    all errors with --debug). Messages are escaped: table values never become terminal markup."""
+    all errors with --debug). Messages go through `console.printable`: values from tables or
+    files never become terminal markup or control sequences."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -72,14 +71,16 @@ def user_errors(fn: F) -> F:
             raise
         except KeyboardInterrupt:
             Console(stderr=True).print(
-                f"interrupted: scope {escape(fn.__name__.replace('_', '-'))} stopped; finished "
+                f"interrupted: scope {fn.__name__.replace('_', '-')} stopped; finished "
                 "parts are kept and a rerun of the same command resumes", highlight=False,
                 soft_wrap=True)
             raise typer.Exit(130) from None
         except Exception as e:
             if debug_enabled() or not is_user_error(e):
                 raise
-            Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False,
+            from pipelines.console import printable
+
+            Console(stderr=True).print(f"[bold red]error:[/] {printable(e)}", highlight=False,
                                        soft_wrap=True)
             raise typer.Exit(1) from None
 
