@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipelines.tiny import cache
 from pipelines.tiny import policy as tiny
 from pipelines.tiny.tokenizer import (
     CHARS,
@@ -126,6 +127,7 @@ def _fake_build(calls: list[str]):
 
 def test_build_is_cached_and_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SCOPE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cache, "SHIPPED_DIR", tmp_path / "none-shipped")
     calls: list[str] = []
     monkeypatch.setattr(tiny, "_build", _fake_build(calls))
     first = tiny.build_tiny_policy()
@@ -157,6 +159,27 @@ def test_build_is_cached_and_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     stale.mkdir()
     monkeypatch.setattr(tiny, "_build", _fake_build(calls))
     assert tiny.build_tiny_policy(seed=5).name == key and not stale.exists()
+
+
+def test_shipped_builds_skip_the_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default policy and teacher ship prebuilt: an empty cache copies them, no training;
+    a config the package does not ship (or force) still builds."""
+    monkeypatch.setenv("SCOPE_CACHE", str(tmp_path / "cache"))
+    calls: list[str] = []
+    monkeypatch.setattr(tiny, "_build", _fake_build(calls))
+    for teacher in (False, True):
+        key = tiny.tiny_config(teacher=teacher).hash()
+        shipped = cache.shipped_build(key)
+        assert shipped is not None, f"default build {key} (teacher={teacher}) is not shipped"
+        got = tiny.build_tiny_policy(teacher=teacher)
+        assert got == tmp_path / "cache" / "tiny" / key
+        for name in ("model.safetensors", "tokenizer.json", tiny.META_FILE):
+            assert (got / name).read_bytes() == (shipped / name).read_bytes()
+    assert calls == []
+    tiny.build_tiny_policy(seed=9)
+    tiny.build_tiny_policy(force=True)
+    assert calls == [tiny.tiny_config(seed=9).hash(), tiny.TinyConfig().hash()]
+    assert cache.shipped_build(tiny.tiny_config(seed=9).hash()) is None
 
 
 def test_build_refuses_foreign_out_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -59,14 +59,29 @@ def atomic_place(target: Path, fill: Any) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+SHIPPED_DIR = Path(__file__).resolve().parent / "builds"
+
+
+def shipped_build(key: str) -> Path | None:
+    """The build ``key`` shipped inside the package (``pipelines/tiny/builds/<key>``), if any.
+
+    The default tiny policy and teacher ship prebuilt (a few MB), so a fresh clone's first
+    demo skips their 10-20 minute build; any other config (or a changed build recipe, which
+    changes the hash) is built as before.
+    """
+    path = SHIPPED_DIR / key
+    return path if is_build(path, key) else None
+
+
 def cached_build(
     target: Path, cached: Path, key: str, build: Callable[[Path], None], force: bool = False
 ) -> Path:
     """Make ``target`` hold the build ``key`` and return it.
 
     Reused when already there; copied from ``cached`` (the cache folder, when ``target`` is
-    elsewhere) when that holds it; else ``build(tmp)`` fills a temporary folder renamed into
-    place. All under a file lock, so concurrent callers build once. ``force`` rebuilds.
+    elsewhere) or from the builds shipped with scope (:func:`shipped_build`) when one holds it;
+    else ``build(tmp)`` fills a temporary folder renamed into place. All under a file lock, so
+    concurrent callers build once. ``force`` rebuilds.
     """
     if not force and is_build(target, key):
         return target
@@ -74,8 +89,9 @@ def cached_build(
     with file_lock(target.parent / f".{target.name}.lock"):
         if not force and is_build(target, key):  # built by a concurrent process meanwhile
             return target
-        if target != cached and not force and is_build(cached, key):
-            atomic_place(target, lambda tmp: shutil.copytree(cached, tmp, dirs_exist_ok=True))
+        source = cached if target != cached and is_build(cached, key) else shipped_build(key)
+        if source is not None and not force:
+            atomic_place(target, lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True))
         else:
             atomic_place(target, build)
     return target
