@@ -1,7 +1,9 @@
 """Run the vllm engine in its own process (vLLM spawns workers): used by test_engine_vllm.py.
 
-usage: python tests/vllm_generate_script.py MODEL_DIR REQUESTS.json OUT.json
+usage: python tests/vllm_generate_script.py MODEL_DIR REQUESTS.json OUT.json [NEW_MODEL_DIR]
 REQUESTS.json: a list of GenerationRequest fields; OUT.json: per request, a list of results.
+With NEW_MODEL_DIR the engine first generates once on MODEL_DIR (filling the prefix cache), then
+loads NEW_MODEL_DIR's weights in place and the results written are those after the update.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 
 def main() -> None:
     model_dir, req_path, out_path = sys.argv[1:4]
+    new_model = sys.argv[4] if len(sys.argv) > 4 else None
     from pipelines.engines.base import GenerationRequest, load_generation_engine
 
     requests = [GenerationRequest(**r) for r in json.load(open(req_path))]
@@ -21,6 +24,9 @@ def main() -> None:
         enforce_eager=True,
     )
     results = engine.generate(requests)
+    if new_model:
+        engine.update_weights(new_model)
+        results = engine.generate(requests)
     json.dump({"max_model_len": engine.max_model_len,
                "results": [[dataclasses.asdict(r) for r in rs] for rs in results]},
               open(out_path, "w"))

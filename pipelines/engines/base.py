@@ -97,6 +97,38 @@ class GenerationEngine(Protocol):
     def close(self) -> None: ...
 
 
+class WeightUpdatable(Protocol):
+    """A generation engine that can take a newer policy version without a restart (hf, vllm)."""
+
+    def update_weights(self, model_dir: str) -> None:
+        """Load the weights of the HF folder `model_dir` (same architecture) in place."""
+        ...
+
+
+def read_safetensors(model_dir: str) -> dict[str, Any]:
+    """Every tensor of the safetensors weights of an HF folder (single file or sharded index).
+
+    Only safetensors are read (pickled .bin weights can run code)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(model_dir)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{folder}: no model.safetensors (or index); scope loads "
+                                "safetensors weights only")
+    state: dict[str, Any] = {}
+    for name in files:
+        state.update(load_file(str(folder / Path(name).name)))
+    return state
+
+
 class PRMEngine(Protocol):
     """Optionally also `score_batch_with_status(items) -> list[PRMScores]` (statuses such as
     "truncated"); callers use `score_with_status`, which falls back to `score_batch`."""

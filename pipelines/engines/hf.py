@@ -216,6 +216,27 @@ class HFGenerationEngine:
             for tok, lp, fin in zip(tokens, logprobs, finish, strict=True)
         ]
 
+    def update_weights(self, model_dir: str) -> None:
+        """Load another version's safetensors into the running model (same architecture).
+
+        Every parameter must be in the file except output embeddings tied to the input ones;
+        a file with unknown or missing tensors is refused and the engine keeps its weights."""
+        import torch
+
+        from pipelines.engines.base import read_safetensors
+
+        state = read_safetensors(model_dir)
+        own = dict(self.model.named_parameters())
+        tied = {n for n, p in own.items()
+                if p is self.model.get_input_embeddings().weight and n not in state}
+        missing = sorted(set(own) - set(state) - tied)
+        unknown = sorted(set(state) - set(self.model.state_dict()))
+        if missing or unknown:
+            raise ValueError(f"{model_dir}: weights do not match the running model "
+                             f"(missing {missing[:3]}, unknown {unknown[:3]})")
+        with torch.no_grad():
+            self.model.load_state_dict(state, strict=False)
+
     def close(self) -> None:
         self.model = None
 

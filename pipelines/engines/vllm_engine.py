@@ -75,7 +75,7 @@ class VLLMGenerationEngine:
 
         return SamplingParams(
             n=req.n, temperature=req.temperature, top_p=req.top_p,
-            max_tokens=req.max_new_tokens, seed=req.seed, logprobs=0,
+            max_tokens=req.max_new_tokens, seed=req.seed, logprobs=0, flat_logprobs=True,
         )
 
     def generate(self, requests: list[GenerationRequest]) -> list[list[GenerationResult]]:
@@ -97,12 +97,32 @@ class VLLMGenerationEngine:
             results.append([_result(o) for o in samples])
         return results
 
+    def update_weights(self, model_dir: str) -> None:
+        """Load another version's weights in place (vLLM's `reload_weights` on every worker,
+        no restart), then drop the prefix cache: its KV blocks were computed by the old weights.
+        """
+        self.llm.collective_rpc("reload_weights",
+                                kwargs={"weights_path": local_model_path(model_dir)})
+        self.llm.reset_prefix_cache()
+
     def close(self) -> None:
         self.llm = None
 
 
 def _result(o: Any) -> GenerationResult:
     ids = list(o.token_ids)
-    logprobs = [float(o.logprobs[j][t].logprob) for j, t in enumerate(ids)] if o.logprobs else []
+    logprobs = _sampled_logprobs(o.logprobs, ids)
     finish = o.finish_reason if o.finish_reason in ("stop", "length") else "error"
     return GenerationResult(ids, o.text, logprobs, finish)
+
+
+def _sampled_logprobs(lp: Any, ids: list[int]) -> list[float]:
+    """Log-prob of each sampled token. With `flat_logprobs` and `logprobs=0` vLLM keeps one
+    entry per position (the sampled token) in flat lists: read them directly instead of building
+    a dict per position (that per-token Python work was most of the wrapper's overhead)."""
+    if not lp:
+        return []
+    flat = getattr(lp, "logprobs", None)
+    if isinstance(flat, list) and len(flat) == len(ids) and lp.token_ids == ids:
+        return flat
+    return [float(lp[j][t].logprob) for j, t in enumerate(ids)]
