@@ -180,11 +180,22 @@ def score_with_status(prm: PRMEngine, items: list[tuple[str, list[str]]]) -> lis
 
 def load_generation_engine(spec: str | EngineSpec, **options: Any) -> GenerationEngine:
     """Instantiate the generation engine for `spec` (hf:, vllm:, openai:)."""
+    from pipelines.engines import warm
+
     parsed = spec if isinstance(spec, EngineSpec) else parse_spec(spec, "generation")
+    kept = warm.active()
+    if kept is not None:
+        return kept.get("generation", parsed, options,
+                        lambda: _load(GENERATION_ENGINES, parsed, **options))
     return _load(GENERATION_ENGINES, parsed, **options)
 
 
 def load_prm(spec: str | EngineSpec, **options: Any) -> PRMEngine:
     """Instantiate the PRM engine for `spec` (rule:arith, hf-cls:, hf-tag:, vllm:)."""
+    from pipelines.engines import warm
+
     parsed = spec if isinstance(spec, EngineSpec) else parse_spec(spec, "prm")
+    kept = warm.active()
+    if kept is not None:
+        return kept.get("prm", parsed, options, lambda: _load(PRM_ENGINES, parsed, **options))
     return _load(PRM_ENGINES, parsed, **options)

@@ -43,6 +43,9 @@ class DemoConfig:
     overrides: dict[str, Any] = option(default_factory=dict, cli=False,
                                        help="recipe keys to override")
     verbose: bool = option(False, help="print every stage's summary")
+    online: bool = option(False, help="run each (algo, seed) as warm worker processes "
+                          "(`scope run --online`; K = 0 prints the same table)")
+    max_staleness: int = option(0, help="online: generate with the policy of round r-1-K")
     only_seeds: tuple[int, ...] | None = option(
         None, cli=False, help="run just these seeds (parallel workers), no report")
 
@@ -97,7 +100,9 @@ def run(cfg: DemoConfig) -> DemoResult:
             t = time.time()
             console.print(f"[bold magenta]== {name}[/]", highlight=False)
             run_loop.run(run_loop.RunConfig(recipe=recipe, out=str(run_dir), rounds=rounds,
-                                            resume=True, verbose=cfg.verbose))
+                                            resume=True, verbose=cfg.verbose,
+                                            online=cfg.online,
+                                            max_staleness=cfg.max_staleness))
             console.print(f"[magenta]{name} done in {time.time() - t:.0f} s[/]", highlight=False)
             first = first or run_dir
             run_dirs.append(str(run_dir))

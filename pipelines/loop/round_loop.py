@@ -26,7 +26,9 @@ no teacher), `prm_dense` scores every response and trains on the scored table (d
 rewards), `luffy` corrects the rollouts (`--mode luffy`: whole teacher solutions, no PRM) and
 `scope` scores the failed ones and corrects them (`--mode scope`: teacher suffix after the PRM's
 first error); both train on the corrected table. A round whose groups all have zero advantage
-trains nothing and keeps the policy (recorded in `round-XXXX/train_skipped.json`).
+trains nothing and keeps the policy (copied into its train folder; recorded in
+`round-XXXX/train_skipped.json`). `--online` runs the same plan as worker processes
+(`pipelines.loop.online`).
 """
 
 from __future__ import annotations
@@ -65,6 +67,10 @@ class RunConfig:
     overrides: dict[str, Any] = option(default_factory=dict, cli=False,
                                        help="recipe keys to override (`scope run --algo/--seed`)")
     verbose: bool = option(True, cli=False, help="print every stage's summary")
+    online: bool = option(False, help="run the stages as warm worker processes (one per role; "
+                          "see `scope worker`)")
+    max_staleness: int = option(0, help="online: round r generates with the policy of round "
+                                "r-1-K (0: strictly on-policy, the offline loop's tables)")
 
 
 @dataclass
@@ -75,13 +81,27 @@ class RunResult:
     ran: list[str]               # prints them as `scope <stage>` commands
     skipped: list[str]
     launch: dict[str, str] = field(default_factory=dict)  # the recipe's launcher prefixes
+    workers: dict[str, Any] = field(default_factory=dict)  # online: role -> restarts, log
+    seconds: float = 0.0
+
+
+def stage_role(where: str, name: str) -> str:
+    """The worker role that runs a stage (`scope worker ROLE`): problems, generate, score,
+    correct, train or eval."""
+    return "problems" if where == "problems" else name.split("-")[0]
 
 
 class _Runner:
-    """Runs (or prints) the stages of one run folder, skipping those already done."""
+    """Runs (or prints) the stages of one run folder, skipping those already done.
 
-    def __init__(self, run_dir: Path, resume: bool, dry_run: bool, verbose: bool):
+    With `role` set (an online worker, `pipelines.loop.online`) it runs only the stages of that
+    role and, before each, waits for the markers of the stages it reads (`wait`)."""
+
+    def __init__(self, run_dir: Path, resume: bool, dry_run: bool, verbose: bool,
+                 role: str | None = None, wait: Any = None):
         self.run_dir, self.resume, self.dry_run, self.verbose = run_dir, resume, dry_run, verbose
+        self.role, self.wait = role, wait
+        self.markers: dict[str, Path] = {}  # stage hash -> its completion marker
         self.plan: list[tuple[str, Any]] = []
         self.ran: list[str] = []
         self.skipped: list[str] = []
@@ -101,6 +121,13 @@ class _Runner:
         if self.dry_run:
             return digest
         marker = self.run_dir / where / "_stages" / f"{name}.json"
+        self.markers[digest] = marker
+        if self.role is not None:
+            if stage_role(where, name) != self.role:
+                return digest  # another worker's stage, waited for when one of ours reads it
+            for up in upstream:
+                if up in self.markers:
+                    self.wait(self.markers[up], up)
         if marker.is_file():
             old = json.loads(marker.read_text())
             if old.get("config_hash") == digest and self.resume:
@@ -133,17 +160,22 @@ def round_dir(run_dir: str | Path, r: int) -> Path:
     return Path(run_dir) / f"round-{r:04d}"
 
 
-def run(cfg: RunConfig) -> RunResult:
-    """Run (or resume, or print) every round of a recipe; return the metrics table."""
-    recipe = cfg.recipe if isinstance(cfg.recipe, Recipe) else load_recipe(cfg.recipe,
-                                                                             cfg.overrides)
-    rounds = cfg.rounds if cfg.rounds is not None else recipe.rounds
-    if rounds < 1:
-        raise ValueError(f"--rounds must be >= 1, got {rounds}")
+def run(cfg: RunConfig, runner: _Runner | None = None, max_staleness: int = 0) -> RunResult:
+    """Run (or resume, or print) every round of a recipe; return the metrics table.
+
+    `runner`: an online worker's role-filtered runner (`pipelines.loop.online`), which also
+    sets `max_staleness` K: round r then generates with the policy of round r-1-K (K = 0: the
+    offline loop, strictly on-policy)."""
+    if cfg.online and runner is None and not cfg.dry_run:
+        from pipelines.loop.online import launch
+
+        return launch(cfg)
+    recipe, rounds = resolve_rounds(cfg)
     run_dir = Path(cfg.out).expanduser().resolve()
-    if not cfg.dry_run:
-        _check_run_dir(run_dir, recipe, cfg.resume)
-    runner = _Runner(run_dir, cfg.resume, cfg.dry_run, cfg.verbose)
+    if runner is None:
+        if not cfg.dry_run:
+            _check_run_dir(run_dir, recipe, cfg.resume)
+        runner = _Runner(run_dir, cfg.resume, cfg.dry_run, cfg.verbose)
     policy = stages.initial_policy(recipe, dry_run=cfg.dry_run)
 
     # problems
@@ -158,20 +190,37 @@ def run(cfg: RunConfig) -> RunResult:
 
     # round 0: the initial policy
     policy_hash = config_hash({"policy": policy})
+    history = [(policy, policy_hash)]  # the policy after each round
+    writes_metrics = not cfg.dry_run and runner.role in (None, "eval")
     _evaluate(runner, recipe, run_dir, 0, policy, policy_hash, eval_sets, problem_hashes)
-    if not cfg.dry_run:
+    if writes_metrics:
         _write_metrics(run_dir, recipe, 0)
     for r in range(1, rounds + 1):
-        policy, policy_hash = _round(runner, recipe, run_dir, r, policy, policy_hash,
+        behaviour = history[max(0, r - 1 - max_staleness)]
+        policy, policy_hash = _round(runner, recipe, run_dir, r, history[-1], behaviour,
                                      train_problems, problem_hashes)
+        history.append((policy, policy_hash))
         _evaluate(runner, recipe, run_dir, r, policy, policy_hash, eval_sets, problem_hashes)
-        if not cfg.dry_run:
+        if writes_metrics:
             _write_metrics(run_dir, recipe, r)
     if cfg.dry_run:
         return RunResult(str(run_dir), pl.DataFrame(), runner.plan, [], [], recipe.launch)
+    if not writes_metrics:  # an online worker of another role
+        return RunResult(str(run_dir), pl.DataFrame(), runner.plan, runner.ran, runner.skipped,
+                         recipe.launch)
     metrics = pl.read_parquet(run_dir / METRICS_FILE)
     return RunResult(str(run_dir), metrics, runner.plan, runner.ran, runner.skipped,
                      recipe.launch)
+
+
+def resolve_rounds(cfg: RunConfig) -> tuple[Recipe, int]:
+    """The recipe (file, name or object, with overrides) and the number of rounds to run."""
+    recipe = cfg.recipe if isinstance(cfg.recipe, Recipe) else load_recipe(cfg.recipe,
+                                                                             cfg.overrides)
+    rounds = cfg.rounds if cfg.rounds is not None else recipe.rounds
+    if rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {rounds}")
+    return recipe, rounds
 
 
 def _problems(runner: _Runner, entry: dict[str, Any], out: Path, exclude_from: str | None,
@@ -203,14 +252,16 @@ def _check_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
     path.write_text(text)
 
 
-def _round(runner: _Runner, recipe: Recipe, run_dir: Path, r: int, policy: str,
-           policy_hash: str, train_problems: str, problem_hashes: dict[str, str]
+def _round(runner: _Runner, recipe: Recipe, run_dir: Path, r: int, latest: tuple[str, str],
+           behaviour: tuple[str, str], train_problems: str, problem_hashes: dict[str, str]
            ) -> tuple[str, str]:
-    """generate -> score -> correct -> train for round r; returns the new policy spec + hash."""
+    """generate (with the `behaviour` policy) -> score -> correct -> train (the `latest`
+    policy) for round r; returns the new policy spec + hash. Offline both are round r-1's."""
     where = f"round-{r:04d}"
     rd = round_dir(run_dir, r)
-    gcfg = stages.generate_config(recipe, train_problems, policy, str(rd / "generate"), r)
-    h = runner.stage(where, "generate", gcfg, [problem_hashes["train"], policy_hash],
+    policy, policy_hash = latest
+    gcfg = stages.generate_config(recipe, train_problems, behaviour[0], str(rd / "generate"), r)
+    h = runner.stage(where, "generate", gcfg, [problem_hashes["train"], behaviour[1]],
                      lambda: stages.run_generate(gcfg))
     table = gcfg.out
     algo = get_algo(recipe.algo)

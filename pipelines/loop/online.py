@@ -1,0 +1,205 @@
+"""Online mode: the round loop's stages run as long-lived workers over one run folder.
+
+`scope worker ROLE --run RUN_DIR` walks the same plan as the offline `scope run` (same stage
+configs, same hashes, same markers `round-XXXX/_stages/<stage>.json`) but runs only the stages
+of its ROLE (generate, score, correct, train, eval); before each it waits for the markers of
+the stages it reads. Shards on the run folder stay the only interface between stages, so the
+workers may run on other machines against the same folder. Engines stay loaded across rounds
+(`pipelines.engines.warm`): vLLM starts once, and each new policy version is loaded into the
+running engine in place.
+
+`--max-staleness K`: round r generates with the policy of round r-1-K. K = 0 is the offline
+loop exactly (same tables, same weights); K >= 1 lets the generate worker run K rounds ahead of
+the trainer (one-step-off and beyond); rows record which policy sampled them (`policy` column).
+
+`scope run RECIPE --online` is the launcher: it writes the problem sets, starts one worker
+process per role (logs in RUN_DIR/logs/<role>.log), shows each stage as it completes, restarts
+a worker that dies (a rerun resumes: finished parts and stages are kept), reports a worker that
+keeps failing with the tail of its log, and rebuilds metrics.parquet at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import option
+from pipelines.loop import round_loop
+from scope_data.algos import get_algo
+
+ROLES = ("generate", "score", "correct", "train", "eval")
+POLL_SECONDS = 0.2
+
+
+@dataclass
+class WorkerConfig:
+    """Options of `scope worker ROLE --run RUN_DIR`."""
+
+    role: str = option(argument=True, help="generate | score | correct | train | eval")
+    run: str = option(help="run folder written by `scope run --online` (holds recipe.json)")
+    recipe: str | None = option(
+        None, help="recipe file (default: RUN_DIR/recipe.json; pass the file where the recipe "
+        "holds storage options, which recipe.json never stores)")
+    rounds: int | None = option(None, help="rounds (default: the recipe's)")
+    max_staleness: int = option(0, help="round r generates with the policy of round r-1-K")
+    timeout: float = option(0.0, help="give up after waiting this many seconds for an input "
+                            "(0: wait forever)")
+
+
+def roles_of(recipe: Any) -> list[str]:
+    """The worker roles a recipe's algorithm needs."""
+    algo = get_algo(recipe.algo)
+    return [r for r in ROLES if (r != "score" or algo.uses_prm)
+            and (r != "correct" or algo.uses_corrections)]
+
+
+def _waiter(timeout: float) -> Any:
+    def wait(marker: Path, digest: str) -> None:
+        t0 = time.monotonic()
+        while True:
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads(marker.read_text()).get("config_hash") == digest:
+                    return
+            if timeout and time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"waited {timeout:g} s for {marker} (hash {digest[:12]})")
+            time.sleep(POLL_SECONDS)
+    return wait
+
+
+@contextlib.contextmanager
+def _sole_trainer(run_dir: Path):
+    """An exclusive lock on RUN_DIR/.train.lock: a run folder refuses a second trainer."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".train.lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{run_dir} already has a running train worker "
+                               "(.train.lock is held); a run folder takes one trainer") from None
+        yield
+
+
+def run_worker(cfg: WorkerConfig) -> round_loop.RunResult:
+    """Run the stages of one role over every round, waiting for their inputs."""
+    from pipelines.engines.warm import warm_engines
+
+    if cfg.role not in ROLES:
+        raise ValueError(f"unknown worker role {cfg.role!r}; use one of {', '.join(ROLES)}")
+    if cfg.max_staleness < 0:
+        raise ValueError(f"--max-staleness must be >= 0, got {cfg.max_staleness}")
+    run_dir = Path(cfg.run).expanduser().resolve()
+    recipe_file = cfg.recipe or str(run_dir / "recipe.json")
+    if not Path(recipe_file).is_file():
+        raise FileNotFoundError(f"{recipe_file} not found: start the run with "
+                                "`scope run RECIPE --online` (or pass --recipe)")
+    run_cfg = round_loop.RunConfig(recipe=recipe_file, out=str(run_dir), rounds=cfg.rounds,
+                                   resume=True, verbose=False)
+    runner = round_loop._Runner(run_dir, True, False, False, role=cfg.role,
+                                wait=_waiter(cfg.timeout))
+    lock = _sole_trainer(run_dir) if cfg.role == "train" else contextlib.nullcontext()
+    with lock, warm_engines():
+        return round_loop.run(run_cfg, runner=runner, max_staleness=cfg.max_staleness)
+
+
+@dataclass
+class _Worker:
+    role: str
+    cmd: list[str]
+    log: Path
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    done: bool = False
+    lines: list[str] = field(default_factory=list)
+
+    def start(self, env: dict[str, str]) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "a") as fh:
+            fh.write(f"=== start {time.strftime('%H:%M:%S')} (restart {self.restarts}) ===\n")
+            fh.flush()
+            self.proc = subprocess.Popen(self.cmd, stdout=fh, stderr=subprocess.STDOUT,
+                                         env=env, start_new_session=True)
+
+    def tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def launch(cfg: round_loop.RunConfig, max_restarts: int = 2) -> round_loop.RunResult:
+    """`scope run --online`: problem sets here, then one worker process per role."""
+    from pipelines.console import console, printable
+
+    recipe, rounds = round_loop.resolve_rounds(cfg)
+    run_dir = Path(cfg.out).expanduser().resolve()
+    round_loop._check_run_dir(run_dir, recipe, cfg.resume)
+    t0 = time.monotonic()
+    # the problem sets (and the plan's hashes) first, in this process
+    runner = round_loop._Runner(run_dir, True, False, False, role="problems", wait=_waiter(0))
+    round_loop.run(replace(cfg, recipe=recipe, resume=True), runner=runner)
+    import torch
+
+    # the launcher's torch thread count in every worker: float sums (so sampled tokens) are
+    # bit-reproducible only at one count, and K = 0 must give the offline run's tables
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()),
+           "PYTHONUNBUFFERED": "1"}
+    workers = []
+    for role in roles_of(recipe):
+        cmd = [sys.executable, "-m", "cli.main", "worker", role, "--run", str(run_dir),
+               "--rounds", str(rounds), "--max-staleness", str(cfg.max_staleness),
+               "--recipe", str(run_dir / "recipe.json")]
+        workers.append(_Worker(role, cmd, run_dir / "logs" / f"{role}.log"))
+    for w in workers:
+        w.start(env)
+    seen: set[Path] = set()
+    try:
+        while not all(w.done for w in workers):
+            for marker in sorted(run_dir.glob("round-*/_stages/*.json")):
+                if marker not in seen:
+                    seen.add(marker)
+                    console.print(f"[{time.monotonic() - t0:7.1f}s] "
+                                  f"{printable(marker.parent.parent.name)}/"
+                                  f"{printable(marker.stem)} done", highlight=False)
+            for w in workers:
+                code = None if w.done or w.proc is None else w.proc.poll()
+                if code == 0:
+                    w.done = True
+                elif code is not None:
+                    if w.restarts >= max_restarts:
+                        raise RuntimeError(
+                            f"the {w.role} worker failed {w.restarts + 1} times (exit {code}); "
+                            f"its log {w.log} ends with:\n{w.tail()}")
+                    console.print(f"[yellow]{w.role} worker exited {code}; restarting it "
+                                  f"(it resumes from the finished parts)[/]", highlight=False)
+                    w.restarts += 1
+                    w.start(env)
+            time.sleep(POLL_SECONDS)
+    finally:
+        for w in workers:
+            w.stop()
+    round_loop._write_metrics(run_dir, recipe, rounds)
+    import polars as pl
+
+    metrics = pl.read_parquet(run_dir / round_loop.METRICS_FILE)
+    ran = [f"{m.parent.parent.name}/{m.stem}" for m in sorted(seen)]
+    return round_loop.RunResult(
+        str(run_dir), metrics, [], ran, [], recipe.launch,
+        workers={w.role: {"restarts": w.restarts, "log": str(w.log)} for w in workers},
+        seconds=time.monotonic() - t0)
