@@ -313,7 +313,8 @@ def metrics_from_sums(sums: dict[str, Any]) -> dict[str, float]:
     """Ratios from metric sums: clip fraction (of on-policy tokens), off-policy token share,
     mean shaped weight f(p) and mean p (of off-policy tokens), mean entropy and KL per token;
     the mismatch statistics of `behaviour_weights` (0 where nothing was measured, as TRL)."""
-    s = {k: float(v) for k, v in {**empty_is_sums(), **sums}.items()}
+    sums = {**dict.fromkeys(METRIC_KEYS, 0.0), **empty_is_sums(), **sums}  # absent: none
+    s = {k: float(v) for k, v in sums.items()}
 
     def div(a: float, b: float) -> float:
         return a / b if b else 0.0
