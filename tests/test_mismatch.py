@@ -242,3 +242,22 @@ def test_rollout_schema_has_sampling_columns() -> None:
     assert schema.field("top_k").type == pa.int32() and schema.field("top_k").nullable
     assert schema.field("engine").type == pa.string()
     assert schema.field("policy_version").type == pa.int32()
+
+
+def test_hf_top_k_one_is_greedy_with_zero_logprobs(tmp_path: Path) -> None:
+    """top_k = 1 keeps only the argmax: the greedy tokens, each with processed log-prob 0; the
+    openai engine sends top_k only when it is on (older payloads, hence cache keys, unchanged)."""
+    from pipelines.engines.base import GenerationRequest, load_generation_engine
+    from pipelines.engines.prompts import render_and_encode
+    from tests.helpers_engines import build_random_tiny
+
+    model = build_random_tiny(tmp_path / "model")
+    hf = load_generation_engine(f"hf:{model}")
+    ids = render_and_encode(hf.tokenizer, ["Mod 10. Start with 1. Add 3."])[1][0]
+    greedy, top1 = hf.generate([GenerationRequest(ids, temperature=0.0, max_new_tokens=12),
+                                GenerationRequest(ids, top_k=1, max_new_tokens=12, seed=4)])
+    assert top1[0].token_ids == greedy[0].token_ids
+    assert top1[0].logprobs == [0.0] * len(top1[0].token_ids)
+    openai = load_generation_engine("openai:http://127.0.0.1:9/v1#m", tokenizer=str(model))
+    assert "top_k" not in openai.payload(GenerationRequest(ids))
+    assert openai.payload(GenerationRequest(ids, top_k=5))["top_k"] == 5
