@@ -36,6 +36,9 @@ ROLLOUT_FIELDS = [
     pa.field("temperature", pa.float32(), nullable=False),
     pa.field("top_p", pa.float32(), nullable=False),
     pa.field("seed", pa.int64(), nullable=False),
+    pa.field("top_k", pa.int32()),  # 0 (or -1) = off; null in tables written before it existed
+    pa.field("engine", pa.string()),  # the policy spec's kind: hf | vllm | openai
+    pa.field("policy_version", pa.int32()),  # round loop: rounds trained so far; null offline
     pa.field("pred_answer", pa.string()),
     pa.field("reward", pa.float32(), nullable=False),
     pa.field("correct", pa.bool_(), nullable=False),
@@ -71,6 +74,10 @@ CORRECTED_FIELDS = [
     pa.field("teacher", pa.string()),
     pa.field("correct_status", pa.string(), nullable=False),
 ]
+
+# Columns added after SCHEMA_VERSION 1 was first written: `conform` fills them with nulls when
+# an older table lacks them, so those tables still read.
+LATER_COLUMNS = frozenset({"top_k", "engine", "policy_version"})
 
 SCHEMAS: dict[str, pa.Schema] = {
     "problems": pa.schema(PROBLEM_FIELDS),
@@ -121,12 +128,15 @@ def validate(table_name: str, table: pa.Table, where: str = "") -> None:
 def conform(table_name: str, table: pa.Table, where: str = "") -> pa.Table:
     """Select and cast `table` to the table's schema (column order and types).
 
-    Columns the schema does not declare are dropped; a missing column or a cast that would
-    lose data raises SchemaError naming the column.
+    Columns the schema does not declare are dropped; a missing `LATER_COLUMNS` column is
+    filled with nulls (a table written before it existed); any other missing column or a cast
+    that would lose data raises SchemaError naming the column.
     """
     schema = schema_for(table_name)
     place = f" in {where}" if where else ""
     for f in schema:
+        if f.name in LATER_COLUMNS and f.name not in table.column_names:
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
         if f.name not in table.column_names:
             raise SchemaError(f"{table_name}{place}: missing column {f.name!r} ({f.type})")
     try:

@@ -121,9 +121,9 @@ def test_problems_config_words_are_scope_problems_arith_options() -> None:
 def test_identity_decides_what_is_hashed() -> None:
     """The options that rerun a stage (pinned: a change here changes resume behaviour)."""
     gen = GenerateConfig(**REQUIRED["generate"], storage_options={"secret": "x"})
-    assert set(identity(gen)) == {"policy", "n", "round", "temperature", "top_p",
+    assert set(identity(gen)) == {"policy", "n", "round", "temperature", "top_p", "top_k",
                                   "max_new_tokens", "seed", "limit", "template", "dtype",
-                                  "prompts_per_round", "prompt_seed"}
+                                  "prompts_per_round", "prompt_seed", "policy_version"}
     corr = CorrectConfig(**REQUIRED["correct"])
     assert set(identity(corr)) == {
         "teacher", "mode", "min_prefix_steps", "max_corrections_per_group", "only_all_failed",

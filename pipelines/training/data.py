@@ -9,6 +9,8 @@ at the same column and the model only has to produce logits for the last R + 1 p
     off_mask                       [0 0 1 1 0]         token index >= off_policy_start
     advantages                     (B, R)              scalar per response, broadcast
     old_logp                       (B, R)              behaviour log-probs (0 where unused)
+    behaviour_logp                 (B, R)              behaviour log-probs (NaN where unknown)
+    top_p, top_k                   (B, 1)              the row's sampling truncation (1.0, 0: off)
 
 Position ids count real tokens only, so left padding does not shift positions.
 """
@@ -31,6 +33,9 @@ class TrainRow:
     advantage: float
     token_advantages: list[float] | None
     old_logp: list[float]
+    behaviour: list[float]
+    top_p: float = 1.0
+    top_k: int = 0
 
 
 class ResponseDataset:
@@ -59,6 +64,8 @@ class ResponseDataset:
                 response=resp[:n], off_policy_start=start, advantage=float(r["advantage"]),
                 token_advantages=None if tok_adv is None else list(tok_adv[:n]),
                 old_logp=[x if math.isfinite(x) else 0.0 for x in old],
+                behaviour=[x if math.isfinite(x) else math.nan for x in old],
+                top_p=float(r.get("top_p") or 1.0), top_k=int(r.get("top_k") or 0),
             ))
 
     def __len__(self) -> int:
@@ -92,6 +99,7 @@ class Collator:
         off_mask = torch.zeros((B, R), dtype=torch.bool)
         adv = torch.zeros((B, R), dtype=torch.float32)
         old = torch.zeros((B, R), dtype=torch.float32)
+        behaviour = torch.full((B, R), math.nan, dtype=torch.float32)
         for b, r in enumerate(rows):
             n, p = len(r.response), len(r.prompt)
             input_ids[b, P - p : P] = torch.tensor(r.prompt, dtype=torch.long)
@@ -102,10 +110,14 @@ class Collator:
             adv[b, :n] = (torch.tensor(r.token_advantages) if r.token_advantages is not None
                           else r.advantage)
             old[b, :n] = torch.tensor(r.old_logp)
+            behaviour[b, :n] = torch.tensor(r.behaviour)
         position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
         return {"input_ids": input_ids, "attention_mask": attn, "position_ids": position_ids,
                 "response_mask": resp_mask, "off_mask": off_mask, "advantages": adv,
-                "old_logp": old, "row_idx": torch.tensor(idx, dtype=torch.long)}
+                "old_logp": old, "behaviour_logp": behaviour,
+                "top_p": torch.tensor([[r.top_p] for r in rows], dtype=torch.float32),
+                "top_k": torch.tensor([[r.top_k] for r in rows], dtype=torch.long),
+                "row_idx": torch.tensor(idx, dtype=torch.long)}
 
 
 def response_logprobs(
@@ -117,14 +129,46 @@ def response_logprobs(
 
     from pipelines.training.loss import entropy_from_logits, selective_log_softmax
 
-    R = batch["response_mask"].shape[1]
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], logits_to_keep=R + 1, use_cache=False)
-    logits = out.logits[:, :-1, :]  # position j predicts token j + 1
-    targets = batch["input_ids"][:, -R:]
+    logits, targets = _response_logits(model, batch)
     logp = selective_log_softmax(logits, targets, temperature, chunk_rows)
     entropy = None
     if with_entropy:
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             entropy = entropy_from_logits(logits, temperature, chunk_rows)
     return logp, entropy
+
+
+def _response_logits(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+    """(logits (B, R, V) predicting each response token, the response tokens (B, R))."""
+    R = batch["response_mask"].shape[1]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], logits_to_keep=R + 1, use_cache=False)
+    return out.logits[:, :-1, :], batch["input_ids"][:, -R:]  # position j predicts token j + 1
+
+
+def replayed_logprobs(model: Any, batch: dict[str, Any], temperature: float = 1.0,
+                      chunk_rows: int = 4) -> tuple[Any, Any]:
+    """(full-vocabulary log-probs, log-probs renormalised over the tokens each row's top-k /
+    top-p keeps), both (B, R), from one forward pass.
+
+    The second replays the engine's truncation on the trainer's distribution (the hf engine's
+    `process_logits`, vLLM's rule): log q(y) = log p(y) - log(kept mass), -inf where y is not
+    kept. Rows without truncation get the full log-probs.
+    """
+    import torch
+
+    from pipelines.engines.hf import process_logits
+    from pipelines.training.loss import selective_log_softmax
+
+    logits, targets = _response_logits(model, batch)
+    full = selective_log_softmax(logits, targets, temperature, chunk_rows)
+    kept = []
+    for s in range(0, logits.shape[0], chunk_rows):
+        chunk = logits[s : s + chunk_rows]
+        b, L, V = chunk.shape
+        per_row = {k: batch[k][s : s + chunk_rows].to(chunk.device).repeat_interleave(L, 0)
+                   for k in ("top_p", "top_k")}
+        lq = process_logits(chunk.reshape(b * L, V), torch.full((b * L, 1), float(temperature),
+                            device=chunk.device), per_row["top_p"], True, per_row["top_k"])
+        kept.append(lq.gather(-1, targets[s : s + chunk_rows].reshape(-1, 1)).view(b, L))
+    return full, torch.cat(kept).to(full.dtype)

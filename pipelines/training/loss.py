@@ -22,6 +22,15 @@ mean log-ratio over its on-policy tokens O_i, clipped per sequence and applied t
       dL_t/dl_u = -A * s_i / |O_i|   for u in O_i (unclipped), so the seq_mean of i has gradient
       -A * s_i * mean_{u in O_i} grad l_u, GSPO's sequence-level gradient
 
+Behaviour/trainer mismatch (TRL's `vllm_importance_sampling_*`, `behaviour_weights`): with
+old log-probs recomputed by the trainer (l_old) and the engine's behaviour log-probs b of the
+sampled tokens, the on-policy loss is weighted by a truncated importance weight w:
+      token level:     r_t = exp(l_old_t - b_t)
+      sequence level:  r_i = exp( sum_{t in O_i} (l_old_t - b_t) )     (a sum, as TRL)
+      truncate:  w = clamp(r, C_min, C_max)        mask:  w = r if C_min <= r <= C_max else 0
+      L_t = w * L_t      (t in O_i; teacher tokens have no behaviour log-prob and keep f(p))
+A non-finite b (the engine gave none) has r = 1, as in TRL.
+
 Aggregation over the token mask m (N = `num_items`, the count over the whole optimizer step
 across gradient-accumulation micro-batches and processes; local counts by default):
   token_mean:  sum_{i,t} m L / N_tokens
@@ -39,6 +48,7 @@ log-softmax for the whole batch: per chunk of rows it takes logsumexp and gather
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,8 +59,14 @@ AGGREGATIONS = ("token_mean", "seq_mean", "constant")
 LOSS_TYPES = {"grpo": "seq_mean", "bnpo": "token_mean", "dr_grpo": "constant",
               "dapo": "token_mean"}
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+# TRL's GRPOConfig.vllm_importance_sampling_mode values (TRL 1.16; its default sequence_mask)
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+IS_KEYS = ("is_units", "is_ratio", "is_outside", "is_ratio_max", "is_ratio_min", "lp_known",
+           "lp_diff", "lp_diff_max", "k1", "k3", "kept_mass")
 METRIC_KEYS = ("tokens", "seqs", "on_tokens", "off_tokens", "clipped_tokens", "shaped_weight",
-               "entropy", "kl", "off_prob")
+               "entropy", "kl", "off_prob") + IS_KEYS
+# how metric sums combine across micro-batches and processes (default: add)
+METRIC_REDUCE = {"is_ratio_max": "max", "lp_diff_max": "max", "is_ratio_min": "min"}
 
 
 def _scaled(t: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -168,15 +184,17 @@ def mixed_policy_loss(
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
     importance_sampling_level: str = "token",
+    is_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The objective of the module docstring.
 
     Shapes: logp, old_logp, mask, off_mask (B, L); advantages (B,) or (B, L). `old_logp` is
     ignored (may be NaN) on off-policy and masked tokens. `importance_sampling_level` is
     "token" (PPO/GRPO) or "sequence" (GSPO; on-policy tokens of a clipped sequence all count
-    as clipped). Returns (loss, metric sums): the sums (see `METRIC_KEYS`) are detached local
-    totals, so they can be added across micro-batches and processes before
-    `metrics_from_sums`.
+    as clipped). `is_weight` (B, L), from `behaviour_weights`, multiplies the on-policy loss
+    (the engine/trainer mismatch correction). Returns (loss, metric sums): the sums (see
+    `METRIC_KEYS`; the `IS_KEYS` ones come from `behaviour_weights`) are detached local totals,
+    so they can be combined across micro-batches and processes before `metrics_from_sums`.
     """
     if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
         raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}; "
@@ -199,6 +217,8 @@ def mixed_policy_loss(
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high) * adv
     on_loss = -torch.min(unclipped, clipped)
+    if is_weight is not None:
+        on_loss = on_loss * is_weight.detach().to(logp.dtype)
     # Off-policy: LUFFY shaping f(p) = p / (p + gamma), no clip, no behaviour prob.
     p = torch.exp(logp)
     weight = p / (p + shaping_gamma)
@@ -228,6 +248,24 @@ def mixed_policy_loss(
             "kl": zero if kl is None else (kl.detach() * mask).sum(),
         }
     return loss, sums
+
+
+def empty_is_sums(device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """`IS_KEYS` sums of a batch without mismatch statistics (behaviour log-probs as pi_old)."""
+    z = torch.zeros((), device=device)
+    return {**{k: z for k in IS_KEYS}, "is_ratio_max": z - math.inf, "lp_diff_max": z - math.inf,
+            "is_ratio_min": z + math.inf}
+
+
+def combine_sums(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Metric sums of two micro-batches together (`METRIC_REDUCE`: max/min, else add)."""
+    ops = {"max": torch.maximum, "min": torch.minimum}
+    out = dict(a)
+    for k, v in b.items():
+        op = METRIC_REDUCE.get(k)
+        out[k] = v if k not in a else (ops[op](torch.as_tensor(a[k]), torch.as_tensor(v))
+                                       if op else a[k] + v)
+    return out
 
 
 def mask_truncated_completions(
@@ -273,11 +311,16 @@ def overlong_penalty(
 
 def metrics_from_sums(sums: dict[str, Any]) -> dict[str, float]:
     """Ratios from metric sums: clip fraction (of on-policy tokens), off-policy token share,
-    mean shaped weight f(p) and mean p (of off-policy tokens), mean entropy and KL per token."""
+    mean shaped weight f(p) and mean p (of off-policy tokens), mean entropy and KL per token;
+    the mismatch statistics of `behaviour_weights` (0 where nothing was measured, as TRL)."""
+    sums = {**dict.fromkeys(METRIC_KEYS, 0.0), **empty_is_sums(), **sums}  # absent: none
     s = {k: float(v) for k, v in sums.items()}
 
     def div(a: float, b: float) -> float:
         return a / b if b else 0.0
+
+    def finite(x: float) -> float:
+        return x if math.isfinite(x) else 0.0
 
     return {
         "clip_fraction": div(s["clipped_tokens"], s["on_tokens"]),
@@ -288,4 +331,68 @@ def metrics_from_sums(sums: dict[str, Any]) -> dict[str, float]:
         "kl": div(s["kl"], s["tokens"]),
         "tokens": s["tokens"],
         "sequences": s["seqs"],
+        # TRL: sampling/importance_sampling_ratio/{mean,min,max} (after truncation/masking)
+        "is_ratio_mean": div(s["is_ratio"], s["is_units"]),
+        "is_ratio_min": finite(s["is_ratio_min"]),
+        "is_ratio_max": finite(s["is_ratio_max"]),
+        "is_outside_fraction": div(s["is_outside"], s["is_units"]),  # truncated or masked
+        # TRL: sampling/sampling_logp_difference/{mean,max}, |l_old - b|
+        "sampling_logp_difference_mean": div(s["lp_diff"], s["lp_known"]),
+        "sampling_logp_difference_max": finite(s["lp_diff_max"]),
+        "behaviour_kl_k1": div(s["k1"], s["lp_known"]),
+        "behaviour_kl_k3": div(s["k3"], s["lp_known"]),
+        "kept_mass": div(s["kept_mass"], s["lp_known"]),
     }
+
+
+def behaviour_weights(
+    old_logp: torch.Tensor,
+    behaviour_logp: torch.Tensor,
+    on: torch.Tensor,
+    mode: str = "sequence_mask",
+    clip_min: float | None = None,
+    clip_max: float | None = 3.0,
+    full_logp: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Truncated/masked importance weights of the engine -> trainer mismatch (module docstring;
+    TRL's `vllm_importance_sampling_mode` / `_clip_min` / `_clip_max`).
+
+    old_logp: trainer log-probs at round start (renormalised over the replayed top-k/top-p
+    support when sampling truncated, -inf for a token outside it); behaviour_logp: the engine's
+    (NaN where unknown); on: on-policy token mask, all (B, L); full_logp: the trainer's
+    full-vocabulary log-probs when old_logp is replayed (for the kept-mass statistic).
+    Returns (w (B, L), detached metric sums of `IS_KEYS`): ratio count/sum/max/min and count
+    outside [clip_min, clip_max] (per token, or per sequence at sequence level), and over the
+    on-policy tokens with a finite difference d = l_old - b: |d| sum and max, KL(behaviour ||
+    trainer) estimates k1 = -d and k3 = exp(d) - d - 1, and the kept mass exp(full - old).
+    """
+    if mode not in IS_MODES:
+        raise ValueError(f"unknown vllm_importance_sampling_mode {mode!r}; use one of {IS_MODES}")
+    with torch.no_grad():
+        on = on.bool()
+        old, beh = old_logp.float(), behaviour_logp.float()
+        diff = torch.where(on & torch.isfinite(beh), old - beh, torch.zeros_like(old))
+        if mode.startswith("sequence"):
+            raw, units = diff.sum(-1, keepdim=True).exp(), on.any(-1, keepdim=True)
+        else:
+            raw, units = diff.exp(), on
+        lo = -math.inf if clip_min is None else clip_min
+        hi = math.inf if clip_max is None else clip_max
+        outside = (raw < lo) | (raw > hi)
+        w = raw.clamp(min=clip_min, max=clip_max) if mode.endswith("truncate") else (
+            raw.masked_fill(outside, 0.0))
+        ratios = w[units]
+        known = on & torch.isfinite(beh) & torch.isfinite(diff)
+        d = diff[known]
+        kept = (full_logp.float() - old)[known] if full_logp is not None else d.new_zeros(
+            d.shape)
+        sums = {
+            "is_units": units.sum().float(), "is_ratio": ratios.sum(),
+            "is_outside": (outside & units).sum().float(),
+            "is_ratio_max": ratios.max() if ratios.numel() else old.new_tensor(-math.inf),
+            "is_ratio_min": ratios.min() if ratios.numel() else old.new_tensor(math.inf),
+            "lp_known": known.sum().float(), "lp_diff": d.abs().sum(),
+            "lp_diff_max": d.abs().max() if d.numel() else old.new_tensor(-math.inf),
+            "k1": (-d).sum(), "k3": (d.exp() - d - 1).sum(), "kept_mass": kept.exp().sum(),
+        }
+    return w.expand_as(old).to(old_logp.dtype), sums

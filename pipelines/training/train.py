@@ -75,6 +75,15 @@ class TrainConfig:
         1024, help="max response tokens (longer responses are truncated and counted)")
     old_logprobs: str = option(
         "behaviour", help="behaviour (from the rollouts) | recompute (model at round start)")
+    vllm_importance_sampling_correction: bool = option(
+        False, help="with --old-logprobs recompute: weight the on-policy loss by the truncated "
+        "importance ratio recomputed/behaviour (TRL's name; docs/training.md)")
+    vllm_importance_sampling_mode: str = option(
+        "sequence_mask", help="token_truncate | token_mask | sequence_truncate | sequence_mask")
+    vllm_importance_sampling_clip_max: float | None = option(
+        3.0, help="upper bound C_max of the importance ratio (truncated or masked above)")
+    vllm_importance_sampling_clip_min: float | None = option(
+        None, help="lower bound C_min of the importance ratio (truncated or masked below)")
     bf16: bool = option(False, help="bf16 autocast", trainer=True)
     seed: int = option(0, help="seed (data order, init of LoRA)", trainer=True)
     lora: bool = option(False, help="train LoRA adapters (needs peft); merged on save")
@@ -100,7 +109,7 @@ class TrainConfig:
     storage_options: dict[str, Any] | None = storage_options_field()
 
     def check(self) -> None:
-        from pipelines.training.loss import IMPORTANCE_SAMPLING_LEVELS, aggregation_of
+        from pipelines.training.loss import IMPORTANCE_SAMPLING_LEVELS, IS_MODES, aggregation_of
 
         get_algo(self.algo)
         try:
@@ -112,10 +121,30 @@ class TrainConfig:
                              f"; use one of {IMPORTANCE_SAMPLING_LEVELS}")
         if self.old_logprobs not in OLD_LOGPROBS:
             raise ValueError(f"unknown old_logprobs {self.old_logprobs!r}; use {OLD_LOGPROBS}")
+        self._check_importance_sampling(IS_MODES)
         if self.max_length < 1 or self.per_device_train_batch_size < 1:
             raise ValueError("max_length and per_device_train_batch_size must be >= 1")
         if self.shaping_gamma <= 0 or self.temperature <= 0 or self.epsilon < 0:
             raise ValueError("shaping_gamma and temperature must be > 0, epsilon >= 0")
+
+    def _check_importance_sampling(self, modes: tuple[str, ...]) -> None:
+        """TRL's GRPOConfig checks of the vllm_importance_sampling_* options, plus: the
+        correction needs recomputed old log-probs (else pi_old is the behaviour policy)."""
+        lo, hi = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if self.vllm_importance_sampling_mode not in modes:
+            raise ValueError(f"unknown vllm_importance_sampling_mode "
+                             f"{self.vllm_importance_sampling_mode!r}; use one of {modes}")
+        if lo is not None and hi is not None and lo >= hi:
+            raise ValueError(f"vllm_importance_sampling_clip_min ({lo}) must be less than "
+                             f"vllm_importance_sampling_clip_max ({hi})")
+        if not self.vllm_importance_sampling_correction:
+            return
+        if self.old_logprobs != "recompute":
+            raise ValueError("vllm_importance_sampling_correction needs --old-logprobs recompute "
+                             "(with behaviour old log-probs the ratio is 1)")
+        if self.vllm_importance_sampling_mode.endswith("truncate") and lo is None and hi is None:
+            raise ValueError("a *_truncate vllm_importance_sampling_mode needs "
+                             "vllm_importance_sampling_clip_min or _clip_max")
 
     def training_arguments(self, output_dir: str) -> Any:
         """The `transformers.TrainingArguments` of this config; trainer files (none are kept:
@@ -166,6 +195,8 @@ def load_rows(cfg: TrainConfig) -> tuple[Any, Any]:
         raise ValueError(f"{cfg.data}: the {kind} table is empty; nothing to train")
     if cfg.old_logprobs == "behaviour":
         check_sampling(df, cfg.temperature, cfg.data)
+    df = df.with_columns(pl.col("top_k").fill_null(0), pl.col("top_p").fill_null(1.0)) if (
+        "top_k" in df.columns) else df.with_columns(top_k=pl.lit(0, pl.Int32))
     if kind != "corrected":
         df = df.with_columns(
             kind=pl.lit("policy"), source_rollout_id=pl.lit(None, pl.String),
@@ -178,17 +209,39 @@ def load_rows(cfg: TrainConfig) -> tuple[Any, Any]:
             f"{cfg.data}: every group has zero advantage ({s.get('groups_zero_advantage', 0)} "
             f"of {s.get('groups', 0)} groups: all responses equally rewarded) or no response "
             "has tokens; nothing to train, no checkpoint written")
+    sampling = df.select("rollout_id", "top_p", "top_k").unique("rollout_id", keep="first")
+    assembly.rows = assembly.rows.join(sampling, on="rollout_id", how="left",
+                                       maintain_order="left")
     return assembly, manifest
+
+
+SAMPLING_COLUMNS = ("engine", "temperature", "top_p", "top_k")
 
 
 def check_sampling(df: pl.DataFrame, temperature: float, where: str) -> None:
     """Refuse behaviour log-probs the trainer's ratio cannot use as pi_old.
 
     The ratio pi_theta / pi_old needs pi_old at the trainer's temperature over the full
-    vocabulary. Rows sampled at another temperature carry log-probs of another distribution;
-    rows sampled with top_p < 1 carry log-probs of the renormalised nucleus (biased by the kept
-    mass, TRL issue 6789). Both ask for `--old-logprobs recompute` (or the sampling temperature).
+    vocabulary, from one sampler. A table mixing engines or sampling parameters is refused
+    (naming the values); rows sampled at another temperature carry log-probs of another
+    distribution; rows sampled with top_p < 1 or top_k > 0 carry log-probs of the renormalised
+    kept set (biased by the kept mass, TRL issue 6789). All ask for `--old-logprobs recompute`
+    (or the sampling temperature).
     """
+    cols = [c for c in SAMPLING_COLUMNS if c in df.columns]
+    found = df.select(cols).unique().sort(cols, nulls_last=True)
+    if found.height > 1:
+        values = "; ".join(", ".join(f"{c}={v}" for c, v in zip(cols, row, strict=True))
+                           for row in found.iter_rows())
+        raise ValueError(f"{where}: rows were sampled by {found.height} different samplers "
+                         f"({values}); their behaviour log-probs are not one pi_old: pass "
+                         "--old-logprobs recompute")
+    top_k = df["top_k"].fill_null(0).max() if "top_k" in df.columns else 0
+    if top_k and top_k > 0:
+        raise ValueError(
+            f"{where}: rows were sampled with top_k {top_k}: their behaviour log-probs are of "
+            "the renormalised top-k set, not of the policy (the ratio would be biased by the "
+            "kept mass); pass --old-logprobs recompute")
     sampled = df.select("temperature", "top_p").unique().sort("temperature", "top_p")
     for t, top_p in sampled.iter_rows():
         if abs(t - temperature) > 1e-6:
@@ -293,7 +346,7 @@ def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = Non
             raise NonFiniteLossError(f"weights became NaN/inf by step {trainer.state.global_step}"
                                      "; nothing was saved")
         metrics = pl.DataFrame(trainer.metric_rows)
-        summary = _summary(metrics, dataset, stats or {})
+        summary = _summary(metrics, dataset, stats or {}, cfg.old_logprobs == "recompute")
         _save(trainer, cfg, out, metrics, summary, inputs or [], versions())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -310,7 +363,8 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available() or torch.backends.mps.is_available()
 
 
-def _summary(metrics: pl.DataFrame, dataset: Any, stats: dict[str, Any]) -> dict[str, Any]:
+def _summary(metrics: pl.DataFrame, dataset: Any, stats: dict[str, Any],
+             mismatch: bool = False) -> dict[str, Any]:
     m = metrics
     tokens = float(m["tokens"].sum()) if m.height else 0.0
 
@@ -318,6 +372,16 @@ def _summary(metrics: pl.DataFrame, dataset: Any, stats: dict[str, Any]) -> dict
         w = m[weight].sum() if m.height else 0
         return float((m[col] * m[weight]).sum() / w) if w else 0.0
 
+    extra = {} if not (mismatch and m.height) else {  # token-weighted over steps; min/max
+        "is_ratio_mean": wmean("is_ratio_mean", "tokens"),
+        "is_ratio_min": float(m["is_ratio_min"].min()),
+        "is_ratio_max": float(m["is_ratio_max"].max()),
+        "is_outside_fraction": wmean("is_outside_fraction", "tokens"),
+        "sampling_logp_difference_mean": wmean("sampling_logp_difference_mean", "tokens"),
+        "sampling_logp_difference_max": float(m["sampling_logp_difference_max"].max()),
+        "behaviour_kl_k3": wmean("behaviour_kl_k3", "tokens"),
+        "kept_mass": wmean("kept_mass", "tokens"),
+    }
     return {
         "steps": m.height, "responses": len(dataset), "tokens": int(tokens),
         "truncated_responses": dataset.truncated,
@@ -329,7 +393,7 @@ def _summary(metrics: pl.DataFrame, dataset: Any, stats: dict[str, Any]) -> dict
         "clip_fraction": wmean("clip_fraction", "tokens"),
         "off_policy_share": wmean("off_policy_share", "tokens"),
         "mean_entropy": wmean("entropy", "tokens"),
-    }
+    } | extra
 
 
 def _save(trainer: Any, cfg: TrainConfig, out: Path, metrics: pl.DataFrame,

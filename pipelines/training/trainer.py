@@ -7,7 +7,11 @@ step and all processes; each micro-batch's loss is its sum over that global coun
 number of processes because DDP/DeepSpeed average gradients; `loss_is_scaled_for_ga` stops the
 Trainer from dividing again. With old_logprobs='recompute' or beta > 0, the first training step
 first computes the round-start (old) and reference log-probs of every row with the wrapped
-model, so it also works under DeepSpeed ZeRO-3.
+model, so it also works under DeepSpeed ZeRO-3. With recompute, every step also measures the
+engine/trainer mismatch (`loss.behaviour_weights`) and, with
+`vllm_importance_sampling_correction`, weights the on-policy loss by it; rows sampled with
+top-k/top-p get their recomputed log-probs renormalised over the replayed kept set
+(`data.replayed_logprobs`) for that weight.
 """
 
 from __future__ import annotations
@@ -18,10 +22,14 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from pipelines.console import progress
-from pipelines.training.data import response_logprobs
+from pipelines.training.data import replayed_logprobs, response_logprobs
 from pipelines.training.loss import (
     METRIC_KEYS,
+    METRIC_REDUCE,
     aggregation_of,
+    behaviour_weights,
+    combine_sums,
+    empty_is_sums,
     metrics_from_sums,
     mixed_policy_loss,
 )
@@ -44,6 +52,7 @@ class MixedPolicyTrainer(Trainer):
         self.needs_precompute = train_cfg.old_logprobs == "recompute" or (
             train_cfg.beta != 0.0)
         self.old_store: list[Any] | None = None
+        self.replay_store: list[Any] | None = None  # old, renormalised over top-k/top-p
         self.ref_store: list[Any] | None = None
         self.metric_rows: list[dict[str, Any]] = []
         self._sums: dict[str, Any] = {}
@@ -71,7 +80,8 @@ class MixedPolicyTrainer(Trainer):
         policy = self.accelerator.unwrap_model(model)
         was_training = policy.training
         policy.eval()
-        old, ref = [], []
+        old, ref, replay = [], [], []
+        truncated = any(r.top_p < 1 or r.top_k > 0 for r in self.train_dataset.rows)
         if self.ref_model is not None:
             self.ref_model.to(self.args.device)
         ds, bs = self.train_dataset, self.args.per_device_train_batch_size
@@ -79,7 +89,13 @@ class MixedPolicyTrainer(Trainer):
             batch = self.data_collator([ds[i] for i in range(start, min(start + bs, len(ds)))])
             batch = self._prepare_inputs(batch)
             n = batch["response_mask"].sum(-1).long().tolist()
-            if self.cfg.old_logprobs == "recompute":
+            if self.cfg.old_logprobs == "recompute" and truncated:
+                with self.compute_loss_context_manager():
+                    lp, lq = replayed_logprobs(policy, batch, self.cfg.temperature,
+                                               chunk_rows=self.cfg.logprob_chunk_rows)
+                old += [lp[b, : n[b]].float().cpu() for b in range(len(n))]
+                replay += [lq[b, : n[b]].float().cpu() for b in range(len(n))]
+            elif self.cfg.old_logprobs == "recompute":
                 with self.compute_loss_context_manager():
                     lp, _ = response_logprobs(policy, batch, self.cfg.temperature,
                                               chunk_rows=self.cfg.logprob_chunk_rows)
@@ -90,6 +106,7 @@ class MixedPolicyTrainer(Trainer):
                                               chunk_rows=self.cfg.logprob_chunk_rows)
                 ref += [lp[b, : n[b]].float().cpu() for b in range(len(n))]
         self.old_store = old or None
+        self.replay_store = replay or None
         self.ref_store = ref or None
         self.ref_model = None  # frees its memory
         policy.train(was_training)
@@ -115,13 +132,14 @@ class MixedPolicyTrainer(Trainer):
         old = inputs["old_logp"] if self.old_store is None else self._stored(
             self.old_store, inputs)
         ref = None if self.ref_store is None else self._stored(self.ref_store, inputs)
+        weight, is_sums = self._mismatch(old, inputs)
         loss, sums = mixed_policy_loss(
             logp, old, inputs["advantages"], inputs["response_mask"], inputs["off_mask"],
             epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
             shaping_gamma=cfg.shaping_gamma, aggregation=cfg.loss_type,
             importance_sampling_level=cfg.importance_sampling_level,
             max_length=cfg.max_length, num_items=num_items_in_batch, ref_logp=ref,
-            beta=cfg.beta, entropy=entropy, entropy_coef=cfg.entropy_coef)
+            beta=cfg.beta, entropy=entropy, entropy_coef=cfg.entropy_coef, is_weight=weight)
         bad = torch.as_tensor(float(not torch.isfinite(loss)), device=loss.device)
         if self.accelerator.num_processes > 1:
             bad = self.accelerator.reduce(bad, reduction="sum")
@@ -131,19 +149,34 @@ class MixedPolicyTrainer(Trainer):
             raise NonFiniteLossError(
                 f"non-finite loss at optimizer step {self.state.global_step + 1}; "
                 f"rollout ids in the batch (this process): {ids}; nothing was saved")
-        for k, v in sums.items():
-            self._sums[k] = self._sums.get(k, 0) + v
+        self._sums = combine_sums(self._sums, {**sums, **is_sums})
         # DDP/DeepSpeed average gradients over processes; the divisor is already global.
         loss = loss * self.accelerator.num_processes
         return (loss, {"logp": logp}) if return_outputs else loss
+
+    def _mismatch(self, old: Any, inputs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """(IS weight or None, mismatch sums) of a batch: measured whenever old log-probs are
+        recomputed, applied only with vllm_importance_sampling_correction."""
+        cfg = self.cfg
+        if cfg.old_logprobs != "recompute":
+            return None, empty_is_sums(old.device)
+        on = inputs["response_mask"].bool() & ~inputs["off_mask"].bool()
+        target = old if self.replay_store is None else self._stored(self.replay_store, inputs)
+        weight, sums = behaviour_weights(
+            target, inputs["behaviour_logp"], on, cfg.vllm_importance_sampling_mode,
+            cfg.vllm_importance_sampling_clip_min, cfg.vllm_importance_sampling_clip_max,
+            full_logp=old)
+        return (weight if cfg.vllm_importance_sampling_correction else None), sums
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._sums:
             sums = torch.stack([torch.as_tensor(self._sums.get(k, 0.0), dtype=torch.float32,
                                                  device=self.args.device)
                                 for k in METRIC_KEYS])
-            if self.accelerator.num_processes > 1:
-                sums = self.accelerator.reduce(sums, reduction="sum")
+            if self.accelerator.num_processes > 1:  # add, or max/min (METRIC_REDUCE)
+                every = self.accelerator.gather(sums[None])
+                sums = torch.stack([getattr(every[:, j], METRIC_REDUCE.get(k, "sum"))()
+                                    for j, k in enumerate(METRIC_KEYS)])
             self._sums = {}
             stats = metrics_from_sums(dict(zip(METRIC_KEYS, sums.tolist(), strict=True)))
             logs.update(stats)
