@@ -121,8 +121,10 @@ def test_online_k1_generates_one_round_ahead(tmp_path, tiny_policy) -> None:
     assert sorted(set(res.metrics["round"].to_list())) == [0, 1, 2, 3]
     from scope_data.shards import scan
 
-    def sampled_by(r: int) -> set[str]:
-        return set(scan(str(out / f"round-{r:04d}" / "generate")).collect()["policy"])
+    def sampled_by(r: int) -> tuple[set[str], set[int]]:
+        rows = scan(str(out / f"round-{r:04d}" / "generate")).collect()
+        return set(rows["policy"]), set(rows["policy_version"])
 
-    assert sampled_by(1) == sampled_by(2) == {f"hf:{tiny_policy}"}  # rounds 1, 2: initial
-    assert sampled_by(3) == {f"hf:{out / 'round-0001' / 'train'}"}  # round 3: round 1's
+    initial = ({f"hf:{tiny_policy}"}, {0})
+    assert sampled_by(1) == sampled_by(2) == initial  # rounds 1, 2: the initial policy
+    assert sampled_by(3) == ({f"hf:{out / 'round-0001' / 'train'}"}, {1})  # round 3: round 1's

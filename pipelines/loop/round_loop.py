@@ -196,7 +196,8 @@ def run(cfg: RunConfig, runner: _Runner | None = None, max_staleness: int = 0) -
     if writes_metrics:
         _write_metrics(run_dir, recipe, 0)
     for r in range(1, rounds + 1):
-        behaviour = history[max(0, r - 1 - max_staleness)]
+        version = max(0, r - 1 - max_staleness)  # rounds trained into the sampling policy
+        behaviour = (*history[version], version)
         policy, policy_hash = _round(runner, recipe, run_dir, r, history[-1], behaviour,
                                      train_problems, problem_hashes)
         history.append((policy, policy_hash))
@@ -253,14 +254,15 @@ def _check_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
 
 
 def _round(runner: _Runner, recipe: Recipe, run_dir: Path, r: int, latest: tuple[str, str],
-           behaviour: tuple[str, str], train_problems: str, problem_hashes: dict[str, str]
+           behaviour: tuple[str, str, int], train_problems: str, problem_hashes: dict[str, str]
            ) -> tuple[str, str]:
     """generate (with the `behaviour` policy) -> score -> correct -> train (the `latest`
     policy) for round r; returns the new policy spec + hash. Offline both are round r-1's."""
     where = f"round-{r:04d}"
     rd = round_dir(run_dir, r)
     policy, policy_hash = latest
-    gcfg = stages.generate_config(recipe, train_problems, behaviour[0], str(rd / "generate"), r)
+    gcfg = stages.generate_config(recipe, train_problems, behaviour[0], str(rd / "generate"), r,
+                                  policy_version=behaviour[2])
     h = runner.stage(where, "generate", gcfg, [problem_hashes["train"], behaviour[1]],
                      lambda: stages.run_generate(gcfg))
     table = gcfg.out

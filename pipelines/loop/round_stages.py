@@ -99,7 +99,10 @@ def _seed(recipe: Recipe, stage: str, r: int) -> int:
     return derive_seed(recipe.seed, stage, r)
 
 
-def generate_config(recipe: Recipe, problems: str, policy: str, out: str, r: int) -> Any:
+def generate_config(recipe: Recipe, problems: str, policy: str, out: str, r: int,
+                    policy_version: int | None = None) -> Any:
+    """Round r's GenerateConfig; `policy_version`: rounds trained into `policy` (default r-1:
+    on-policy; online with staleness K, r-1-K)."""
     from pipelines.stages.generate import GenerateConfig
 
     opts = dict(recipe.generate)
@@ -107,7 +110,8 @@ def generate_config(recipe: Recipe, problems: str, policy: str, out: str, r: int
     if opts.get("prompts_per_round") is not None:
         opts.setdefault("prompt_seed", recipe.seed)
     return make_config(GenerateConfig, opts, "generate", problems=problems, policy=policy,
-                       out=out, round=r, policy_version=r - 1)  # rounds trained before r
+                       out=out, round=r,
+                       policy_version=r - 1 if policy_version is None else policy_version)
 
 
 def run_generate(cfg: Any) -> None:
