@@ -44,6 +44,7 @@ import polars as pl
 from pipelines.config import identity, option
 from pipelines.loop import round_stages as stages
 from pipelines.loop.recipe import Recipe, load_recipe
+from pipelines.loop.round_tracking import log_round
 from scope_data.algos import get_algo
 from scope_data.hashing import config_hash
 
@@ -143,6 +144,7 @@ def run(cfg: RunConfig) -> RunResult:
     run_dir = Path(cfg.out).expanduser().resolve()
     if not cfg.dry_run:
         _check_run_dir(run_dir, recipe, cfg.resume)
+        stages.tracker(recipe, run_dir)  # an unknown or missing tracker fails before any stage
     runner = _Runner(run_dir, cfg.resume, cfg.dry_run, cfg.verbose)
     policy = stages.initial_policy(recipe, dry_run=cfg.dry_run)
 
@@ -241,7 +243,8 @@ def _evaluate(runner: _Runner, recipe: Recipe, run_dir: Path, r: int, policy: st
 
 
 def _write_metrics(run_dir: Path, recipe: Recipe, last_round: int) -> None:
-    """Rebuild RUN_DIR/metrics.parquet from every finished round (idempotent on resume)."""
+    """Rebuild RUN_DIR/metrics.parquet from every finished round (idempotent on resume) and
+    log the last round into the run's tracker (`round_tracking`)."""
     rows: list[dict[str, Any]] = []
     for r in range(0, last_round + 1):
         rows.extend(stages.round_metrics(recipe, round_dir(run_dir, r), r))
@@ -249,4 +252,5 @@ def _write_metrics(run_dir: Path, recipe: Recipe, last_round: int) -> None:
     tmp = run_dir / f".{METRICS_FILE}.tmp"
     frame.write_parquet(tmp)
     tmp.replace(run_dir / METRICS_FILE)
+    log_round(stages.tracker(recipe, run_dir), frame, last_round, round_dir(run_dir, last_round))
 
