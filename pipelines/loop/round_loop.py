@@ -13,6 +13,7 @@ Layout of a run folder::
     RUN_DIR/round-XXXX/eval/<name>/      evaluation of the new checkpoint
     RUN_DIR/round-XXXX/_stages/<s>.json  completion marker: the stage's config hash
     RUN_DIR/metrics.parquet              one row per (round, eval set), rebuilt after each round
+    RUN_DIR/tracking/                    tracker run of train.report_to (round_tracking.py)
 
 A stage's hash covers its own config and the hashes of the stages it reads, so `--resume` skips
 a stage whose marker holds the same hash, and a changed option reruns that stage and everything
