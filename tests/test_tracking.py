@@ -213,6 +213,7 @@ def test_scope_run_logs_each_round_once(tmp_path: Path, tiny_policy: Path) -> No
 
     from pipelines.loop.recipe import recipe_from_dict
     from pipelines.loop.round_loop import RunConfig, run
+    from scope_data.shards import scan
     from tests.test_run import _recipe
 
     body = _recipe(f"hf:{tiny_policy}", rounds=1)
@@ -223,7 +224,8 @@ def test_scope_run_logs_each_round_once(tmp_path: Path, tiny_policy: Path) -> No
     run(RunConfig(recipe=recipe_from_dict(body), out=str(out), resume=True, verbose=False))
     assert sorted((out / "tracking" / "tensorboard").iterdir()) == events
 
-    acc = EventAccumulator(str(out / "tracking" / "tensorboard"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(out / "tracking" / "tensorboard"),
+                           size_guidance={"scalars": 0, "histograms": 0})
     acc.Reload()
     steps = int(metrics["train_steps"][1])
     train = pl.read_parquet(out / "round-0001" / "train" / "train_metrics.parquet")
@@ -234,6 +236,11 @@ def test_scope_run_logs_each_round_once(tmp_path: Path, tiny_policy: Path) -> No
                 "teacher_tokens", "prm_tokens"):
         assert [(e.step, e.value) for e in acc.Scalars(f"round/{col}")] == [
             (steps, pytest.approx(metrics[col][1]))], col
-    hist = metrics["first_error_hist"][1]
-    if hist is not None and sum(hist) > 0:
-        assert list(acc.Histograms("round/first_error")[0].histogram_value.bucket) == list(hist)
+    scored = scan(str(out / "round-0001" / "score")).collect()
+    located = scored.filter(~pl.col("correct") & (pl.col("first_error") >= 0))["first_error"]
+    want = [int((located.clip(upper_bound=9) == k).sum()) for k in range(10)]
+    assert sum(want) > 0
+    assert list(acc.Histograms("round/prm_first_error")[0].histogram_value.bucket) == want
+    hist = metrics["first_error_hist"][1].to_list()  # the exact checker's positions
+    assert sum(hist) > 0
+    assert list(acc.Histograms("round/first_error")[0].histogram_value.bucket) == hist

@@ -9,6 +9,8 @@ run the trainers of every round log their steps into (RUN_DIR/tracking):
                                off-policy share, clip fraction, zero-advantage groups, teacher
                                and PRM tokens, optimizer steps, ...) and round/round = r
     round/first_error          histogram: failed rollouts per first wrong step (exact checker)
+    round/prm_first_error      histogram: failed rollouts per PRM-located first error step
+                               (the scored table's `first_error`; algos that use the PRM)
 
 The step is the run's optimizer step at the end of round r (optimizer steps of rounds 1..r), so
 round figures line up with the Trainer's per-step logs when the trainer's global step continues
@@ -52,6 +54,19 @@ def round_values(metrics: pl.DataFrame, r: int, rd: Path) -> dict[str, Any]:
     return values
 
 
+def prm_first_errors(rd: Path, size: int = 10) -> list[int] | None:
+    """Failed scored rollouts per PRM first-error step (last bin: index >= size - 1)."""
+    from scope_data.shards import is_table, scan
+
+    if not is_table(str(rd / "score")):
+        return None
+    located = (scan(str(rd / "score"), check=False).select("correct", "first_error")
+               .filter(~pl.col("correct") & (pl.col("first_error") >= 0))
+               .select(pl.col("first_error").clip(upper_bound=size - 1)).collect())
+    counts = dict(located.group_by("first_error").len().iter_rows())
+    return [int(counts.get(k, 0)) for k in range(size)]
+
+
 def log_round(tracker: Any, metrics: pl.DataFrame, r: int, rd: Path) -> None:
     """Log round r's figures and histograms once into `tracker`'s run."""
     key = f"round-{r:04d}"
@@ -64,4 +79,7 @@ def log_round(tracker: Any, metrics: pl.DataFrame, r: int, rd: Path) -> None:
         for column, tag in HISTOGRAMS.items():
             if column in rows.columns and rows.height and rows[column][0] is not None:
                 tracker.histogram(tag, rows[column][0].to_list(), step)
+        prm = prm_first_errors(rd)
+        if prm:
+            tracker.histogram("round/prm_first_error", prm, step)
     tracker.mark(key)
