@@ -103,6 +103,12 @@ def test_report_to_names_and_missing_package(tmp_path: Path) -> None:
         off.log({"a": 1.0}, 0)
     off.mark("round-0000")
     assert not off.active and not (tmp_path / "logs").exists()  # the default writes nothing
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for text in ("{not json", '{"logged": "round-0000"}', "[1]", " " * (2 << 20)):
+        (bad / "tracking.json").write_text(text)
+        with pytest.raises(ValueError, match=r"bad/tracking.json: not a tracker state file"):
+            Tracker("tensorboard", str(bad)).logged("round-0000")
     if importlib.util.find_spec("mlflow") is not None:
         pytest.skip("mlflow is installed")
     res = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "c"), "--policy", "hf:x",

@@ -29,6 +29,7 @@ from typing import Any
 
 TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
 STATE_FILE = "tracking.json"
+MAX_STATE_BYTES = 1 << 20
 WANDB_PROJECT = "scope"  # when WANDB_PROJECT is not set
 STEP_KEY = "train/global_step"  # the x-axis the Trainer's wandb integration defines
 
@@ -81,13 +82,16 @@ class Tracker:
         path = self.dir / STATE_FILE
         if not path.is_file():
             return {}
+        with open(path, "rb") as f:
+            data = f.read(MAX_STATE_BYTES + 1)
         try:
-            state = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}); delete it to start a new tracker "
-                             "run") from None
-        if not isinstance(state, dict):
-            raise ValueError(f"{path}: expected a JSON object")
+            state = json.loads(data) if len(data) <= MAX_STATE_BYTES else None
+        except ValueError:
+            state = None
+        if not (isinstance(state, dict) and isinstance(state.get("run_id", ""), str)
+                and isinstance(state.get("logged", []), list)):
+            raise ValueError(f"{path}: not a tracker state file (a JSON object with run_id and "
+                             "logged); move it away to start a new tracker run")
         return state
 
     def _save_state(self, state: dict[str, Any]) -> None:
