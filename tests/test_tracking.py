@@ -109,6 +109,16 @@ def test_report_to_names_and_missing_package(tmp_path: Path) -> None:
         (bad / "tracking.json").write_text(text)
         with pytest.raises(ValueError, match=r"bad/tracking.json: not a tracker state file"):
             Tracker("tensorboard", str(bad)).logged("round-0000")
+    from pipelines.loop.recipe import recipe_from_dict
+    from pipelines.loop.round_stages import train_config
+    from tests.test_run import _recipe
+
+    body = _recipe("hf:x")
+    body["train"]["report_to"] = ["tensorboard", "wandb"]
+    tcfg = train_config(recipe_from_dict(body), "d", "hf:x", str(tmp_path / "round-0001" / "train"),
+                        1)
+    assert (tcfg.report_to, tcfg.run_name, tcfg.logging_dir) == (
+        "tensorboard,wandb", "t-scope-seed3", str(tmp_path / "tracking"))
     if importlib.util.find_spec("mlflow") is not None:
         pytest.skip("mlflow is installed")
     res = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "c"), "--policy", "hf:x",

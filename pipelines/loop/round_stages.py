@@ -153,6 +153,8 @@ def train_config(recipe: Recipe, data: str, policy: str, out: str, r: int) -> An
     opts.setdefault("seed", _seed(recipe, "train", r))
     opts.setdefault("logging_dir", str(Path(out).parents[1] / "tracking"))  # RUN_DIR/tracking
     opts.setdefault("run_name", f"{recipe.name}-{recipe.algo}-seed{recipe.seed}")
+    if isinstance(opts.get("report_to"), list):  # a YAML list: the comma list of --report-to
+        opts["report_to"] = ",".join(map(str, opts["report_to"]))
     return make_config(TrainConfig, opts, "train", data=data, policy=policy, output_dir=out,
                        algo=recipe.algo)
 
