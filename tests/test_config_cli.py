@@ -135,7 +135,7 @@ def test_identity_decides_what_is_hashed() -> None:
     train = TrainConfig(**REQUIRED["train"])
     assert set(identity(train)) == {f.name for f in dataclasses.fields(TrainConfig)} - {
         "data", "output_dir", "use_cpu", "trust_remote_code", "logprob_chunk_rows",
-        "gradient_checkpointing", "storage_options"}
+        "gradient_checkpointing", "storage_options", "report_to", "run_name", "logging_dir"}
     assert identity(train)["accepted_statuses"] == list(train.accepted_statuses)  # JSON values
     for name, cls in COMMANDS.items():
         if name in REQUIRED:

@@ -13,6 +13,7 @@ Layout of a run folder::
     RUN_DIR/round-XXXX/eval/<name>/      evaluation of the new checkpoint
     RUN_DIR/round-XXXX/_stages/<s>.json  completion marker: the stage's config hash
     RUN_DIR/metrics.parquet              one row per (round, eval set), rebuilt after each round
+    RUN_DIR/tracking/                    tracker run of train.report_to (round_tracking.py)
 
 A stage's hash covers its own config and the hashes of the stages it reads, so `--resume` skips
 a stage whose marker holds the same hash, and a changed option reruns that stage and everything
@@ -46,6 +47,7 @@ import polars as pl
 from pipelines.config import identity, option
 from pipelines.loop import round_stages as stages
 from pipelines.loop.recipe import Recipe, load_recipe
+from pipelines.loop.round_tracking import log_round
 from scope_data.algos import get_algo
 from scope_data.hashing import config_hash
 
@@ -175,6 +177,7 @@ def run(cfg: RunConfig, runner: _Runner | None = None, max_staleness: int = 0) -
     if runner is None:
         if not cfg.dry_run:
             _check_run_dir(run_dir, recipe, cfg.resume)
+            stages.tracker(recipe, run_dir)  # an unknown or missing tracker fails before a stage
         runner = _Runner(run_dir, cfg.resume, cfg.dry_run, cfg.verbose)
     policy = stages.initial_policy(recipe, dry_run=cfg.dry_run)
 
@@ -294,7 +297,8 @@ def _evaluate(runner: _Runner, recipe: Recipe, run_dir: Path, r: int, policy: st
 
 
 def _write_metrics(run_dir: Path, recipe: Recipe, last_round: int) -> None:
-    """Rebuild RUN_DIR/metrics.parquet from every finished round (idempotent on resume)."""
+    """Rebuild RUN_DIR/metrics.parquet from every finished round (idempotent on resume) and
+    log the last round into the run's tracker (`round_tracking`)."""
     rows: list[dict[str, Any]] = []
     for r in range(0, last_round + 1):
         rows.extend(stages.round_metrics(recipe, round_dir(run_dir, r), r))
@@ -302,4 +306,5 @@ def _write_metrics(run_dir: Path, recipe: Recipe, last_round: int) -> None:
     tmp = run_dir / f".{METRICS_FILE}.tmp"
     frame.write_parquet(tmp)
     tmp.replace(run_dir / METRICS_FILE)
+    log_round(stages.tracker(recipe, run_dir), frame, last_round, round_dir(run_dir, last_round))
 

@@ -155,8 +155,17 @@ def train_config(recipe: Recipe, data: str, policy: str, out: str, r: int) -> An
 
     opts = dict(recipe.train)
     opts.setdefault("seed", _seed(recipe, "train", r))
+    opts.setdefault("logging_dir", str(Path(out).parents[1] / "tracking"))  # RUN_DIR/tracking
+    opts.setdefault("run_name", f"{recipe.name}-{recipe.algo}-seed{recipe.seed}")
+    if isinstance(opts.get("report_to"), list):  # a YAML list: the comma list of --report-to
+        opts["report_to"] = ",".join(map(str, opts["report_to"]))
     return make_config(TrainConfig, opts, "train", data=data, policy=policy, output_dir=out,
                        algo=recipe.algo)
+
+
+def tracker(recipe: Recipe, run_dir: Path) -> Any:
+    """The run's tracker: the train stage's report_to, run_name and logging_dir (one owner)."""
+    return train_config(recipe, "", "", str(run_dir / "round-0000" / "train"), 0).tracker()
 
 
 SKIPPED_TRAIN = "train_skipped.json"

@@ -26,6 +26,7 @@ from typing import Any
 import polars as pl
 
 from pipelines.config import identity, meta, option, storage_options_field
+from pipelines.training.tracking import parse_report_to, trainer_report_to
 from scope_data.algos import ALGO_NAMES, UNSCORED_STATUSES, get_algo, training_input_error
 from scope_data.correction import CORRECTED_ROW_STATUSES
 
@@ -106,12 +107,21 @@ class TrainConfig:
         help="correct_status values of corrected rows trained as corrections")
     use_cpu: bool = option(False, help="train on CPU even if a GPU is present", identity=False)
     trust_remote_code: bool = option(False, help="allow custom model code", identity=False)
+    report_to: str = option(
+        "none", identity=False, help="trackers of the training metrics: none, or a comma list "
+        "of tensorboard, wandb, trackio, mlflow (wandb runs offline unless WANDB_MODE is set)")
+    run_name: str | None = option(None, identity=False, trainer=True,
+                                  help="tracker run name")
+    logging_dir: str | None = option(
+        None, identity=False, help="tracker files: tensorboard events, wandb run, run id "
+        "(default: OUT-logs beside --out; `scope run` uses RUN_DIR/tracking)")
     storage_options: dict[str, Any] | None = storage_options_field()
 
     def check(self) -> None:
         from pipelines.training.loss import IMPORTANCE_SAMPLING_LEVELS, IS_MODES, aggregation_of
 
         get_algo(self.algo)
+        parse_report_to(self.report_to)
         try:
             aggregation_of(self.loss_type)
         except ValueError as e:
@@ -146,6 +156,14 @@ class TrainConfig:
             raise ValueError("a *_truncate vllm_importance_sampling_mode needs "
                              "vllm_importance_sampling_clip_min or _clip_max")
 
+    def tracker(self, main: bool = True) -> Any:
+        """The `Tracker` of this run's `report_to` (files under `logging_dir`)."""
+        from pipelines.training.tracking import Tracker
+
+        out = Path(self.output_dir)
+        return Tracker(self.report_to, self.logging_dir or str(out.with_name(out.name + "-logs")),
+                       self.run_name, main=main)
+
     def training_arguments(self, output_dir: str) -> Any:
         """The `transformers.TrainingArguments` of this config; trainer files (none are kept:
         the model is saved by `scope train` itself) go to `output_dir`."""
@@ -157,7 +175,8 @@ class TrainConfig:
         return TrainingArguments(
             output_dir=output_dir, **same, data_seed=self.seed,
             use_cpu=self.use_cpu or not _has_accelerator(), logging_steps=1, save_strategy="no",
-            report_to="none", remove_unused_columns=False, disable_tqdm=True,
+            report_to=trainer_report_to(parse_report_to(self.report_to)),
+            remove_unused_columns=False, disable_tqdm=True,
             dataloader_num_workers=0, logging_nan_inf_filter=False,
             dataloader_pin_memory=torch.cuda.is_available(), ddp_find_unused_parameters=False)
 
@@ -332,16 +351,18 @@ def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = Non
             target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM"))
     scratch = tempfile.mkdtemp(prefix="scope-train-")
     args = cfg.training_arguments(scratch)
+    tracker = cfg.tracker(main=args.process_index == 0)
     from transformers import PrinterCallback, ProgressCallback
 
     trainer = MixedPolicyTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=Collator(dataset, pad),
         processing_class=tok, train_cfg=cfg, ref_model=ref_model,
-        callbacks=[RichProgress()])
+        callbacks=[RichProgress(), *tracker.trainer_callbacks()])
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
     try:
-        trainer.train()
+        with tracker:  # the Trainer's integrations log into the folder's tracker run
+            trainer.train()
         if not all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters()):
             raise NonFiniteLossError(f"weights became NaN/inf by step {trainer.state.global_step}"
                                      "; nothing was saved")
