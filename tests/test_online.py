@@ -119,6 +119,8 @@ def test_online_k1_generates_one_round_ahead(tmp_path, tiny_policy) -> None:
     res = run(RunConfig(recipe=str(recipe), out=str(out), verbose=False, online=True,
                         max_staleness=1))
     assert sorted(set(res.metrics["round"].to_list())) == [0, 1, 2, 3]
+    lag = dict(res.metrics.filter(res.metrics["round"] > 0).select("round", "staleness").rows())
+    assert lag == {1: 0, 2: 1, 3: 1}  # round r trains on samples of the policy of round r-2
     from scope_data.shards import scan
 
     def sampled_by(r: int) -> tuple[set[str], set[int]]:

@@ -247,8 +247,12 @@ def training_figures(rd: Path) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     roll = scan(str(rd / "generate"), check=False).select(
-        "prompt", "task", "response_text", "correct", "problem_id").collect()
+        "prompt", "task", "response_text", "correct", "problem_id", "round",
+        "policy_version").collect()
     out["train_accuracy"] = float(roll["correct"].cast(pl.Float64).mean())
+    # rounds the trainer is ahead of the policy that sampled the round (online K; 0 offline)
+    lag = (roll["round"] - 1 - roll["policy_version"]).drop_nulls()
+    out["staleness"] = int(lag.max()) if lag.len() else 0
     out["first_error_hist"] = first_error_hist(roll)
     failed = int((~roll["correct"]).sum())
     out["failed"] = failed
