@@ -5,7 +5,8 @@ at the same column and the model only has to produce logits for the last R + 1 p
 (`logits_to_keep`):
 
     input_ids      [pad pad p p p | r r r r pad]      (B, P + R)
-    response_mask                  [1 1 1 1 0]         (B, R)
+    response_mask                  [1 1 1 1 0]         (B, R), all 0 for a truncated row
+                                                       under mask_truncated_completions
     off_mask                       [0 0 1 1 0]         token index >= off_policy_start
     advantages                     (B, R)              scalar per response, broadcast
     old_logp                       (B, R)              behaviour log-probs (0 where unused)
@@ -31,17 +32,25 @@ class TrainRow:
     advantage: float
     token_advantages: list[float] | None
     old_logp: list[float]
+    truncated: bool = False  # finish_reason "length", or cut at max_length
 
 
 class ResponseDataset:
-    """One item per assembled response, truncated to `max_length` response tokens."""
+    """One item per assembled response, truncated to `max_length` response tokens.
 
-    def __init__(self, rows: pl.DataFrame, max_length: int, old_logprobs: str = "behaviour"):
+    `mask_truncated`: the collator zeroes the response mask of truncated rows (finish_reason
+    "length" in the table, or cut here), TRL's mask_truncated_completions; `masked` counts them.
+    """
+
+    def __init__(self, rows: pl.DataFrame, max_length: int, old_logprobs: str = "behaviour",
+                 mask_truncated: bool = False):
         self.rows: list[TrainRow] = []
         self.truncated = 0
+        self.mask_truncated = mask_truncated
         for r in rows.iter_rows(named=True):
             resp = list(r["response_token_ids"])
-            if len(resp) > max_length:
+            cut = len(resp) > max_length
+            if cut:
                 self.truncated += 1
             n = min(len(resp), max_length)
             start = min(int(r["off_policy_start"]), n)
@@ -59,7 +68,9 @@ class ResponseDataset:
                 response=resp[:n], off_policy_start=start, advantage=float(r["advantage"]),
                 token_advantages=None if tok_adv is None else list(tok_adv[:n]),
                 old_logp=[x if math.isfinite(x) else 0.0 for x in old],
+                truncated=cut or bool(r.get("truncated")),
             ))
+        self.masked = sum(r.truncated for r in self.rows) if mask_truncated else 0
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -102,6 +113,11 @@ class Collator:
             adv[b, :n] = (torch.tensor(r.token_advantages) if r.token_advantages is not None
                           else r.advantage)
             old[b, :n] = torch.tensor(r.old_logp)
+        if self.dataset.mask_truncated:
+            from pipelines.training.loss import mask_truncated_completions
+
+            resp_mask = mask_truncated_completions(
+                resp_mask, torch.tensor([r.truncated for r in rows]))
         position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
         return {"input_ids": input_ids, "attention_mask": attn, "position_ids": position_ids,
                 "response_mask": resp_mask, "off_mask": off_mask, "advantages": adv,
