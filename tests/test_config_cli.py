@@ -123,7 +123,7 @@ def test_identity_decides_what_is_hashed() -> None:
     gen = GenerateConfig(**REQUIRED["generate"], storage_options={"secret": "x"})
     assert set(identity(gen)) == {"policy", "n", "round", "temperature", "top_p",
                                   "max_new_tokens", "seed", "limit", "template", "dtype",
-                                  "prompts_per_round", "prompt_seed"}
+                                  "prompts_per_round", "prompt_seed", "prompt_batch"}
     corr = CorrectConfig(**REQUIRED["correct"])
     assert set(identity(corr)) == {
         "teacher", "mode", "min_prefix_steps", "max_corrections_per_group", "only_all_failed",
