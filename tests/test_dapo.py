@@ -3,6 +3,7 @@ through assembly and the trainer, and dynamic sampling's group selection and loo
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import polars as pl
@@ -214,6 +215,32 @@ def test_dynamic_sampling_run_and_resume(tmp_path: Path, tiny_policy: Path) -> N
     again = run(RunConfig(recipe=recipe, out=str(out), resume=True, verbose=False))
     assert again.ran == [] and "round-0002/select" in again.skipped
     assert again.metrics.drop("run_name").equals(res.metrics.drop("run_name"))
-    plan = run(RunConfig(recipe=recipe, out=str(tmp_path / "dry"), dry_run=True)).plan
+    # as if killed while selecting: round 2's last batch marker and the select table gone
+    rd = out / "round-0002"
+    last = metrics["sampling_batches"][1]
+    tag = "" if last == 1 else f"-b{last:02d}"
+    (rd / "_stages" / f"generate{tag}.json").unlink()
+    (rd / "_stages" / "select.json").unlink()
+    shutil.rmtree(rd / "select")
+    resumed = run(RunConfig(recipe=recipe, out=str(out), resume=True, verbose=False))
+    assert resumed.ran == [f"round-0002/generate{tag}", "round-0002/select"]
+    assert "round-0002/train" in resumed.skipped  # same selection, same hash
+    assert resumed.metrics.drop("run_name").equals(res.metrics.drop("run_name"))
+
+
+def test_dynamic_sampling_dry_run_plans_batch_one(tmp_path: Path) -> None:
+    from pipelines.loop.recipe import recipe_from_dict
+    from pipelines.loop.round_loop import RunConfig, run
+    from tests.test_run import _recipe
+
+    body = _recipe("hf:/models/p", dynamic_sampling={"max_num_gen_batches": 3})
+    body["generate"]["prompts_per_round"] = 2
+    plan = run(RunConfig(recipe=recipe_from_dict(body), out=str(tmp_path / "dry"),
+                         dry_run=True)).plan
     assert [kind for kind, _ in plan] == ["problems", "problems", "eval"] + [
-        "generate", "train", "eval"] * 2
+        "generate", "score", "correct", "train", "eval"] * 2
+    gens = [c for kind, c in plan if kind == "generate"]
+    assert [(g.round, g.prompt_batch) for g in gens] == [(1, 1), (2, 2)]
+    trains = [c for kind, c in plan if kind == "train"]
+    assert trains[0].data.endswith("round-0001/select")
+    assert not (tmp_path / "dry").exists()

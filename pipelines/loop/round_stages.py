@@ -216,6 +216,11 @@ def round_metrics(recipe: Recipe, rd: Path, r: int) -> list[dict[str, Any]]:
     return rows
 
 
+def batch_folder(rd: Path, k: int) -> Path:
+    """Where sampling batch k of a round writes its stages (dynamic sampling; batch 1: rd)."""
+    return rd if k == 1 else rd / f"batch-{k:02d}"
+
+
 def training_figures(rd: Path) -> dict[str, Any]:
     """Figures of a round's training side, read back from its tables."""
     from scope_data.correction import VERIFIED_STATUSES, salvage_rate
@@ -223,7 +228,10 @@ def training_figures(rd: Path) -> dict[str, Any]:
     from scope_data.shards import is_table, read_manifest, scan
 
     out: dict[str, Any] = {}
-    folders = [rd, *sorted(rd.glob("batch-*"))]  # sampling batches (dynamic sampling)
+    folders = [rd]  # + the sampling batches the round's selection used (dynamic sampling)
+    if is_table(str(rd / "select")):
+        drawn = read_manifest(str(rd / "select")).stats.get("sampling_batches", 1)
+        folders += [batch_folder(rd, k) for k in range(2, drawn + 1)]
 
     def stacked(stage: str, cols: list[str]) -> pl.DataFrame | None:
         found = [str(f / stage) for f in folders if is_table(str(f / stage))]

@@ -51,10 +51,6 @@ class SelectConfig:
     stats: dict[str, Any] = option(help="sampling counts (sampling_stats)")
 
 
-def batch_folder(rd: Path, k: int) -> Path:
-    return rd if k == 1 else rd / f"batch-{k:02d}"
-
-
 def batches_drawn(rd: Path) -> int:
     """Sampling batches a finished round drew (1 without dynamic sampling, or unknown)."""
     path = rd / "_stages" / f"{SELECT_DIR}.json"
@@ -111,12 +107,12 @@ def dynamic_round(runner: Any, recipe: Recipe, run_dir: Path, r: int, policy: st
     ds = recipe.dynamic_sampling
     where, rd = f"round-{r:04d}", run_dir / f"round-{r:04d}"
     target = int(recipe.generate["prompts_per_round"])
-    first = 1 if runner.dry_run else first_batch(run_dir, r)
+    first = r if runner.dry_run else first_batch(run_dir, r)  # dry run: one batch a round
     tcfg = stages.train_config(recipe, "", policy, str(rd / "train"), r)
     algo = get_algo(recipe.algo)
     tables, hashes, frames = [], [], []
     for k in range(1, ds["max_num_gen_batches"] + 1):
-        folder, tag = batch_folder(rd, k), "" if k == 1 else f"-b{k:02d}"
+        folder, tag = stages.batch_folder(rd, k), "" if k == 1 else f"-b{k:02d}"
         gcfg = stages.generate_config(recipe, train_problems, policy, str(folder / "generate"),
                                       r)
         gcfg = dataclasses.replace(gcfg, prompt_batch=first + k - 1,
