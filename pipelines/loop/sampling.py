@@ -143,6 +143,7 @@ def dynamic_round(runner: Any, recipe: Recipe, run_dir: Path, r: int, policy: st
         chosen = groups.filter(pl.col("batch") == 1)
     sel = SelectConfig(out=str(rd / SELECT_DIR), tables=tables,
                        groups=[list(t) for t in chosen.select("batch", "problem_id").iter_rows()],
-                       stats=sampling_stats(groups, target) if frames else {})
+                       stats={**sampling_stats(groups, target), "sampling_batches": len(tables)}
+                       if frames else {})
     h = runner.stage(where, SELECT_DIR, sel, hashes, lambda: write_select(sel), plan=False)
     return sel.out, h
