@@ -244,3 +244,30 @@ def test_dynamic_sampling_dry_run_plans_batch_one(tmp_path: Path) -> None:
     trains = [c for kind, c in plan if kind == "train"]
     assert trains[0].data.endswith("round-0001/select")
     assert not (tmp_path / "dry").exists()
+
+
+def test_scope_judges_groups_after_correction(tmp_path: Path) -> None:
+    """An all-failed group whose failed rollout got an accepted correction has non-zero
+    advantage for scope (what it salvages), not for grpo (which ignores corrections)."""
+    from pipelines.loop.sampling import judge
+    from pipelines.training.train import TrainConfig
+
+    fail = [_row("p1", 0, 3, 0.0), _row("p1", 1, 4, 0.0)]
+    fix = make_row("p1", "p1-fix", [5, 6], [7, 8, 9, 10, 11], 1.0, kind="corrected",
+                   source="p1-1", off_policy_start=2)
+    rows = [*fail, fix, _row("p2", 0, 3, 0.0), _row("p2", 1, 3, 0.0),
+            _row("p3", 0, 2, 1.0), _row("p3", 1, 6, 1.0)]
+    table = write_corrected(tmp_path / "c", rows)
+    for algo, want in (("scope", [True, False, False]), ("grpo", [False, False, False])):
+        cfg = TrainConfig(data="", policy="hf:x", output_dir="o", algo=algo)
+        got = judge(cfg, table, 1)
+        assert got["problem_id"].to_list() == ["p1", "p2", "p3"]
+        assert got["nonzero"].to_list() == want, algo
+        # the budget counts the generated (policy) rows only: 2 rollouts each, their tokens
+        assert got["rollouts"].to_list() == [2, 2, 2]
+        assert got["tokens"].to_list() == [7, 6, 8]
+    # the soft overlong punishment (free up to 2 tokens) separates responses of different
+    # lengths: p1 (3, 4 tokens) and p3 (2, 6) get a gradient under grpo, p2 (3, 3) does not
+    cfg = TrainConfig(data="", policy="hf:x", output_dir="o", algo="grpo", soft_punish_cache=4,
+                      max_completion_len=6)
+    assert judge(cfg, table, 1)["nonzero"].to_list() == [True, False, True]
