@@ -20,6 +20,14 @@ tokens outside every step (and responses without step scores, e.g. unscored corr
 keep A_i. Centring makes the term group-relative like A_i itself, so a group whose responses
 all failed still gives a gradient when its PRM scores differ.
 
+DAPO's soft overlong punishment (`soft_overlong_punishment`) is a reward term added to r_i
+before the advantages, from the response length L_i in tokens (TRL's
+`get_soft_overlong_punishment(max_completion_len, soft_punish_cache)`):
+
+    R(L) = 0                          L <= Lmax - Lcache
+           (Lmax - Lcache - L) / Lcache   Lmax - Lcache < L <= Lmax
+           -1                         L > Lmax
+
 Everything is vectorised over groups. Group means and stds are numpy reductions over a
 (groups, size) block per group size, i.e. numpy's pairwise summation of each group's values in
 row order: the same floats as `np.mean` / `np.std` of each group alone (polars' own float sums
@@ -171,3 +179,14 @@ def zero_groups(
     frame = pl.DataFrame({"group": _series(group_ids), "nonzero": nonzero})
     dead = frame.group_by("group").agg(pl.col("nonzero").any()).filter(~pl.col("nonzero"))
     return set(dead["group"].to_list())
+
+
+def soft_overlong_punishment(length: pl.Expr, max_completion_len: int, soft_punish_cache: int,
+                             factor: float = 1.0) -> pl.Expr:
+    """`factor` * R(L) of the module docstring for a token-count expression, as Float64
+    (verl's `overlong_buffer`: len = Lcache, penalty_factor = factor)."""
+    if not 0 < soft_punish_cache <= max_completion_len:
+        raise ValueError(f"soft_punish_cache must be in (0, max_completion_len], got "
+                         f"{soft_punish_cache} for max_completion_len {max_completion_len}")
+    free = max_completion_len - soft_punish_cache
+    return ((free - length.cast(pl.Float64)) / soft_punish_cache).clip(-1.0, 0.0) * factor

@@ -17,6 +17,13 @@ policy's own tokens, trained with PPO clip against old log-probs), the rest are 
 (teacher tokens, trained with LUFFY's shaped objective). A ``policy`` row has
 ``off_policy_start = len(response)``. (The selection of which failed rollouts get corrected
 lives in `scope_data.groups`, owned by the correct stage.)
+
+DAPO's length handling (both off by default): `soft_punish_cache` > 0 adds the soft overlong
+punishment of each member's response length in tokens (`scope_data.advantages`) to its reward
+before the advantages (column ``overlong_penalty``; a correction is judged on its whole
+response, prefix and teacher suffix); ``truncated`` marks members whose finish_reason is
+``length`` (a correction's is the teacher's), which `scope train --mask-truncated-completions`
+drops from the loss after they counted in their group's advantages, as TRL does.
 """
 
 from __future__ import annotations
@@ -28,7 +35,12 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from scope_data.advantages import dense_step_advantages, group_advantages, zero_groups
+from scope_data.advantages import (
+    dense_step_advantages,
+    group_advantages,
+    soft_overlong_punishment,
+    zero_groups,
+)
 from scope_data.algos import get_algo
 from scope_data.correction import CORRECTED_ROW_STATUSES
 
@@ -41,6 +53,7 @@ ROW_SCHEMA = {
     "prompt_token_ids": pl.List(pl.Int32), "response_token_ids": pl.List(pl.Int32),
     "behaviour_logprobs": pl.List(pl.Float32), "off_policy_start": pl.Int32,
     "reward": pl.Float32, "advantage": pl.Float32, "token_advantages": pl.List(pl.Float32),
+    "overlong_penalty": pl.Float32, "truncated": pl.Boolean,
 }
 
 
@@ -148,7 +161,7 @@ def _members(light: pl.DataFrame, uses_corrections: bool, accepted_statuses: tup
     _count(stats, "corrections_used", pol.height - kept.height)
     _count(stats, "corrections_orphan", fixes.height - pol.height + kept.height)
     members = pl.concat([kept, fixes]).select(
-        "_row", "_first", "_key", "_n", "kind", "off_policy_start", "reward")
+        "_row", "_first", "_key", "_n", "kind", "off_policy_start", "reward", "truncated")
     return members.sort("_first", "_key"), light["_first"].drop_nulls().n_unique()
 
 
@@ -165,12 +178,17 @@ def assemble(
     prm_alpha: float = 1.0,
     accepted_statuses: tuple[str, ...] = CORRECTED_ROW_STATUSES,
     keep_zero_groups: bool = False,
+    soft_punish_cache: int = 0,
+    max_completion_len: int | None = None,
+    overlong_penalty_factor: float = 1.0,
 ) -> Assembly:
     """Assemble groups from a corrected table and attach advantages.
 
     `accepted_statuses`: ``correct_status`` values of the corrected rows to use (default: every
     corrected row `scope correct` writes, `scope_data.correction.CORRECTED_ROW_STATUSES`).
     `keep_zero_groups`: keep groups whose advantages are all zero (for inspection only).
+    `soft_punish_cache` > 0: DAPO's soft overlong punishment with Lmax = `max_completion_len`
+    (required then), scaled by `overlong_penalty_factor`, added to the rewards.
     Raises ValueError naming the rollout for malformed rows.
     """
     record = get_algo(algo)
@@ -178,7 +196,7 @@ def assemble(
     df = table if isinstance(table, pl.DataFrame) else pl.from_arrow(table)
     cols = ["problem_id", "round", "rollout_id", "kind", "source_rollout_id", "prompt_token_ids",
             "response_token_ids", "behaviour_logprobs", "off_policy_start", "reward",
-            "correct_status"] + (["steps"] if dense else [])
+            "correct_status", "finish_reason"] + (["steps"] if dense else [])
     missing = [c for c in cols if c not in df.columns]
     if missing:
         raise ValueError(f"corrected table lacks columns {missing}")
@@ -186,15 +204,23 @@ def assemble(
     _validate(df)
     light = df.select("_row", *GROUP_KEY, "rollout_id", "kind", "source_rollout_id",
                       "off_policy_start", "reward", "correct_status",
-                      _n=pl.col("response_token_ids").list.len().cast(pl.Int64))
+                      _n=pl.col("response_token_ids").list.len().cast(pl.Int64),
+                      truncated=(pl.col("finish_reason") == "length").fill_null(False))
     stats: dict[str, int] = {}
     members, n_groups = _members(light, record.uses_corrections, accepted_statuses, stats)
     if members.height == 0:
         return Assembly(pl.DataFrame(schema=ROW_SCHEMA), dict(stats, groups=0, responses=0))
 
+    penalty = pl.lit(0.0, pl.Float64)
+    if soft_punish_cache:
+        if max_completion_len is None:
+            raise ValueError("soft_punish_cache needs max_completion_len")
+        penalty = soft_overlong_punishment(pl.col("_n"), max_completion_len, soft_punish_cache,
+                                           overlong_penalty_factor)
+    members = members.with_columns(overlong_penalty=penalty)
     codes = members["_first"].to_numpy()
-    adv = group_advantages(members["reward"].cast(pl.Float64).to_numpy(), codes, estimator,
-                           scale_rewards)
+    shaped = members.select(pl.col("reward").cast(pl.Float64) + pl.col("overlong_penalty"))
+    adv = group_advantages(shaped.to_series().to_numpy(), codes, estimator, scale_rewards)
     token_adv = pl.lit(None, ROW_SCHEMA["token_advantages"])
     if dense:
         spans = (df.select(pl.col("steps").gather(members["_row"])).with_row_index("row")
@@ -209,6 +235,8 @@ def assemble(
     out = members.filter(pl.col("_n") > 0).with_columns(
         off_policy_start=pl.when(pl.col("kind") == "policy").then(pl.col("_n"))
         .otherwise(pl.col("off_policy_start")))
+    _count(stats, "responses_overlong_penalised", int((out["overlong_penalty"] < 0).sum()))
+    _count(stats, "responses_truncated", int(out["truncated"].sum()))
     if out.height:
         on_policy = int(out["off_policy_start"].sum())
         stats.update(on_policy_tokens=on_policy,
@@ -217,7 +245,8 @@ def assemble(
                  groups_trained=out["_first"].n_unique(), responses=out.height)
     rows = df.select(*GROUP_KEY, "rollout_id", "kind", "source_rollout_id", "reward", *HEAVY)
     rows = rows[out["_row"]].hstack(out.select("off_policy_start", "advantage",
-                                               "token_advantages"))
+                                               "token_advantages", "overlong_penalty",
+                                               "truncated"))
     rows = rows.with_columns(
         group_id=pl.concat_str("problem_id", pl.lit(":"), pl.col("round").cast(pl.String)))
     return Assembly(rows.select(list(ROW_SCHEMA)).cast(ROW_SCHEMA), stats)

@@ -123,7 +123,8 @@ def test_identity_decides_what_is_hashed() -> None:
     gen = GenerateConfig(**REQUIRED["generate"], storage_options={"secret": "x"})
     assert set(identity(gen)) == {"policy", "n", "round", "temperature", "top_p", "top_k",
                                   "max_new_tokens", "seed", "limit", "template", "dtype",
-                                  "prompts_per_round", "prompt_seed", "policy_version"}
+                                  "prompts_per_round", "prompt_seed", "policy_version",
+                                  "prompt_batch"}
     corr = CorrectConfig(**REQUIRED["correct"])
     assert set(identity(corr)) == {
         "teacher", "mode", "min_prefix_steps", "max_corrections_per_group", "only_all_failed",

@@ -105,6 +105,14 @@ def test_second_trainer_is_refused(tmp_path) -> None:
             pass
 
 
+def test_online_refuses_dynamic_sampling(tmp_path) -> None:
+    body = _recipe("hf:x", algo="grpo", dynamic_sampling={"enable": True},
+                   generate={"n": 2, "prompts_per_round": 2})
+    with pytest.raises(ValueError, match="dynamic_sampling runs in the offline loop only"):
+        run(RunConfig(recipe=recipe_from_dict(body), out=str(tmp_path / "r"), online=True))
+    assert not (tmp_path / "r").exists()
+
+
 def test_worker_errors(tmp_path) -> None:
     with pytest.raises(ValueError, match="unknown worker role"):
         run_worker(WorkerConfig(role="trian", run=str(tmp_path)))

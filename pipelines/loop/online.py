@@ -60,6 +60,14 @@ def roles_of(recipe: Any) -> list[str]:
             and (r != "correct" or algo.uses_corrections)]
 
 
+def check_online(recipe: Any) -> None:
+    """Refuse what online workers cannot plan ahead: with dynamic sampling, how many batches a
+    round draws depends on its rollouts."""
+    if recipe.dynamic_sampling:
+        raise ValueError(f"recipe {recipe.name}: dynamic_sampling runs in the offline loop only "
+                         "(the batches a round draws depend on its rollouts); drop --online")
+
+
 def _waiter(timeout: float) -> Any:
     def wait(marker: Path, digest: str) -> None:
         t0 = time.monotonic()
@@ -101,6 +109,9 @@ def run_worker(cfg: WorkerConfig) -> round_loop.RunResult:
     if not Path(recipe_file).is_file():
         raise FileNotFoundError(f"{recipe_file} not found: start the run with "
                                 "`scope run RECIPE --online` (or pass --recipe)")
+    from pipelines.loop.recipe import load_recipe
+
+    check_online(load_recipe(recipe_file))
     run_cfg = round_loop.RunConfig(recipe=recipe_file, out=str(run_dir), rounds=cfg.rounds,
                                    resume=True, verbose=False)
     runner = round_loop._Runner(run_dir, True, False, False, role=cfg.role,
@@ -148,6 +159,7 @@ def launch(cfg: round_loop.RunConfig, max_restarts: int = 2) -> round_loop.RunRe
     from pipelines.console import console, printable
 
     recipe, rounds = round_loop.resolve_rounds(cfg)
+    check_online(recipe)
     run_dir = Path(cfg.out).expanduser().resolve()
     round_loop._check_run_dir(run_dir, recipe, cfg.resume)
     t0 = time.monotonic()

@@ -18,6 +18,8 @@ score: {}                                                 # each stage's config 
 correct: {}
 train: {report_to: none}                                  # tensorboard,wandb: RUN_DIR/tracking
 evaluate: {n: 4, temperature: 0.6}
+dynamic_sampling: {enable: true, max_num_gen_batches: 3}  # optional, DAPO (needs
+                            # generate.prompts_per_round; pipelines.loop.sampling)
 launch: {train: accelerate launch --config_file zero3.yaml -m cli.main}  # optional
 ```
 
@@ -61,6 +63,7 @@ class Recipe:
     train: dict[str, Any] = field(default_factory=dict)
     evaluate: dict[str, Any] = field(default_factory=dict)
     launch: dict[str, str] = field(default_factory=dict)  # stage -> launcher for --dry-run
+    dynamic_sampling: dict[str, Any] = field(default_factory=dict)  # resolved: enable, cap
     source: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,13 +169,40 @@ def recipe_from_dict(body: dict[str, Any], source: str | None = None) -> Recipe:
     names = [e["name"] for e in body["eval"]]
     if len(set(names)) != len(names):
         raise ValueError(f"{where}: eval set names must be unique, got {names}")
-    for key in (*STAGE_KEYS, "tiny", "launch"):
+    for key in (*STAGE_KEYS, "tiny", "launch", "dynamic_sampling"):
         value = body.get(key) or {}
         if not isinstance(value, dict):
             raise ValueError(f"{where}: {key} must be a mapping of options")
         body[key] = value
     body["seed"], body["rounds"] = int(body["seed"]), int(body["rounds"])
+    body["dynamic_sampling"] = _dynamic_sampling(body, f"{where}: dynamic_sampling")
     return Recipe(**body, source=source)
+
+
+# verl's algorithm.filter_groups names; the mapping's presence enables it unless enable: false
+DYNAMIC_SAMPLING = {"enable": (bool, True), "max_num_gen_batches": (int, 3)}
+
+
+def _dynamic_sampling(body: dict[str, Any], where: str) -> dict[str, Any]:
+    """The checked `dynamic_sampling` mapping with defaults, or {} when off."""
+    given = body["dynamic_sampling"]
+    unknown = sorted(set(given) - set(DYNAMIC_SAMPLING))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid: "
+                         f"{', '.join(DYNAMIC_SAMPLING)}")
+    if not given:
+        return {}
+    out = {k: _typed(where, k, given.get(k, default), kind)
+           for k, (kind, default) in DYNAMIC_SAMPLING.items()}
+    if not out["enable"]:
+        return {}
+    if out["max_num_gen_batches"] < 1:
+        raise ValueError(f"{where}: max_num_gen_batches must be >= 1, got "
+                         f"{out['max_num_gen_batches']}")
+    if body["generate"].get("prompts_per_round") is None:
+        raise ValueError(f"{where}: needs generate.prompts_per_round (the problems of one "
+                         "sampling batch and the number of groups a round trains on)")
+    return out
 
 
 def _problem_source(entry: Any, base: Path, where: str) -> dict[str, Any]:

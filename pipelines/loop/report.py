@@ -24,7 +24,8 @@ from scope_data.correction import SALVAGE_RATE
 TABLE_COLUMNS = ("accuracy", "pass@1", "pass@max", "self_bleu_div", "novel_equations",
                  "distinct_4", "salvage_rate")
 # what each algorithm spent, summed over a run's rounds (equal budgets are a fair comparison)
-BUDGET_COLUMNS = ("train_steps", "tokens_trained", "teacher_tokens", "prm_tokens")
+BUDGET_COLUMNS = ("train_steps", "tokens_trained", "rollouts", "generated_tokens",
+                  "teacher_tokens", "prm_tokens")
 
 
 @dataclass

@@ -9,6 +9,8 @@ Layout of a run folder::
     RUN_DIR/round-XXXX/generate/         rollouts of the policy of round XXXX-1
     RUN_DIR/round-XXXX/score/            scored table          (algos that use the PRM)
     RUN_DIR/round-XXXX/correct/          corrected table       (algos that use corrections)
+    RUN_DIR/round-XXXX/batch-KK/<stage>/ sampling batch KK >= 2, and
+    RUN_DIR/round-XXXX/select/           the trained groups   (dynamic sampling: loop/sampling.py)
     RUN_DIR/round-XXXX/train/            new checkpoint + train_metrics.parquet
     RUN_DIR/round-XXXX/eval/<name>/      evaluation of the new checkpoint
     RUN_DIR/round-XXXX/_stages/<s>.json  completion marker: the stage's config hash
@@ -113,13 +115,16 @@ class _Runner:
         text = json.dumps(config, default=str)
         return json.loads(text.replace(str(self.run_dir) + "/", "$RUN_DIR/"))
 
-    def stage(self, where: str, name: str, cfg: Any, upstream: list[str], action: Any) -> str:
-        """Run `action()` unless the marker `where/_stages/name.json` has this config's hash."""
+    def stage(self, where: str, name: str, cfg: Any, upstream: list[str], action: Any,
+              plan: bool = True) -> str:
+        """Run `action()` unless the marker `where/_stages/name.json` has this config's hash;
+        `plan`: list it in the `--dry-run` plan (False: the loop's own steps, no command)."""
         body = {"stage": name, "config": self.relative(identity(cfg)),
                 "upstream": upstream}
         digest = config_hash(body)
         label = f"{where}/{name}"
-        self.plan.append((name.split("-")[0] if where != "problems" else "problems", cfg))
+        if plan:
+            self.plan.append((name.split("-")[0] if where != "problems" else "problems", cfg))
         if self.dry_run:
             return digest
         marker = self.run_dir / where / "_stages" / f"{name}.json"
@@ -264,6 +269,12 @@ def _round(runner: _Runner, recipe: Recipe, run_dir: Path, r: int, latest: tuple
     where = f"round-{r:04d}"
     rd = round_dir(run_dir, r)
     policy, policy_hash = latest
+    if recipe.dynamic_sampling:  # DAPO: batches until enough groups have non-zero advantage
+        from pipelines.loop.sampling import dynamic_round
+
+        table, h = dynamic_round(runner, recipe, run_dir, r, behaviour[0], behaviour[1],
+                                 train_problems, problem_hashes)
+        return _train(runner, recipe, rd, where, r, table, h, policy, policy_hash)
     gcfg = stages.generate_config(recipe, train_problems, behaviour[0], str(rd / "generate"), r,
                                   policy_version=behaviour[2])
     h = runner.stage(where, "generate", gcfg, [problem_hashes["train"], behaviour[1]],
@@ -278,6 +289,11 @@ def _round(runner: _Runner, recipe: Recipe, run_dir: Path, r: int, latest: tuple
         ccfg = stages.correct_config(recipe, table, str(rd / "correct"), r)
         h = runner.stage(where, "correct", ccfg, [h], lambda: stages.run_correct(ccfg))
         table = ccfg.out
+    return _train(runner, recipe, rd, where, r, table, h, policy, policy_hash)
+
+
+def _train(runner: _Runner, recipe: Recipe, rd: Path, where: str, r: int, table: str,
+           h: str, policy: str, policy_hash: str) -> tuple[str, str]:
     tcfg = stages.train_config(recipe, table, policy, str(rd / "train"), r)
     h = runner.stage(where, "train", tcfg, [h, policy_hash], lambda: stages.run_train(tcfg))
     return stages.trained_policy(tcfg), h

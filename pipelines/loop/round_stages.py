@@ -239,6 +239,11 @@ def round_metrics(recipe: Recipe, rd: Path, r: int) -> list[dict[str, Any]]:
     return rows
 
 
+def batch_folder(rd: Path, k: int) -> Path:
+    """Where sampling batch k of a round writes its stages (dynamic sampling; batch 1: rd)."""
+    return rd if k == 1 else rd / f"batch-{k:02d}"
+
+
 def training_figures(rd: Path) -> dict[str, Any]:
     """Figures of a round's training side, read back from its tables."""
     from scope_data.correction import VERIFIED_STATUSES, salvage_rate
@@ -246,9 +251,27 @@ def training_figures(rd: Path) -> dict[str, Any]:
     from scope_data.shards import is_table, read_manifest, scan
 
     out: dict[str, Any] = {}
-    roll = scan(str(rd / "generate"), check=False).select(
-        "prompt", "task", "response_text", "correct", "problem_id", "round",
-        "policy_version").collect()
+    folders = [rd]  # + the sampling batches the round's selection used (dynamic sampling)
+    if is_table(str(rd / "select")):
+        drawn = read_manifest(str(rd / "select")).stats.get("sampling_batches", 1)
+        folders += [batch_folder(rd, k) for k in range(2, drawn + 1)]
+
+    def stacked(stage: str, cols: list[str]) -> pl.DataFrame | None:
+        found = [str(f / stage) for f in folders if is_table(str(f / stage))]
+        return pl.concat([scan(u, check=False).select(cols).collect() for u in found]
+                         ) if found else None
+
+    def stat(stage: str, key: str) -> int:
+        return sum(read_manifest(str(f / stage)).stats.get(key, 0) for f in folders
+                   if is_table(str(f / stage)))
+
+    roll = stacked("generate", ["prompt", "task", "response_text", "correct", "problem_id",
+                                "response_token_ids", "round", "policy_version"])
+    if roll is None:
+        raise FileNotFoundError(f"{rd}: no generate table")
+    out["rollouts"] = roll.height  # every generated response counts in the budget
+    out["generated_tokens"] = int(roll["response_token_ids"].list.len().sum())
+    out["sampling_batches"] = sum(is_table(str(f / "generate")) for f in folders)
     out["train_accuracy"] = float(roll["correct"].cast(pl.Float64).mean())
     # rounds the trainer is ahead of the policy that sampled the round (online K; 0 offline)
     lag = (roll["round"] - 1 - roll["policy_version"]).drop_nulls()
@@ -258,17 +281,19 @@ def training_figures(rd: Path) -> dict[str, Any]:
     out["failed"] = failed
     by_problem = roll.group_by("problem_id").agg(pl.col("correct").any().alias("any"))
     out["all_failed_groups"] = int((~by_problem["any"]).sum())
-    if is_table(str(rd / "correct")):
-        corr = scan(str(rd / "correct"), check=False).select(
-            "problem_id", "kind", "correct", "correct_status").collect()
+    corr = stacked("correct", ["problem_id", "kind", "correct", "correct_status"])
+    if corr is not None:
         corrected = corr.filter(pl.col("kind") == "corrected")
         out["corrections"] = corrected.height
         verified = corrected.filter(pl.col("correct_status").is_in(VERIFIED_STATUSES)).height
         out["salvage_rate"] = salvage_rate(verified, failed)
         out["rescued_groups"] = rescue_counts(corr)["groups_rescued"]
-        out["teacher_tokens"] = read_manifest(str(rd / "correct")).stats.get("teacher_tokens", 0)
+        out["teacher_tokens"] = stat("correct", "teacher_tokens")
     if is_table(str(rd / "score")):
-        out["prm_tokens"] = read_manifest(str(rd / "score")).stats.get("prm_tokens", 0)
+        out["prm_tokens"] = stat("score", "prm_tokens")
+    if is_table(str(rd / "select")):
+        sampled = read_manifest(str(rd / "select")).stats
+        out.update({k: sampled[k] for k in ("groups_selected", "groups_short") if k in sampled})
     train_dir = rd / "train"
     metrics = train_dir / "train_metrics.parquet"
     if metrics.is_file():
@@ -278,7 +303,8 @@ def training_figures(rd: Path) -> dict[str, Any]:
         out["tokens_trained"] = int(summary.get("tokens", 0))
         out["train_loss"] = float(tm["loss"].mean()) if tm.height else None
         for key in ("clip_fraction", "off_policy_share", "mean_entropy", "corrections_used",
-                    "groups_trained", "groups_zero_advantage"):
+                    "groups_trained", "groups_zero_advantage", "truncated_masked",
+                    "overlong_penalised"):
             if key in summary:
                 out[key] = summary[key]
     else:

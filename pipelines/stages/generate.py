@@ -73,6 +73,9 @@ class GenerateConfig:
         "epoch after epoch (scope_data.rounds.round_batch; default: every problem)")
     prompt_seed: int = option(0, help="seed of the per-epoch problem order "
                               "(with --prompts-per-round)")
+    prompt_batch: int | None = option(
+        None, help="take batch B of that order instead of batch --round (dynamic sampling "
+        "draws several batches in one round)")
     template: str = option("chat", help="chat (tokenizer chat template) | raw")
     num_shards: int = num_shards_field()
     shard_index: int | None = shard_index_field()
@@ -228,15 +231,17 @@ def _round_problems(cfg: GenerateConfig) -> list[str] | None:
     for every problem."""
     if cfg.prompts_per_round is None:
         return None
-    if cfg.round < 1:
-        raise ValueError("--prompts-per-round needs --round >= 1 (round R takes the R-th batch)")
+    batch = cfg.round if cfg.prompt_batch is None else cfg.prompt_batch
+    if batch < 1:
+        raise ValueError("--prompts-per-round needs --round >= 1 (round R takes the R-th batch)"
+                         " or --prompt-batch >= 1")
     from scope_data.rounds import round_batch
     from scope_data.shards import scan
 
     ids = scan(cfg.problems, cfg.storage_options).select("problem_id")
     if cfg.limit:
         ids = ids.head(cfg.limit)
-    return round_batch(ids.collect()["problem_id"].to_list(), cfg.round, cfg.prompts_per_round,
+    return round_batch(ids.collect()["problem_id"].to_list(), batch, cfg.prompts_per_round,
                        cfg.prompt_seed)
 
 

@@ -5,7 +5,8 @@ at the same column and the model only has to produce logits for the last R + 1 p
 (`logits_to_keep`):
 
     input_ids      [pad pad p p p | r r r r pad]      (B, P + R)
-    response_mask                  [1 1 1 1 0]         (B, R)
+    response_mask                  [1 1 1 1 0]         (B, R), all 0 for a truncated row
+                                                       under mask_truncated_completions
     off_mask                       [0 0 1 1 0]         token index >= off_policy_start
     advantages                     (B, R)              scalar per response, broadcast
     old_logp                       (B, R)              behaviour log-probs (0 where unused)
@@ -36,17 +37,25 @@ class TrainRow:
     behaviour: list[float]
     top_p: float = 1.0
     top_k: int = 0
+    truncated: bool = False  # finish_reason "length", or cut at max_length
 
 
 class ResponseDataset:
-    """One item per assembled response, truncated to `max_length` response tokens."""
+    """One item per assembled response, truncated to `max_length` response tokens.
 
-    def __init__(self, rows: pl.DataFrame, max_length: int, old_logprobs: str = "behaviour"):
+    `mask_truncated`: the collator zeroes the response mask of truncated rows (finish_reason
+    "length" in the table, or cut here), TRL's mask_truncated_completions; `masked` counts them.
+    """
+
+    def __init__(self, rows: pl.DataFrame, max_length: int, old_logprobs: str = "behaviour",
+                 mask_truncated: bool = False):
         self.rows: list[TrainRow] = []
         self.truncated = 0
+        self.mask_truncated = mask_truncated
         for r in rows.iter_rows(named=True):
             resp = list(r["response_token_ids"])
-            if len(resp) > max_length:
+            cut = len(resp) > max_length
+            if cut:
                 self.truncated += 1
             n = min(len(resp), max_length)
             start = min(int(r["off_policy_start"]), n)
@@ -66,7 +75,9 @@ class ResponseDataset:
                 old_logp=[x if math.isfinite(x) else 0.0 for x in old],
                 behaviour=[x if math.isfinite(x) else math.nan for x in old],
                 top_p=float(r.get("top_p") or 1.0), top_k=int(r.get("top_k") or 0),
+                truncated=cut or bool(r.get("truncated")),
             ))
+        self.masked = sum(r.truncated for r in self.rows) if mask_truncated else 0
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -111,6 +122,11 @@ class Collator:
                           else r.advantage)
             old[b, :n] = torch.tensor(r.old_logp)
             behaviour[b, :n] = torch.tensor(r.behaviour)
+        if self.dataset.mask_truncated:
+            from pipelines.training.loss import mask_truncated_completions
+
+            resp_mask = mask_truncated_completions(
+                resp_mask, torch.tensor([r.truncated for r in rows]))
         position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
         return {"input_ids": input_ids, "attention_mask": attn, "position_ids": position_ids,
                 "response_mask": resp_mask, "off_mask": off_mask, "advantages": adv,

@@ -40,7 +40,9 @@ TRL's `loss_type` names are accepted too (`LOSS_TYPES`): grpo = seq_mean, bnpo =
 token_mean, dr_grpo = constant (max_length plays max_completion_length).
 
 Data-side pieces of DAPO: `mask_truncated_completions` drops rows cut at the length limit from
-the loss; `overlong_penalty` is its soft overlong punishment, a reward term.
+the loss (`scope train --mask-truncated-completions`, applied by the collator);
+`overlong_penalty` is its soft overlong punishment, a reward term (`scope train
+--soft-punish-cache`, applied in assembly before the advantages).
 
 Log-probs come from `selective_log_softmax`, which never materialises a full-vocabulary
 log-softmax for the whole batch: per chunk of rows it takes logsumexp and gathers the target.
@@ -298,15 +300,23 @@ def overlong_penalty(
                factor * -1                            L > Lmax
 
     with Lmax = max_completion_length, Lcache = overlong_buffer_len (verl's
-    `overlong_buffer.len`; its reward manager computes the same for L <= Lmax).
+    `overlong_buffer.len`; its reward manager computes the same for L <= Lmax). The formula
+    lives in `scope_data.advantages.soft_overlong_punishment`, which `scope train` applies in
+    assembly (`soft_punish_cache`); this is its tensor form.
     """
-    if not 0 < overlong_buffer_len <= max_completion_length:
-        raise ValueError(f"overlong_buffer_len must be in (0, max_completion_length], got "
-                         f"{overlong_buffer_len} for max_completion_length "
-                         f"{max_completion_length}")
-    length = torch.as_tensor(lengths, dtype=torch.float64)
-    expected = max_completion_length - overlong_buffer_len
-    return ((expected - length) / overlong_buffer_len).clamp(-1.0, 0.0) * penalty_factor
+    import polars as pl
+
+    from scope_data.advantages import soft_overlong_punishment
+
+    try:
+        expr = soft_overlong_punishment(pl.col("n"), max_completion_length, overlong_buffer_len,
+                                        penalty_factor)
+    except ValueError as e:
+        raise ValueError(str(e).replace("soft_punish_cache", "overlong_buffer_len")
+                         .replace("max_completion_len ", "max_completion_length ")) from None
+    n = torch.as_tensor(lengths).tolist()
+    out = pl.DataFrame({"n": n}, schema={"n": pl.Int64}).select(expr.alias("p"))["p"]
+    return torch.tensor(out.to_list(), dtype=torch.float64)
 
 
 def metrics_from_sums(sums: dict[str, Any]) -> dict[str, float]:

@@ -74,6 +74,16 @@ class TrainConfig:
     temperature: float = option(1.0, help="temperature of the log-probs")
     max_length: int = option(
         1024, help="max response tokens (longer responses are truncated and counted)")
+    mask_truncated_completions: bool = option(
+        False, help="DAPO: drop truncated responses (finish_reason length, or longer than "
+        "max_length) from the loss; they still count in their group's advantages")
+    soft_punish_cache: int = option(
+        0, help="DAPO soft overlong punishment: reward -= up to 1 over the last "
+        "soft_punish_cache tokens before max_completion_len (0: off)")
+    max_completion_len: int | None = option(
+        None, help="Lmax of the soft overlong punishment (default: max_length)")
+    overlong_penalty_factor: float = option(
+        1.0, help="scale of the soft overlong punishment (verl's penalty_factor)")
     old_logprobs: str = option(
         "behaviour", help="behaviour (from the rollouts) | recompute (model at round start)")
     vllm_importance_sampling_correction: bool = option(
@@ -136,6 +146,13 @@ class TrainConfig:
             raise ValueError("max_length and per_device_train_batch_size must be >= 1")
         if self.shaping_gamma <= 0 or self.temperature <= 0 or self.epsilon < 0:
             raise ValueError("shaping_gamma and temperature must be > 0, epsilon >= 0")
+        if self.soft_punish_cache and not 0 < self.soft_punish_cache <= self.completion_len():
+            raise ValueError(f"soft_punish_cache must be in 0..{self.completion_len()} "
+                             f"(max_completion_len), got {self.soft_punish_cache}")
+
+    def completion_len(self) -> int:
+        """Lmax of the soft overlong punishment: max_completion_len, else max_length."""
+        return self.max_length if self.max_completion_len is None else self.max_completion_len
 
     def _check_importance_sampling(self, modes: tuple[str, ...]) -> None:
         """TRL's GRPOConfig checks of the vllm_importance_sampling_* options, plus: the
@@ -199,7 +216,6 @@ def load_rows(cfg: TrainConfig) -> tuple[Any, Any]:
     needs PRM scores. A mismatch, an empty table, or a table whose every group has zero
     advantage raises ValueError.
     """
-    from scope_data.assembly import assemble
     from scope_data.shards import read_arrow, read_manifest
 
     manifest = read_manifest(cfg.data, cfg.storage_options)
@@ -216,12 +232,7 @@ def load_rows(cfg: TrainConfig) -> tuple[Any, Any]:
         check_sampling(df, cfg.temperature, cfg.data)
     df = df.with_columns(pl.col("top_k").fill_null(0), pl.col("top_p").fill_null(1.0)) if (
         "top_k" in df.columns) else df.with_columns(top_k=pl.lit(0, pl.Int32))
-    if kind != "corrected":
-        df = df.with_columns(
-            kind=pl.lit("policy"), source_rollout_id=pl.lit(None, pl.String),
-            off_policy_start=pl.lit(None, pl.Int32), correct_status=pl.lit("not_corrected"))
-    assembly = assemble(df, cfg.algo, cfg.advantage, cfg.scale_rewards, cfg.prm_alpha,
-                        tuple(cfg.accepted_statuses))
+    assembly = assemble_frame(cfg, df, kind)
     if assembly.rows.height == 0:
         s = assembly.stats
         raise ValueError(
@@ -235,6 +246,21 @@ def load_rows(cfg: TrainConfig) -> tuple[Any, Any]:
 
 
 SAMPLING_COLUMNS = ("engine", "temperature", "top_p", "top_k")
+
+
+def assemble_frame(cfg: TrainConfig, df: pl.DataFrame, kind: str) -> Any:
+    """The `Assembly` `scope train` trains on, of the rows `df` of a `kind` table (a rollouts or
+    scored table's rows are all policy rows). Also what dynamic sampling judges groups by."""
+    from scope_data.assembly import assemble
+
+    if kind != "corrected":
+        df = df.with_columns(
+            kind=pl.lit("policy"), source_rollout_id=pl.lit(None, pl.String),
+            off_policy_start=pl.lit(None, pl.Int32), correct_status=pl.lit("not_corrected"))
+    return assemble(df, cfg.algo, cfg.advantage, cfg.scale_rewards, cfg.prm_alpha,
+                    tuple(cfg.accepted_statuses), soft_punish_cache=cfg.soft_punish_cache,
+                    max_completion_len=cfg.completion_len(),
+                    overlong_penalty_factor=cfg.overlong_penalty_factor)
 
 
 def check_sampling(df: pl.DataFrame, temperature: float, where: str) -> None:
@@ -327,7 +353,8 @@ def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = Non
         raise ValueError("no training rows: nothing to train, no checkpoint written")
     transformers.set_seed(cfg.seed)
     rows = rows.sample(fraction=1.0, shuffle=True, seed=cfg.seed)
-    dataset = ResponseDataset(rows, cfg.max_length, cfg.old_logprobs)
+    dataset = ResponseDataset(rows, cfg.max_length, cfg.old_logprobs,
+                              cfg.mask_truncated_completions)
     from pipelines.engines.base import check_remote_code
     from pipelines.engines.spec import load_tokenizer, trainable_path
 
@@ -406,6 +433,8 @@ def _summary(metrics: pl.DataFrame, dataset: Any, stats: dict[str, Any],
     return {
         "steps": m.height, "responses": len(dataset), "tokens": int(tokens),
         "truncated_responses": dataset.truncated,
+        "truncated_masked": dataset.masked,
+        "overlong_penalised": stats.get("responses_overlong_penalised", 0),
         "groups_trained": stats.get("groups_trained", 0),
         "groups_zero_advantage": stats.get("groups_zero_advantage", 0),
         "corrections_used": stats.get("corrections_used", 0),
