@@ -16,7 +16,8 @@ eval:                       # held-out sets, same forms plus a name
 generate: {n: 4, temperature: 1.0, max_new_tokens: 64}   # per-stage options: the fields of
 score: {}                                                 # each stage's config dataclass
 correct: {}
-train: {}
+train: {}                   # TrainConfig fields, plus carry_state (default true) and
+                            # fixed_steps_per_round (every round's max_steps)
 evaluate: {n: 4, temperature: 0.6}
 launch: {train: accelerate launch --config_file zero3.yaml -m cli.main}  # optional
 ```

@@ -27,6 +27,9 @@ rewards), `luffy` corrects the rollouts (`--mode luffy`: whole teacher solutions
 `scope` scores the failed ones and corrects them (`--mode scope`: teacher suffix after the PRM's
 first error); both train on the corrected table. A round whose groups all have zero advantage
 trains nothing and keeps the policy (recorded in `round-XXXX/train_skipped.json`).
+Each round's trainer continues the optimizer, LR schedule, RNG and step count of the last round
+that trained (`resume_from`; `train: {carry_state: false}` starts each round afresh; see
+docs/training.md, "Resume and carried state").
 """
 
 from __future__ import annotations
@@ -161,9 +164,10 @@ def run(cfg: RunConfig) -> RunResult:
     _evaluate(runner, recipe, run_dir, 0, policy, policy_hash, eval_sets, problem_hashes)
     if not cfg.dry_run:
         _write_metrics(run_dir, recipe, 0)
+    carried: str | None = None  # the train folder whose state the next round continues
     for r in range(1, rounds + 1):
-        policy, policy_hash = _round(runner, recipe, run_dir, r, policy, policy_hash,
-                                     train_problems, problem_hashes)
+        policy, policy_hash, carried = _round(runner, recipe, run_dir, r, policy, policy_hash,
+                                              train_problems, problem_hashes, carried, rounds)
         _evaluate(runner, recipe, run_dir, r, policy, policy_hash, eval_sets, problem_hashes)
         if not cfg.dry_run:
             _write_metrics(run_dir, recipe, r)
@@ -204,9 +208,10 @@ def _check_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
 
 
 def _round(runner: _Runner, recipe: Recipe, run_dir: Path, r: int, policy: str,
-           policy_hash: str, train_problems: str, problem_hashes: dict[str, str]
-           ) -> tuple[str, str]:
-    """generate -> score -> correct -> train for round r; returns the new policy spec + hash."""
+           policy_hash: str, train_problems: str, problem_hashes: dict[str, str],
+           carried: str | None, rounds: int) -> tuple[str, str, str | None]:
+    """generate -> score -> correct -> train for round r; returns the new policy spec + hash
+    and the train folder the next round continues the trainer state of."""
     where = f"round-{r:04d}"
     rd = round_dir(run_dir, r)
     gcfg = stages.generate_config(recipe, train_problems, policy, str(rd / "generate"), r)
@@ -222,9 +227,9 @@ def _round(runner: _Runner, recipe: Recipe, run_dir: Path, r: int, policy: str,
         ccfg = stages.correct_config(recipe, table, str(rd / "correct"), r)
         h = runner.stage(where, "correct", ccfg, [h], lambda: stages.run_correct(ccfg))
         table = ccfg.out
-    tcfg = stages.train_config(recipe, table, policy, str(rd / "train"), r)
+    tcfg = stages.train_config(recipe, table, policy, str(rd / "train"), r, carried, rounds)
     h = runner.stage(where, "train", tcfg, [h, policy_hash], lambda: stages.run_train(tcfg))
-    return stages.trained_policy(tcfg), h
+    return stages.trained_policy(tcfg), h, stages.carried_from(tcfg)
 
 
 def _evaluate(runner: _Runner, recipe: Recipe, run_dir: Path, r: int, policy: str,

@@ -146,13 +146,69 @@ def run_correct(cfg: Any) -> None:
     _finished(correct.run(cfg), cfg.out)
 
 
-def train_config(recipe: Recipe, data: str, policy: str, out: str, r: int) -> Any:
+LOOP_TRAIN_KEYS = ("carry_state", "fixed_steps_per_round")  # recipe train keys of the loop
+
+
+def carry_state(recipe: Recipe) -> bool:
+    """`train: {carry_state: false}`: every round starts a fresh optimizer and schedule."""
+    value = recipe.train.get("carry_state", True)
+    if not isinstance(value, bool):
+        raise ValueError(f"recipe train: carry_state must be true or false, got {value!r}")
+    return value
+
+
+def train_config(recipe: Recipe, data: str, policy: str, out: str, r: int,
+                 resume_from: str | None = None, rounds: int | None = None) -> Any:
+    """Round r's TrainConfig; `resume_from` is the last trained round's folder (carried state).
+
+    `fixed_steps_per_round: K` sets every round's max_steps to K (same updates for every algo).
+    With carried state and a non-constant LR schedule, schedule_steps defaults to the whole
+    run's steps (`schedule_estimate`)."""
     from pipelines.training.train import TrainConfig
 
-    opts = dict(recipe.train)
+    opts = {k: v for k, v in recipe.train.items() if k not in LOOP_TRAIN_KEYS}
+    fixed = recipe.train.get("fixed_steps_per_round")
+    if fixed is not None:
+        if isinstance(fixed, bool) or not isinstance(fixed, int) or fixed < 1:
+            raise ValueError(f"recipe train: fixed_steps_per_round must be an integer >= 1, "
+                             f"got {fixed!r}")
+        if "max_steps" in opts:
+            raise ValueError("recipe train: give fixed_steps_per_round or max_steps, not both")
+        opts["max_steps"] = fixed
     opts.setdefault("seed", _seed(recipe, "train", r))
-    return make_config(TrainConfig, opts, "train", data=data, policy=policy, output_dir=out,
-                       algo=recipe.algo)
+    cfg = make_config(TrainConfig, opts, "train", data=data, policy=policy, output_dir=out,
+                      algo=recipe.algo)
+    if carry_state(recipe):
+        cfg.resume_from = resume_from
+        if "schedule_steps" not in opts and cfg.lr_scheduler_type != "constant":
+            cfg.schedule_steps = schedule_estimate(recipe, cfg, rounds or recipe.rounds)
+    return cfg
+
+
+def schedule_estimate(recipe: Recipe, cfg: Any, rounds: int) -> int:
+    """Optimizer steps of the whole run: rounds x max_steps, else rounds x the steps of a round
+    that trains every response (problems per round x n, epochs, one process). An upper bound:
+    groups with zero advantage are dropped, so later rounds may end before the schedule does."""
+    import math
+
+    if cfg.max_steps > 0:
+        return rounds * cfg.max_steps
+    from pipelines.stages.generate import GenerateConfig
+
+    per_round = recipe.generate.get("prompts_per_round")
+    if per_round is None:
+        entry = recipe.problems
+        if "arith" in entry:
+            per_round = int(entry["arith"]["count"])
+        else:
+            from scope_data.shards import scan
+
+            per_round = scan(entry["path"]).select(pl.len()).collect().item()
+    n = recipe.generate.get("n", GenerateConfig.__dataclass_fields__["n"].default)
+    batches = math.ceil(per_round * n / cfg.per_device_train_batch_size)
+    ga = cfg.gradient_accumulation_steps
+    updates = max(batches // ga + int(batches % ga > 0), 1)
+    return rounds * math.ceil(cfg.num_train_epochs * updates)
 
 
 SKIPPED_TRAIN = "train_skipped.json"
@@ -182,6 +238,14 @@ def trained_policy(cfg: Any) -> str:
     if (Path(cfg.output_dir).parent / SKIPPED_TRAIN).is_file():
         return cfg.policy
     return trained_spec(cfg.policy, cfg.output_dir)
+
+
+def carried_from(cfg: Any) -> str | None:
+    """The train folder whose state the next round continues: this round's, or (when it
+    trained nothing) the one this round would have continued."""
+    if (Path(cfg.output_dir).parent / SKIPPED_TRAIN).is_file():
+        return cfg.resume_from
+    return cfg.output_dir
 
 
 def eval_config(recipe: Recipe, policy: str, problems: str, out: str, r: int) -> Any:
