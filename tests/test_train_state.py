@@ -162,3 +162,21 @@ def test_refusals(tiny, rounds) -> None:
     model.get_input_embeddings().requires_grad_(False)
     with pytest.raises(ValueError, match="another set of trainable parameters"):
         load_carried(r1, cfg(rounds["r1"], tmp / "x")).check_model(model)
+
+
+def test_cli_refusal_is_one_line(tiny, tmp_path) -> None:
+    from typer.testing import CliRunner
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cli.main import app
+    from tests.helpers_train import write_corrected
+
+    path = tiny[0]
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+    data = write_corrected(tmp_path / "corrected", scope_group(tok, model, "7"))
+    res = CliRunner().invoke(app, ["train", "--data", data, "--policy", f"hf:{path}", "--out",
+                                   str(tmp_path / "out"), "--resume-from", str(path),
+                                   "--use-cpu"])
+    assert res.exit_code == 1
+    assert "no trainer_state/state.json" in " ".join(res.output.split())
+    assert "Traceback" not in res.output and not (tmp_path / "out").exists()
