@@ -222,6 +222,10 @@ def test_carried_state_options_in_the_plan(tmp_path) -> None:
     assert {(c.resume_from, c.schedule_steps) for c in fresh} == {(None, -1)}
     with pytest.raises(ValueError, match="fixed_steps_per_round or max_steps"):
         trains(fixed_steps_per_round=2, max_steps=3)
+    with pytest.raises(ValueError, match=r"\['resume_from'\] are set by the round loop"):
+        trains(resume_from="elsewhere")
+    with pytest.raises(ValueError, match="unknown option.*valid: .*carry_state"):
+        trains(carry_sate=False)
 
 
 

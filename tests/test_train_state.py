@@ -165,8 +165,8 @@ def test_refusals(tiny, rounds) -> None:
 
 
 def test_cli_refusal_is_one_line(tiny, tmp_path) -> None:
-    from typer.testing import CliRunner
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from typer.testing import CliRunner
 
     from cli.main import app
     from tests.helpers_train import write_corrected

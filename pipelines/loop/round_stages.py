@@ -22,12 +22,14 @@ from scope_data.algos import get_algo
 
 
 # -- generic helpers ------------------------------------------------------------------------
-def make_config(cls: type, options: dict[str, Any], where: str, **fixed: Any) -> Any:
-    """`cls(**fixed, **options)`; unknown option names raise ValueError listing the valid ones."""
+def make_config(cls: type, options: dict[str, Any], where: str, loop_keys: tuple[str, ...] = (),
+                **fixed: Any) -> Any:
+    """`cls(**fixed, **options)`; unknown option names raise ValueError listing the valid ones
+    (`loop_keys`: the stage's recipe keys the loop itself reads, listed as valid too)."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - names)
     if unknown:
-        valid = sorted(names - set(fixed))
+        valid = sorted((names - set(fixed)) | set(loop_keys))
         raise ValueError(f"recipe {where}: unknown option(s) {unknown}; valid: {', '.join(valid)}")
     clash = sorted(set(options) & set(fixed))
     if clash:
@@ -176,10 +178,11 @@ def train_config(recipe: Recipe, data: str, policy: str, out: str, r: int,
             raise ValueError("recipe train: give fixed_steps_per_round or max_steps, not both")
         opts["max_steps"] = fixed
     opts.setdefault("seed", _seed(recipe, "train", r))
-    cfg = make_config(TrainConfig, opts, "train", data=data, policy=policy, output_dir=out,
-                      algo=recipe.algo)
-    if carry_state(recipe):
-        cfg.resume_from = resume_from
+    carry = carry_state(recipe)
+    cfg = make_config(TrainConfig, opts, "train", LOOP_TRAIN_KEYS, data=data, policy=policy,
+                      output_dir=out, algo=recipe.algo,
+                      resume_from=resume_from if carry else None)
+    if carry:
         if "schedule_steps" not in opts and cfg.lr_scheduler_type != "constant":
             cfg.schedule_steps = schedule_estimate(recipe, cfg, rounds or recipe.rounds)
     return cfg

@@ -89,7 +89,8 @@ def load_carried(resume_from: str, cfg: Any) -> Carried:
     meta_path = folder / META
     if not meta_path.is_file():
         raise ValueError(f"resume_from {resume_from}: no {STATE_DIR}/{META} (not a `scope train` "
-                         "output, or one written without carried state)")
+                         "output, or one written without carried state); train without it "
+                         "(in a recipe: train: {carry_state: false})")
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"resume_from {resume_from}: {STATE_DIR} format {meta.get('format')!r}"
