@@ -155,6 +155,7 @@ def test_kill_in_round_2_then_resume_matches_uninterrupted(tmp_path, tiny_policy
     # uninterrupted run, in process
     ref = run(RunConfig(recipe=str(recipe_file), out=str(tmp_path / "ref"), verbose=False))
     assert sorted(ref.metrics["round"].to_list()) == [0, 1, 2]
+    _assert_carried(tmp_path / "ref")
 
     # the same run in a subprocess, killed with SIGKILL once round 2 has started
     out = tmp_path / "killed"
@@ -196,3 +197,50 @@ def test_kill_in_round_2_then_resume_matches_uninterrupted(tmp_path, tiny_policy
     assert sorted(again.ran) == ["round-0000/eval-heldout", "round-0001/eval-heldout",
                                  "round-0002/eval-heldout"]
     assert "round-0002/train" in again.skipped
+
+
+def test_carried_state_options_in_the_plan(tmp_path) -> None:
+    """Round 2 continues round 1's trainer state; fixed_steps_per_round sets every round's
+    max_steps and the whole run's schedule; carry_state false trains each round afresh."""
+    train = {"learning_rate": 1e-3, "per_device_train_batch_size": 8,
+             "lr_scheduler_type": "cosine", "use_cpu": True}
+
+    def trains(**extra) -> list:
+        recipe = recipe_from_dict(_recipe("hf:/models/p", rounds=3, train={**train, **extra}))
+        res = run(RunConfig(recipe=recipe, out=str(tmp_path / "r"), dry_run=True))
+        return [c for kind, c in res.plan if kind == "train"]
+
+    carried = trains()
+    out = tmp_path.resolve() / "r"
+    assert [c.resume_from for c in carried] == [
+        None, f"{out}/round-0001/train", f"{out}/round-0002/train"]
+    # 6 problems x 3 samples, batch 8: 3 steps a round at most, 3 rounds
+    assert {c.schedule_steps for c in carried} == {9} and carried[0].max_steps == -1
+    fixed = trains(fixed_steps_per_round=2)
+    assert {(c.max_steps, c.schedule_steps) for c in fixed} == {(2, 6)}
+    fresh = trains(carry_state=False)
+    assert {(c.resume_from, c.schedule_steps) for c in fresh} == {(None, -1)}
+    with pytest.raises(ValueError, match="fixed_steps_per_round or max_steps"):
+        trains(fixed_steps_per_round=2, max_steps=3)
+    with pytest.raises(ValueError, match=r"\['resume_from'\] are set by the round loop"):
+        trains(resume_from="elsewhere")
+    with pytest.raises(ValueError, match="unknown option.*valid: .*carry_state"):
+        trains(carry_sate=False)
+
+
+
+def _assert_carried(run_dir: Path) -> None:
+    """Round 2's trainer continued round 1's state: its steps count on from round 1's."""
+    import json
+
+    r1, r2 = (run_dir / f"round-000{r}" / "train" for r in (1, 2))
+    m1, m2 = (json.loads((r / "train_manifest.json").read_text()) for r in (r1, r2))
+    assert (r1 / "trainer_state" / "optimizer.pt").is_file()
+    assert (r2 / "trainer_state" / "optimizer.pt").is_file()
+    steps1 = m1["trainer_state"]["global_step"]
+    assert m1["trainer_state"]["start_step"] == 0 and steps1 >= 1
+    assert m2["trainer_state"]["resume_from"] == str(r1.resolve())
+    assert m2["trainer_state"]["start_step"] == steps1
+    assert m2["trainer_state"]["global_step"] == steps1 + m2["summary"]["steps"]
+    logged = pl.read_parquet(r2 / "train_metrics.parquet")["step"].to_list()
+    assert logged == list(range(steps1 + 1, steps1 + 1 + len(logged)))

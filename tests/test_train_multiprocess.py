@@ -60,3 +60,11 @@ def test_two_processes_match_one_process(tmp_path: Path) -> None:
                 "behaviour_kl_k3"):
         assert two[col].to_list() == pytest.approx(one[col].to_list(), rel=1e-4, abs=1e-6), col
     assert len(set(one["loss"].round(6).to_list())) > 1  # the curve moves
+    # a second call continuing each run's trainer state: DDP resumes like one process does
+    one2 = _train(python, data, tmp_path / "one", tmp_path / "one2", 2, 2,
+                  ["--use-cpu", "--resume-from", str(tmp_path / "one")])
+    two2 = _train(accelerate, data, tmp_path / "two", tmp_path / "two2", 1, 2,
+                  ["--use-cpu", "--resume-from", str(tmp_path / "two")])
+    assert one2["step"].to_list() == two2["step"].to_list() == list(range(7, 13))
+    for col in ("loss", "grad_norm", "tokens"):
+        assert two2[col].to_list() == pytest.approx(one2[col].to_list(), rel=1e-4, abs=1e-6), col

@@ -16,7 +16,8 @@ eval:                       # held-out sets, same forms plus a name
 generate: {n: 4, temperature: 1.0, max_new_tokens: 64}   # per-stage options: the fields of
 score: {}                                                 # each stage's config dataclass
 correct: {}
-train: {report_to: none}                                  # tensorboard,wandb: RUN_DIR/tracking
+train: {report_to: none}    # TrainConfig fields (tensorboard,wandb: RUN_DIR/tracking), plus
+                            # carry_state (default true) and fixed_steps_per_round
 evaluate: {n: 4, temperature: 0.6}
 dynamic_sampling: {enable: true, max_num_gen_batches: 3}  # optional, DAPO (needs
                             # generate.prompts_per_round; pipelines.loop.sampling)

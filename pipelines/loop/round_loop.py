@@ -32,6 +32,9 @@ first error); both train on the corrected table. A round whose groups all have z
 trains nothing and keeps the policy (copied into its train folder; recorded in
 `round-XXXX/train_skipped.json`). `--online` runs the same plan as worker processes
 (`pipelines.loop.online`).
+Each round's trainer continues the optimizer, LR schedule, RNG and step count of the round
+before (`resume_from`; `train: {carry_state: false}` starts each round afresh; see
+docs/training.md, "Resume and carried state").
 """
 
 from __future__ import annotations
@@ -203,11 +206,12 @@ def run(cfg: RunConfig, runner: _Runner | None = None, max_staleness: int = 0) -
     _evaluate(runner, recipe, run_dir, 0, policy, policy_hash, eval_sets, problem_hashes)
     if writes_metrics:
         _write_metrics(run_dir, recipe, 0)
+    carried: str | None = None  # the train folder whose state the next round continues
     for r in range(1, rounds + 1):
         version = max(0, r - 1 - max_staleness)  # rounds trained into the sampling policy
         behaviour = (*history[version], version)
-        policy, policy_hash = _round(runner, recipe, run_dir, r, history[-1], behaviour,
-                                     train_problems, problem_hashes)
+        policy, policy_hash, carried = _round(runner, recipe, run_dir, r, history[-1], behaviour,
+                                              train_problems, problem_hashes, carried, rounds)
         history.append((policy, policy_hash))
         _evaluate(runner, recipe, run_dir, r, policy, policy_hash, eval_sets, problem_hashes)
         if writes_metrics:
@@ -262,10 +266,12 @@ def _check_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
 
 
 def _round(runner: _Runner, recipe: Recipe, run_dir: Path, r: int, latest: tuple[str, str],
-           behaviour: tuple[str, str, int], train_problems: str, problem_hashes: dict[str, str]
-           ) -> tuple[str, str]:
+           behaviour: tuple[str, str, int], train_problems: str, problem_hashes: dict[str, str],
+           carried: str | None, rounds: int) -> tuple[str, str, str | None]:
     """generate (with the `behaviour` policy) -> score -> correct -> train (the `latest`
-    policy) for round r; returns the new policy spec + hash. Offline both are round r-1's."""
+    policy, continuing the trainer state of `carried`) for round r; returns the new policy spec
+    + hash and the train folder the next round continues. Offline both policies are round
+    r-1's."""
     where = f"round-{r:04d}"
     rd = round_dir(run_dir, r)
     policy, policy_hash = latest
@@ -289,14 +295,16 @@ def _round(runner: _Runner, recipe: Recipe, run_dir: Path, r: int, latest: tuple
         ccfg = stages.correct_config(recipe, table, str(rd / "correct"), r)
         h = runner.stage(where, "correct", ccfg, [h], lambda: stages.run_correct(ccfg))
         table = ccfg.out
-    return _train(runner, recipe, rd, where, r, table, h, policy, policy_hash)
+    return _train(runner, recipe, rd, where, r, table, h, latest, carried, rounds)
 
 
 def _train(runner: _Runner, recipe: Recipe, rd: Path, where: str, r: int, table: str,
-           h: str, policy: str, policy_hash: str) -> tuple[str, str]:
-    tcfg = stages.train_config(recipe, table, policy, str(rd / "train"), r)
+           h: str, latest: tuple[str, str], carried: str | None, rounds: int
+           ) -> tuple[str, str, str | None]:
+    policy, policy_hash = latest
+    tcfg = stages.train_config(recipe, table, policy, str(rd / "train"), r, carried, rounds)
     h = runner.stage(where, "train", tcfg, [h, policy_hash], lambda: stages.run_train(tcfg))
-    return stages.trained_policy(tcfg), h
+    return stages.trained_policy(tcfg), h, stages.carried_from(tcfg)
 
 
 def _evaluate(runner: _Runner, recipe: Recipe, run_dir: Path, r: int, policy: str,

@@ -22,12 +22,14 @@ from scope_data.algos import get_algo
 
 
 # -- generic helpers ------------------------------------------------------------------------
-def make_config(cls: type, options: dict[str, Any], where: str, **fixed: Any) -> Any:
-    """`cls(**fixed, **options)`; unknown option names raise ValueError listing the valid ones."""
+def make_config(cls: type, options: dict[str, Any], where: str, loop_keys: tuple[str, ...] = (),
+                **fixed: Any) -> Any:
+    """`cls(**fixed, **options)`; unknown option names raise ValueError listing the valid ones
+    (`loop_keys`: the stage's recipe keys the loop itself reads, listed as valid too)."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - names)
     if unknown:
-        valid = sorted(names - set(fixed))
+        valid = sorted((names - set(fixed)) | set(loop_keys))
         raise ValueError(f"recipe {where}: unknown option(s) {unknown}; valid: {', '.join(valid)}")
     clash = sorted(set(options) & set(fixed))
     if clash:
@@ -150,17 +152,74 @@ def run_correct(cfg: Any) -> None:
     _finished(correct.run(cfg), cfg.out)
 
 
-def train_config(recipe: Recipe, data: str, policy: str, out: str, r: int) -> Any:
+LOOP_TRAIN_KEYS = ("carry_state", "fixed_steps_per_round")  # recipe train keys of the loop
+
+
+def carry_state(recipe: Recipe) -> bool:
+    """`train: {carry_state: false}`: every round starts a fresh optimizer and schedule."""
+    value = recipe.train.get("carry_state", True)
+    if not isinstance(value, bool):
+        raise ValueError(f"recipe train: carry_state must be true or false, got {value!r}")
+    return value
+
+
+def train_config(recipe: Recipe, data: str, policy: str, out: str, r: int,
+                 resume_from: str | None = None, rounds: int | None = None) -> Any:
+    """Round r's TrainConfig; `resume_from` is the last trained round's folder (carried state).
+
+    `fixed_steps_per_round: K` sets every round's max_steps to K (same updates for every algo).
+    With carried state and a non-constant LR schedule, schedule_steps defaults to the whole
+    run's steps (`schedule_estimate`)."""
     from pipelines.training.train import TrainConfig
 
-    opts = dict(recipe.train)
+    opts = {k: v for k, v in recipe.train.items() if k not in LOOP_TRAIN_KEYS}
+    fixed = recipe.train.get("fixed_steps_per_round")
+    if fixed is not None:
+        if isinstance(fixed, bool) or not isinstance(fixed, int) or fixed < 1:
+            raise ValueError(f"recipe train: fixed_steps_per_round must be an integer >= 1, "
+                             f"got {fixed!r}")
+        if "max_steps" in opts:
+            raise ValueError("recipe train: give fixed_steps_per_round or max_steps, not both")
+        opts["max_steps"] = fixed
     opts.setdefault("seed", _seed(recipe, "train", r))
     opts.setdefault("logging_dir", str(Path(out).parents[1] / "tracking"))  # RUN_DIR/tracking
     opts.setdefault("run_name", f"{recipe.name}-{recipe.algo}-seed{recipe.seed}")
     if isinstance(opts.get("report_to"), list):  # a YAML list: the comma list of --report-to
         opts["report_to"] = ",".join(map(str, opts["report_to"]))
-    return make_config(TrainConfig, opts, "train", data=data, policy=policy, output_dir=out,
-                       algo=recipe.algo)
+    carry = carry_state(recipe)
+    cfg = make_config(TrainConfig, opts, "train", LOOP_TRAIN_KEYS, data=data, policy=policy,
+                      output_dir=out, algo=recipe.algo,
+                      resume_from=resume_from if carry else None)
+    if carry:
+        if "schedule_steps" not in opts and cfg.lr_scheduler_type != "constant":
+            cfg.schedule_steps = schedule_estimate(recipe, cfg, rounds or recipe.rounds)
+    return cfg
+
+
+def schedule_estimate(recipe: Recipe, cfg: Any, rounds: int) -> int:
+    """Optimizer steps of the whole run: rounds x max_steps, else rounds x the steps of a round
+    that trains every response (problems per round x n, epochs, one process). An upper bound:
+    groups with zero advantage are dropped, so later rounds may end before the schedule does."""
+    import math
+
+    if cfg.max_steps > 0:
+        return rounds * cfg.max_steps
+    from pipelines.stages.generate import GenerateConfig
+
+    per_round = recipe.generate.get("prompts_per_round")
+    if per_round is None:
+        entry = recipe.problems
+        if "arith" in entry:
+            per_round = int(entry["arith"]["count"])
+        else:
+            from scope_data.shards import scan
+
+            per_round = scan(entry["path"]).select(pl.len()).collect().item()
+    n = recipe.generate.get("n", GenerateConfig.__dataclass_fields__["n"].default)
+    batches = math.ceil(per_round * n / cfg.per_device_train_batch_size)
+    ga = cfg.gradient_accumulation_steps
+    updates = max(batches // ga + int(batches % ga > 0), 1)
+    return rounds * math.ceil(cfg.num_train_epochs * updates)
 
 
 def tracker(recipe: Recipe, run_dir: Path) -> Any:
@@ -172,18 +231,24 @@ SKIPPED_TRAIN = "train_skipped.json"
 
 
 def run_train(cfg: Any) -> None:
-    """Train; a round where every group has zero advantage keeps the old policy: its folder is
-    copied to the train output (recorded in train_skipped.json), so the policy after round r is
-    always round r's train folder and every later stage's config is known before it runs
+    """Train; a round where every group has zero advantage keeps the old policy: its folder
+    (with the trainer state it carries) is copied to the train output, recorded in
+    train_skipped.json. So the policy after round r, and the state round r+1 continues, is
+    always round r's train folder, and every later stage's config is known before it runs
     (online workers plan ahead of the trainer)."""
+    import dataclasses
     import shutil
 
     from pipelines.engines.spec import trainable_path
     from pipelines.training import train
+    from pipelines.training.state import has_state
 
     out = Path(cfg.output_dir)
     note = out.parent / SKIPPED_TRAIN
     note.unlink(missing_ok=True)
+    if cfg.resume_from and not has_state(cfg.resume_from) and (
+            Path(cfg.resume_from).parent / SKIPPED_TRAIN).is_file():
+        cfg = dataclasses.replace(cfg, resume_from=None)  # skipped before any state existed
     try:
         train.run(cfg)
     except ValueError as e:
@@ -194,7 +259,10 @@ def run_train(cfg: Any) -> None:
         console.print(f"[yellow]train skipped:[/] {e}", highlight=False)
         tmp = out.parent / f".{out.name}.tmp-skip"
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(trainable_path(cfg.policy), tmp)
+        shutil.copytree(trainable_path(cfg.policy), tmp, ignore=shutil.ignore_patterns(
+            "train_metrics.parquet", "train_manifest.json"))
+        (tmp / "train_manifest.json").write_text(json.dumps(
+            {"kind": "scope-train", "skipped": str(e), "policy": cfg.policy}))
         shutil.rmtree(out, ignore_errors=True)
         tmp.replace(out)
         note.write_text(json.dumps({"reason": str(e), "policy": cfg.policy}))
@@ -205,6 +273,12 @@ def trained_policy(cfg: Any) -> str:
     from pipelines.engines.spec import trained_spec
 
     return trained_spec(cfg.policy, cfg.output_dir)
+
+
+def carried_from(cfg: Any) -> str | None:
+    """The train folder whose state the next round continues: this round's (a round that
+    trained nothing holds a copy of the state it would have continued, see `run_train`)."""
+    return cfg.output_dir
 
 
 def eval_config(recipe: Recipe, policy: str, problems: str, out: str, r: int) -> Any:

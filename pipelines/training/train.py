@@ -57,8 +57,14 @@ class TrainConfig:
         1, flags="--grad-accum", help="micro-batches per optimizer step", trainer=True)
     num_train_epochs: float = option(1.0, flags="--epochs", help="passes over the round's data",
                                      trainer=True)
-    max_steps: int = option(-1, help="optimizer steps (overrides --epochs; -1 off)",
+    max_steps: int = option(-1, help="optimizer steps of this call (overrides --epochs; -1 off)",
                             trainer=True)
+    resume_from: str | None = option(
+        None, help="continue the optimizer, LR schedule, RNG and step count saved in this earlier "
+        "`scope train` output (its trainer_state/); the weights still come from --policy")
+    schedule_steps: int = option(
+        -1, help="optimizer steps the LR schedule spans, counted from the first call's first "
+        "step (-1: up to the end of this call)")
     epsilon: float = option(0.2, help="PPO clip (low side)")
     epsilon_high: float | None = option(None, help="PPO clip high side (default: epsilon)")
     beta: float = option(0.0, help="KL (k3) coefficient to the reference")
@@ -146,6 +152,8 @@ class TrainConfig:
             raise ValueError("max_length and per_device_train_batch_size must be >= 1")
         if self.shaping_gamma <= 0 or self.temperature <= 0 or self.epsilon < 0:
             raise ValueError("shaping_gamma and temperature must be > 0, epsilon >= 0")
+        if self.schedule_steps == 0 or self.schedule_steps < -1:
+            raise ValueError(f"schedule_steps must be >= 1 or -1, got {self.schedule_steps}")
         if self.soft_punish_cache and not 0 < self.soft_punish_cache <= self.completion_len():
             raise ValueError(f"soft_punish_cache must be in 0..{self.completion_len()} "
                              f"(max_completion_len), got {self.soft_punish_cache}")
@@ -330,8 +338,11 @@ def run(cfg: TrainConfig) -> TrainResult:
 
 
 def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = None,
-        inputs: list[Any] | None = None) -> TrainResult:
-    """Train on assembled rows (`scope_data.assembly.ROW_SCHEMA`) and save the model."""
+        inputs: list[Any] | None = None, *, shuffle: bool = True,
+        callbacks: list[Any] | None = None) -> TrainResult:
+    """Train on assembled rows (`scope_data.assembly.ROW_SCHEMA`) and save the model.
+
+    `shuffle=False` keeps the rows' order; `callbacks` are extra `TrainerCallback`s."""
     import tempfile
 
     import torch
@@ -351,8 +362,12 @@ def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = Non
     _check_output(out)
     if rows.height == 0:
         raise ValueError("no training rows: nothing to train, no checkpoint written")
+    from pipelines.training.state import load_carried
+
+    carried = load_carried(cfg.resume_from, cfg) if cfg.resume_from else None
     transformers.set_seed(cfg.seed)
-    rows = rows.sample(fraction=1.0, shuffle=True, seed=cfg.seed)
+    if shuffle:
+        rows = rows.sample(fraction=1.0, shuffle=True, seed=cfg.seed)
     dataset = ResponseDataset(rows, cfg.max_length, cfg.old_logprobs,
                               cfg.mask_truncated_completions)
     from pipelines.engines.base import check_remote_code
@@ -376,6 +391,8 @@ def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = Non
         model = peft.get_peft_model(model, peft.LoraConfig(
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
             target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM"))
+    if carried:
+        carried.check_model(model)
     scratch = tempfile.mkdtemp(prefix="scope-train-")
     args = cfg.training_arguments(scratch)
     tracker = cfg.tracker(main=args.process_index == 0)
@@ -383,11 +400,14 @@ def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = Non
 
     trainer = MixedPolicyTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=Collator(dataset, pad),
-        processing_class=tok, train_cfg=cfg, ref_model=ref_model,
-        callbacks=[RichProgress(), *tracker.trainer_callbacks()])
+        processing_class=tok, train_cfg=cfg, ref_model=ref_model, carried=carried,
+        callbacks=[RichProgress(), *tracker.trainer_callbacks(), *(callbacks or [])])
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
     try:
+        if carried and (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
+            raise ValueError("resume_from: carried optimizer state needs one process or DDP "
+                             "(DeepSpeed and FSDP states are sharded); train without it")
         with tracker:  # the Trainer's integrations log into the folder's tracker run
             trainer.train()
         if not all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters()):
@@ -400,8 +420,8 @@ def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = Non
         shutil.rmtree(scratch, ignore_errors=True)
     if trainer.accelerator.is_main_process:
         print_summary(f"scope train ({cfg.algo}) -> {out}", list(summary.items()))
-    return TrainResult(str(out), trainer.state.global_step, int(summary["tokens"]), metrics,
-                       summary)
+    return TrainResult(str(out), trainer.state.global_step - trainer.start_step,
+                       int(summary["tokens"]), metrics, summary)
 
 
 def _has_accelerator() -> bool:
@@ -448,14 +468,21 @@ def _summary(metrics: pl.DataFrame, dataset: Any, stats: dict[str, Any],
 
 def _save(trainer: Any, cfg: TrainConfig, out: Path, metrics: pl.DataFrame,
           summary: dict[str, Any], inputs: list[Any], found_versions: dict[str, str]) -> None:
-    """Model + tokenizer + metrics + manifest into a temporary sibling, then renamed into place."""
+    """Model + tokenizer + trainer state + metrics + manifest into a temporary sibling, then
+    renamed into place (sharded DeepSpeed/FSDP optimizer states are not saved)."""
     import datetime as dt
+
+    from pipelines.training.state import STATE_DIR, save_state
 
     acc = trainer.accelerator
     tmp = out.parent / f".{out.name}.tmp-train"
     if acc.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     acc.wait_for_everyone()
+    saved = not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled)
+    if saved and acc.is_main_process:  # before a LoRA merge changes the trainable parameters
+        save_state(tmp / STATE_DIR, trainer.optimizer, trainer.lr_scheduler,
+                   trainer.state.global_step, cfg, acc.unwrap_model(trainer.model))
     if cfg.lora:
         if acc.is_main_process:
             acc.unwrap_model(trainer.model).merge_and_unload().save_pretrained(str(tmp))
@@ -469,6 +496,9 @@ def _save(trainer: Any, cfg: TrainConfig, out: Path, metrics: pl.DataFrame,
             "inputs": [m.as_input() for m in inputs], "summary": summary,
             "seeds": {"seed": cfg.seed, "data_order_seed": cfg.seed},
             "num_processes": acc.num_processes, "versions": found_versions,
+            "trainer_state": {"saved": saved, "resume_from": cfg.resume_from,
+                              "start_step": trainer.start_step,
+                              "global_step": trainer.state.global_step},
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
         (tmp / "train_manifest.json").write_text(json.dumps(body, indent=1, default=str))

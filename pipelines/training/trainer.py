@@ -43,10 +43,12 @@ class MixedPolicyTrainer(Trainer):
     """A Trainer whose compute_loss is the mixed on/off-policy objective (subclass it to change
     a piece, as with TRL's trainers); `train_cfg` is the `TrainConfig`."""
 
-    def __init__(self, *args: Any, train_cfg: Any, ref_model: Any = None,
+    def __init__(self, *args: Any, train_cfg: Any, ref_model: Any = None, carried: Any = None,
                  **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.cfg = train_cfg
+        self.carried = carried  # pipelines.training.state.Carried: state of an earlier call
+        self.start_step = carried.global_step if carried else 0
         self.ref_model = ref_model
         self.loss_is_scaled_for_ga = True  # we divide by the optimizer step's global count
         self.needs_precompute = train_cfg.old_logprobs == "recompute" or (
@@ -56,6 +58,32 @@ class MixedPolicyTrainer(Trainer):
         self.ref_store: list[Any] | None = None
         self.metric_rows: list[dict[str, Any]] = []
         self._sums: dict[str, Any] = {}
+
+    def _init_training_state(self, max_steps: int, *args: Any, **kwargs: Any) -> Any:
+        """Steps continue from the carried global step (logged steps and the stop test); the
+        carried RNG states replace the seeded ones."""
+        out = super()._init_training_state(max_steps, *args, **kwargs)
+        if self.carried:
+            self.state.global_step = self.start_step
+            self.state.max_steps = self.start_step + max_steps
+            self.carried.restore_rng()
+        return out
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        """The LR schedule spans cfg.schedule_steps (-1: to the end of this call), counted from
+        the first call's first step; a carried optimizer and scheduler state is loaded here."""
+        if self.lr_scheduler is not None:
+            return self.lr_scheduler
+        end = self.start_step + num_training_steps
+        span = self.cfg.schedule_steps if self.cfg.schedule_steps > 0 else end
+        if end > span:
+            raise ValueError(
+                f"schedule_steps {span} is less than the steps trained by the end of this call "
+                f"({self.start_step} carried + {num_training_steps}); raise schedule_steps")
+        super().create_scheduler(span, optimizer)
+        if self.carried:
+            self.carried.restore(self.optimizer, self.lr_scheduler)
+        return self.lr_scheduler
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         # `run` shuffles rows with cfg.seed; a fixed order makes N processes see the same
@@ -195,13 +223,14 @@ class RichProgress(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.bar = progress() if state.is_world_process_zero else None
+        self.start = state.global_step  # carried steps: the bar counts this call's
         if self.bar:
             self.bar.start()
-            self.task = self.bar.add_task(self.description, total=state.max_steps)
+            self.task = self.bar.add_task(self.description, total=state.max_steps - self.start)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
         if self.bar and logs and "loss" in logs:
-            self.bar.update(self.task, completed=state.global_step,
+            self.bar.update(self.task, completed=state.global_step - self.start,
                             description=f"{self.description} loss={logs['loss']:.4g}")
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
