@@ -274,13 +274,12 @@ def _round(runner: _Runner, recipe: Recipe, run_dir: Path, r: int, latest: tuple
     r-1's."""
     where = f"round-{r:04d}"
     rd = round_dir(run_dir, r)
-    policy, policy_hash = latest
     if recipe.dynamic_sampling:  # DAPO: batches until enough groups have non-zero advantage
         from pipelines.loop.sampling import dynamic_round
 
         table, h = dynamic_round(runner, recipe, run_dir, r, behaviour[0], behaviour[1],
                                  train_problems, problem_hashes)
-        return _train(runner, recipe, rd, where, r, table, h, policy, policy_hash)
+        return _train(runner, recipe, rd, where, r, table, h, latest, carried, rounds)
     gcfg = stages.generate_config(recipe, train_problems, behaviour[0], str(rd / "generate"), r,
                                   policy_version=behaviour[2])
     h = runner.stage(where, "generate", gcfg, [problem_hashes["train"], behaviour[1]],
