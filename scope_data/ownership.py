@@ -207,8 +207,8 @@ def check_owner(folder: Folder, table: str, chash: str) -> None:
 def claim_plain_folder(out: str, kind: str, chash: str, allowed: set[str],
                        record: str, inputs: Iterable[str] = ()) -> None:
     """The ownership rule for a folder of plain files (`scope eval`): new or empty, or holding
-    only `allowed` names, with `record` (a JSON file with a `config_hash` key) absent or of
-    this config. OutputRefused otherwise."""
+    only `allowed` names, with `record` (a JSON file whose `config` hashes to `chash`) absent
+    or of this config. OutputRefused otherwise."""
     folder = Folder(out)
     refuse_overlap(out, inputs)
     top = _names(folder, "")
@@ -224,7 +224,7 @@ def claim_plain_folder(out: str, kind: str, chash: str, allowed: set[str],
     if record in top:
         try:
             body = json.loads(folder.read_bytes(record, METADATA_LIMIT))
-            found = body.get("config_hash") or config_hash(body["config"])
+            found = config_hash(body["config"])
         except (ValueError, AttributeError, KeyError, TypeError):
             found = None
         if found != chash:

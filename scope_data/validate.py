@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 
 from scope_data.folder import Folder
 from scope_data.schema import SchemaError
@@ -73,14 +74,46 @@ def check_table(manifest: Any, storage_options: dict[str, Any] | None = None,
     if not manifest.files:
         return
     folder = Folder(manifest.url, storage_options)
-    first = _scan_part(folder, manifest.files[0]["path"])
-    columns = set(first.collect_schema().names())
-    found = checks(manifest.table, columns, vocab_size)
+    parts = {f["path"]: _scan_part(folder, f["path"]) for f in manifest.files}
+    _check(parts, manifest.table, manifest.url + "/", vocab_size)
+
+
+def check_rows(table: pa.Table, table_name: str, where: str,
+               vocab_size: int | None = None) -> None:
+    """`check_table` for rows about to be written as one part (`where`: their origin)."""
+    _check({"": pl.from_arrow(table).lazy()}, table_name, where, vocab_size)
+
+
+def check_token_range(frame: pl.DataFrame, vocab_size: int, where: str) -> None:
+    """TableValueError naming the first row of `frame` whose token ids fall outside
+    [0, vocab_size) (rows about to meet an embedding table)."""
+    columns = [c for c in TOKEN_FIELDS if c in frame.columns]
+    flags = [flag for c in columns for flag in (pl.col(c).list.min() < 0,
+                                                pl.col(c).list.max() >= vocab_size)]
+    if not flags:
+        return
+    bad = frame.with_row_index("_row").filter(pl.any_horizontal(flags).fill_null(False))
+    if bad.height == 0:
+        return
+    row = bad.row(0, named=True)
+    for c in columns:
+        ids = [v for v in row[c] if v is not None]
+        if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+            off = min(ids) if min(ids) < 0 else max(ids)
+            raise TableValueError(f"{where}: row {row['_row']} (rollout "
+                                  f"{row.get('rollout_id')!r}): field {c!r}: token id {off} is "
+                                  f"outside the vocabulary [0, {vocab_size})")
+
+
+def _check(parts: dict[str, pl.LazyFrame], table: str, where: str,
+           vocab_size: int | None) -> None:
+    columns = set(next(iter(parts.values())).collect_schema().names())
+    found = checks(table, columns, vocab_size)
     if not found:
         return
     used = sorted({n for c in found for n in (c.field, *c.needs)})
-    frames = [_scan_part(folder, f["path"]).select(used).with_row_index("_row")
-              .with_columns(_part=pl.lit(f["path"])) for f in manifest.files]
+    frames = [lf.select(used).with_row_index("_row").with_columns(_part=pl.lit(name))
+              for name, lf in parts.items()]
     flags = [c.flag.fill_null(False).alias(f"_c{i}") for i, c in enumerate(found)]
     bad = (pl.concat(frames).with_columns(flags)
            .filter(pl.any_horizontal(*(f"_c{i}" for i in range(len(found)))))
@@ -88,21 +121,18 @@ def check_table(manifest: Any, storage_options: dict[str, Any] | None = None,
     if bad.height == 0:
         return
     row = bad.row(0, named=True)
-    i = next(i for i in range(len(found)) if row[f"_c{i}"])
-    check = found[i]
+    check = found[next(i for i in range(len(found)) if row[f"_c{i}"])]
     value = row[check.field]
     detail: dict[str, Any] = {"value": value, "correct": row.get("correct")}
     if "{count}" in check.message or "{parts}" in check.message:
         same = pl.concat(frames).filter(pl.col(check.field) == value)
-        counts = same.select(pl.len().alias("n"), pl.col("_part").unique().sort()
-                             .str.join(", ").alias("parts")).collect().row(0)
-        detail.update(count=counts[0], parts=counts[1])
+        detail["count"], detail["parts"] = same.select(
+            pl.len(), pl.col("_part").unique().sort().str.join(", ")).collect().row(0)
     if isinstance(value, list):
         ints = [v for v in value if v is not None]
         detail.update(min=min(ints, default=None), max=max(ints, default=None))
-    raise TableValueError(
-        f"{manifest.url}/{row['_part']}: row {row['_row']}: field {check.field!r}: "
-        + check.message.format(**detail))
+    raise TableValueError(f"{where}{row['_part']}: row {row['_row']}: field {check.field!r}: "
+                          + check.message.format(**detail))
 
 
 def _scan_part(folder: Folder, name: str) -> pl.LazyFrame:

@@ -156,7 +156,6 @@ def run_stage(
     limit: int | None = None,
     problem_ids: Collection[str] | None = None,
     batch_rows: int | None = BATCH_ROWS,
-    vocab_size: int | None = None,
 ) -> StageResult:
     """Run `process` on each owned, unfinished shard of the input and finalize when complete.
 
@@ -166,8 +165,8 @@ def run_stage(
     `problem_ids`, if given (a round's batch of problems). `batch_rows` (see `input_batches`):
     None hands `process` each shard whole, for stages that need all of a shard's rows at once.
 
-    The input's value invariants are checked first (`scope_data.validate`; token ids against
-    `vocab_size` when given), then the output folder is claimed (`scope_data.ownership`).
+    The input's value invariants are checked first (`scope_data.validate`), then the output
+    folder is claimed (`scope_data.ownership`).
     """
     if num_shards < 1:
         raise ValueError(f"--num-shards must be >= 1, got {num_shards}")
@@ -175,7 +174,7 @@ def run_stage(
     full_config = {**config, "input": upstream.content_hash, "num_shards": num_shards}
     store = TableStore(output_url, output_table, storage_options)
     check_input_columns(input_url, upstream.table, scan(input_url, storage_options))
-    check_table(upstream, storage_options, vocab_size)
+    check_table(upstream, storage_options)
     store.claim(full_config, [input_url])
     shards = range(num_shards) if shard_index is None else [shard_index]
     written = skipped = 0
