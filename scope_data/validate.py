@@ -38,6 +38,7 @@ class Check:
     flag: pl.Expr        # True on an offending row
     message: str         # formatted with the row's values ({value}, {count}, {parts})
     needs: tuple[str, ...] = ()  # other columns the flag reads
+    whole: bool = False  # the flag compares rows (read as a projection, not streamed)
 
 
 def checks(table: str, columns: set[str], vocab_size: int | None = None) -> list[Check]:
@@ -48,7 +49,7 @@ def checks(table: str, columns: set[str], vocab_size: int | None = None) -> list
         out.append(Check(name, pl.col(name).str.len_bytes() == 0, "empty id"))
     unique = "problem_id" if table == "problems" else "rollout_id"
     out.append(Check(unique, pl.col(unique).is_duplicated(),
-                     "{value!r} is not unique ({count} rows carry it)"))
+                     "{value!r} is not unique ({count} rows carry it)", whole=True))
     if table != "problems":
         reward, correct = pl.col("reward"), pl.col("correct")
         out.append(Check("reward", ~reward.is_in([0.0, 1.0]), "reward {value} is not 0 or 1"))
@@ -63,7 +64,7 @@ def checks(table: str, columns: set[str], vocab_size: int | None = None) -> list
                                  f"(size {vocab_size})"))
     out.append(Check("problem_id", pl.col("_part").n_unique().over("problem_id") > 1,
                      "problem {value!r} has rows in more than one part ({parts}); a problem's "
-                     "rows must all be in one part"))
+                     "rows must all be in one part", whole=True))
     return [c for c in out if {c.field, *c.needs} <= columns]
 
 
@@ -109,15 +110,21 @@ def _check(parts: dict[str, pl.LazyFrame], table: str, where: str,
            vocab_size: int | None) -> None:
     columns = set(next(iter(parts.values())).collect_schema().names())
     found = checks(table, columns, vocab_size)
-    if not found:
-        return
+    # row-local checks stream (token lists are never all in memory), then the checks across
+    # rows read only their id columns
+    for group in ([c for c in found if not c.whole], [c for c in found if c.whole]):
+        if group:
+            _first_offence(parts, group, where)
+
+
+def _first_offence(parts: dict[str, pl.LazyFrame], found: list[Check], where: str) -> None:
     used = sorted({n for c in found for n in (c.field, *c.needs)})
     frames = [lf.select(used).with_row_index("_row").with_columns(_part=pl.lit(name))
               for name, lf in parts.items()]
     flags = [c.flag.fill_null(False).alias(f"_c{i}") for i, c in enumerate(found)]
     bad = (pl.concat(frames).with_columns(flags)
            .filter(pl.any_horizontal(*(f"_c{i}" for i in range(len(found)))))
-           .head(1).collect())
+           .head(1).collect(engine="streaming"))
     if bad.height == 0:
         return
     row = bad.row(0, named=True)
