@@ -149,6 +149,10 @@ def _marker_hashes(folder: Folder) -> dict[str, str]:
 
 def _refuse(folder: Folder, found: Survey, table: str, chash: str) -> None:
     url = folder.url
+    if found.legacy:
+        raise OutputRefused(f"{url} holds a table in the layout of an older scope "
+                            f"({LEGACY_MANIFEST} or part-*.json beside the parts): write to a "
+                            "new folder")
     if found.foreign:
         names = ", ".join(repr(n) for n in found.foreign[:3])
         more = f" and {len(found.foreign) - 3} more" if len(found.foreign) > 3 else ""
@@ -204,13 +208,13 @@ def check_owner(folder: Folder, table: str, chash: str) -> None:
             f"writer wrote into this folder); the manifest is not written: use a new --out")
 
 
-def claim_plain_folder(out: str, kind: str, chash: str, allowed: set[str],
-                       record: str, inputs: Iterable[str] = ()) -> None:
+def claim_plain_folder(out: str, kind: str, chash: str, allowed: set[str], record: str,
+                       inputs: Iterable[str] = (), storage_options: dict | None = None) -> None:
     """The ownership rule for a folder of plain files (`scope eval`): new or empty, or holding
     only `allowed` names, with `record` (a JSON file whose `config` hashes to `chash`) absent
     or of this config. OutputRefused otherwise."""
-    folder = Folder(out)
-    refuse_overlap(out, inputs)
+    folder = Folder(out, storage_options)
+    refuse_overlap(out, inputs, storage_options)
     top = _names(folder, "")
     if top is None:
         return

@@ -2,12 +2,16 @@
 `scope_data.layout`).
 
 Protocol (DESIGN.md section 3, datatrove's rules):
+- a writer first claims the folder (`scope_data.ownership`: `.scope/claim-<config hash>.parquet`;
+  refused when the folder is or lies in an input, holds files scope did not write, another
+  table kind or another config's table or claim).
 - shard k of N writes `part-{k:05d}-of-{N:05d}.parquet`, then its completion marker
   `.scope/part-{k:05d}-of-{N:05d}.done.parquet` (rows, sha256, bytes, config hash, stats). On
   local disk the part is written to a temporary name and renamed; on object stores the PUT of
   the whole object is the atomic step. A part without its marker is unfinished and invisible.
 - `finalize` (called by whichever shard finishes last, or by hand) writes the manifest
-  `.scope/manifest.parquet` only when all N markers exist with the same config hash. Readers
+  `.scope/manifest.parquet` only when all N markers exist with the same config hash and no
+  other config claimed the folder meanwhile, then withdraws its claim. Readers
   use the manifest's file list, never a glob; a folder without a manifest is an unfinished
   stage.
 - Any fsspec URL works (local paths, `memory://`, `s3://` ...).

@@ -159,8 +159,9 @@ def run_stage(
 ) -> StageResult:
     """Run `process` on each owned, unfinished shard of the input and finalize when complete.
 
-    `config` is what the output depends on; the input table's content hash is added to it, so a
-    changed upstream table or option reruns the stage and an unchanged one resumes it.
+    `config` is what the output depends on; the input table's content hash is added to it, so an
+    unchanged upstream table and options resume the stage, and a changed one is refused in the
+    same output folder (`scope_data.ownership`: a new --out reruns it).
     Only the input's first `limit` rows are read, if given, and of them only the rows of
     `problem_ids`, if given (a round's batch of problems). `batch_rows` (see `input_batches`):
     None hands `process` each shard whole, for stages that need all of a shard's rows at once.

@@ -138,7 +138,8 @@ def run(cfg: EvalConfig, quiet: bool = False) -> EvalResult:
     chash = config_hash(identity(cfg))
     # OUT is new, empty or this config's earlier evaluation (never the problems table, nor a
     # metrics.json of another evaluation)
-    claim_plain_folder(cfg.out, "scope eval", chash, OUTPUT_NAMES, METRICS_FILE, [cfg.problems])
+    claim_plain_folder(cfg.out, "scope eval", chash, OUTPUT_NAMES, METRICS_FILE, [cfg.problems],
+                       cfg.storage_options)
     gen_cfg = generate_config(cfg)
     result = generate.run(gen_cfg, quiet=True)
     if result.manifest is None:
