@@ -225,11 +225,21 @@ class TableStore:
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "scope_version": found.get("scope-rlvr", "0"), "versions": found,
         }
-        text = json.dumps(body, indent=1, default=str)
-        self.folder.write_bytes(MANIFEST, record_bytes(self.schema, text.encode()))
+        if not self._committed(body):  # a rerun with nothing to do leaves the table as it was
+            text = json.dumps(body, indent=1, default=str)
+            self.folder.write_bytes(MANIFEST, record_bytes(self.schema, text.encode()))
         self.folder.remove(claim_name(chash))  # ours; the manifest now says who owns the folder
         self.folder.remove_stale_temporaries(TEMP_RE)
         return read_manifest(self.url, self.folder.storage_options)
+
+    def _committed(self, body: dict[str, Any]) -> bool:
+        """True when the manifest already commits `body`'s files and inputs under its config."""
+        try:
+            old = read_manifest(self.url, self.folder.storage_options)
+        except ShardError:
+            return False
+        return (old.config_hash, old.files, old.inputs) == (
+            body["config_hash"], body["files"], body["inputs"])
 
     def write(
         self, table: pa.Table, config: dict[str, Any], inputs: list[Manifest] | None = None,
