@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import re
 import socket
 import uuid
 from collections.abc import Iterator
@@ -68,12 +69,14 @@ class Folder:
     def write_text(self, name: str, text: str, fsync: bool = True) -> None:
         self.write_bytes(name, text.encode("utf-8"), fsync)
 
-    def remove_stale_temporaries(self, older_than_s: float = 600.0) -> int:
+    def remove_stale_temporaries(self, ours: re.Pattern[str], older_than_s: float = 600.0
+                                 ) -> int:
         """Delete temporary files that killed writers left behind (local disk only).
 
-        A file goes when its writer, a process of this host, is gone, or when it is older
-        than `older_than_s` (writers on other hosts sharing the disk); a writer still running
-        is not disturbed.
+        Only names that `ours` matches whole are candidates (the caller's own naming: nothing
+        else is ever deleted). A file goes when its writer, a process of this host, is gone, or
+        when it is older than `older_than_s` (writers on other hosts sharing the disk); a writer
+        still running is not disturbed.
         """
         where = self.path(self.temp_dir)
         if not self.is_local or not os.path.isdir(where):
@@ -82,7 +85,7 @@ class Folder:
 
         removed = 0
         for entry in os.scandir(where):
-            if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+            if not ours.fullmatch(entry.name) or not entry.is_file(follow_symlinks=False):
                 continue
             try:  # another job may finish or remove it meanwhile
                 if (_writer_gone(entry.name)

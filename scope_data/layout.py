@@ -6,6 +6,7 @@
       .scope/                              bookkeeping (hidden)
         part-00000-of-00002.done.parquet   completion marker of part 0
         manifest.parquet                   the commit, written last: the list of parts
+        claim-<config hash>.parquet        the writer's claim: which table and config own it
         .<name>.<host>-<pid>.<hex>.tmp     files being written (local disk)
 
 Every finished file below the folder is a Parquet file with the table's schema: the
@@ -37,6 +38,22 @@ META_DIR = ".scope"
 MANIFEST = f"{META_DIR}/manifest.parquet"
 LEGACY_MANIFEST = "_manifest.json"
 RECORD_KEY = b"scope"
+
+
+PART_RE = re.compile(r"part-\d{5}-of-\d{5}\.parquet")
+"""A part file's name (top level of a table folder)."""
+BOOKKEEPING_RE = re.compile(r"(?:part-\d{5}-of-\d{5}\.done|manifest|claim-[0-9a-f]{16})\.parquet")
+"""A bookkeeping file's name (under `.scope/`)."""
+TEMP_RE = re.compile(
+    r"\.(?:part-\d{5}-of-\d{5}(?:\.done)?|manifest|claim-[0-9a-f]{16})\.parquet"
+    r"\.[^./]+-\d+\.[0-9a-f]+\.tmp")
+"""A temporary file of ours under `.scope/` (`Folder.open_atomic` names: `.<target>.<host>-<pid>.
+<hex>.tmp` of one of the names above); the only files stale-temporary clean-up may delete."""
+
+
+def claim_name(chash: str) -> str:
+    """The claim of the writer of config hash `chash` (`scope_data.ownership`)."""
+    return f"{META_DIR}/claim-{chash}.parquet"
 
 
 def part_name(shard_index: int, num_shards: int) -> str:

@@ -33,8 +33,10 @@ import fsspec
 import pyarrow as pa
 
 from scope_data.hashing import sha256_hex, stable_id
+from scope_data.ownership import refuse_overlap
 from scope_data.schema import schema_for
 from scope_data.shards import Manifest, TableStore
+from scope_data.validate import check_rows
 
 PROBLEM_FIELDS = ("problem", "question", "prompt", "query", "input", "instruction")
 ANSWER_FIELDS = ("answer", "final_answer", "gt_answer", "ground_truth", "target")
@@ -324,6 +326,7 @@ def ingest(
     """Read `src`, build the problems table and write it to `out` (one part + manifest)."""
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
+    refuse_overlap(out, [src], storage_options)  # before reading: fail fast
     records, fmt, fingerprint = load_records(src, split, subset, storage_options)
     if not records:
         raise ValueError(f"{src}: no records")
@@ -341,7 +344,9 @@ def ingest(
               "split": split if fmt in ("datasets", "hub") else None, "subset": subset,
               "index_field": index_field, "skip_invalid": skip_invalid, "limit": limit}
     stats = {"status": {"ok": table.num_rows, "skipped_invalid": len(skipped)}}
-    manifest = TableStore(out, "problems", storage_options).write(table, config, stats=stats)
+    check_rows(table, "problems", f"{src} (as the problems table)")
+    manifest = TableStore(out, "problems", storage_options).write(table, config, stats=stats,
+                                                                  reads=[src])
     return ProblemsResult(manifest, manifest.url, source, table.num_rows, len(skipped), fmt,
                           fields, skipped[:5])
 

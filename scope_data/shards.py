@@ -2,12 +2,16 @@
 `scope_data.layout`).
 
 Protocol (DESIGN.md section 3, datatrove's rules):
+- a writer first claims the folder (`scope_data.ownership`: `.scope/claim-<config hash>.parquet`;
+  refused when the folder is or lies in an input, holds files scope did not write, another
+  table kind or another config's table or claim).
 - shard k of N writes `part-{k:05d}-of-{N:05d}.parquet`, then its completion marker
   `.scope/part-{k:05d}-of-{N:05d}.done.parquet` (rows, sha256, bytes, config hash, stats). On
   local disk the part is written to a temporary name and renamed; on object stores the PUT of
   the whole object is the atomic step. A part without its marker is unfinished and invisible.
 - `finalize` (called by whichever shard finishes last, or by hand) writes the manifest
-  `.scope/manifest.parquet` only when all N markers exist with the same config hash. Readers
+  `.scope/manifest.parquet` only when all N markers exist with the same config hash and no
+  other config claimed the folder meanwhile, then withdraws its claim. Readers
   use the manifest's file list, never a glob; a folder without a manifest is an unfinished
   stage.
 - Any fsspec URL works (local paths, `memory://`, `s3://` ...).
@@ -19,7 +23,7 @@ import datetime as dt
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -35,12 +39,15 @@ from scope_data.layout import (
     LEGACY_MANIFEST,
     MANIFEST,
     META_DIR,
+    TEMP_RE,
+    claim_name,
     marker_name,
     part_name,
     record_bytes,
     record_payload,
     unfinished_hint,
 )
+from scope_data.ownership import check_owner, claim_output, release
 from scope_data.provenance import redact, versions
 from scope_data.schema import SCHEMA_VERSION, conform, empty_table, schema_for, validate
 
@@ -109,6 +116,18 @@ class TableStore:
         self.schema = schema_for(table_name)
 
     # -- writing ---------------------------------------------------------------------------
+    def claim(self, config: dict[str, Any], inputs: Sequence[str] = ()) -> None:
+        """Make the folder this config's output (`scope_data.ownership.claim_output`): refused
+        (OutputRefused, a ValueError) when it is or lies inside one of `inputs`, holds files
+        scope did not write, another table kind, or a table of another config."""
+        self._refuse_legacy_layout(part_name(0, 1))
+        claim_output(self.folder, self.table_name, config_hash(redact(config)), self.schema,
+                     inputs)
+
+    def release(self, config: dict[str, Any]) -> None:
+        """Withdraw this config's claim if nothing else was written (`ownership.release`)."""
+        release(self.folder, config_hash(redact(config)))
+
     @contextmanager
     def part_writer(
         self, shard_index: int, num_shards: int, config: dict[str, Any],
@@ -119,22 +138,27 @@ class TableStore:
         `stats` (a dict the caller may fill while writing) is stored in the marker and summed
         into the manifest.
         """
-        config = redact(config)
         name = part_name(shard_index, num_shards)
         self._refuse_legacy_layout(name)
+        self.claim(config)  # before anything is written or removed
+        config = redact(config)
         self.folder.remove(marker_name(shard_index, num_shards))
-        with self.folder.open_atomic(name, fsync=False) as raw:
-            hashing = HashingWriter(raw)
-            writer = pq.ParquetWriter(hashing, self.schema)
-            shard = ShardWriter(writer, self.table_name, f"{self.url}/{name}")
-            try:
-                yield shard
-            finally:
-                writer.close()
+        try:
+            with self.folder.open_atomic(name, fsync=False) as raw:
+                hashing = HashingWriter(raw)
+                writer = pq.ParquetWriter(hashing, self.schema)
+                shard = ShardWriter(writer, self.table_name, f"{self.url}/{name}")
+                try:
+                    yield shard
+                finally:
+                    writer.close()
+        except BaseException:
+            self.release(config)
+            raise
         marker = {
-            "path": name, "rows": shard.rows, "sha256": hashing.digest.hexdigest(),
-            "bytes": hashing.nbytes, "config_hash": config_hash(config),
-            "stats": stats or {},
+            "table": self.table_name, "path": name, "rows": shard.rows,
+            "sha256": hashing.digest.hexdigest(), "bytes": hashing.nbytes,
+            "config_hash": config_hash(config), "stats": stats or {},
         }
         # no fsync: a marker torn by a power loss is unreadable, hence "part missing" (rerun)
         self.folder.write_bytes(marker_name(shard_index, num_shards),
@@ -187,6 +211,7 @@ class TableStore:
                 f"{len(missing)} of {num_shards} parts missing or from another config: "
                 f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
             )
+        check_owner(self.folder, self.table_name, chash)
         stats: dict[str, Any] = {}
         for marker in markers:
             add_stats(stats, marker["stats"])
@@ -200,16 +225,29 @@ class TableStore:
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "scope_version": found.get("scope-rlvr", "0"), "versions": found,
         }
-        text = json.dumps(body, indent=1, default=str)
-        self.folder.write_bytes(MANIFEST, record_bytes(self.schema, text.encode()))
-        self.folder.remove_stale_temporaries()
+        if not self._committed(body):  # a rerun with nothing to do leaves the table as it was
+            text = json.dumps(body, indent=1, default=str)
+            self.folder.write_bytes(MANIFEST, record_bytes(self.schema, text.encode()))
+        self.folder.remove(claim_name(chash))  # ours; the manifest now says who owns the folder
+        self.folder.remove_stale_temporaries(TEMP_RE)
         return read_manifest(self.url, self.folder.storage_options)
+
+    def _committed(self, body: dict[str, Any]) -> bool:
+        """True when the manifest already commits `body`'s files and inputs under its config."""
+        try:
+            old = read_manifest(self.url, self.folder.storage_options)
+        except ShardError:
+            return False
+        return (old.config_hash, old.files, old.inputs) == (
+            body["config_hash"], body["files"], body["inputs"])
 
     def write(
         self, table: pa.Table, config: dict[str, Any], inputs: list[Manifest] | None = None,
-        stats: dict[str, Any] | None = None,
+        stats: dict[str, Any] | None = None, reads: Sequence[str] = (),
     ) -> Manifest:
-        """Write a whole table as one part and finalize it."""
+        """Write a whole table as one part and finalize it. `reads`: other paths the rows came
+        from (refused as the output, as are the `inputs` tables)."""
+        self.claim(config, [*(m.url for m in inputs or []), *reads])
         self.write_part(table, 0, 1, config, stats)
         return self.finalize(1, config, inputs)
 
@@ -274,8 +312,14 @@ def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Ma
             f"{where}: schema_version {version!r} is newer than this code supports "
             f"({SCHEMA_VERSION}); upgrade scope to read it"
         )
+    seen: set[str] = set()
     for entry in body.get("files", []):
-        _check_relative(folder.url, entry.get("path", ""))
+        path = entry.get("path", "") if isinstance(entry, dict) else ""
+        _check_relative(folder.url, path)
+        if path in seen:
+            raise ShardError(f"{where}: lists part {path!r} twice (refused: its rows would be "
+                             "read twice)")
+        seen.add(path)
     known = {f for f in Manifest.__dataclass_fields__ if f not in ("url", "sha256")}
     return Manifest(url=folder.url, sha256=sha256_hex(text),
                     **{k: v for k, v in body.items() if k in known})

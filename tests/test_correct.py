@@ -421,7 +421,7 @@ def test_openai_teacher_errors_are_row_statuses(scored: tuple[str, list[dict]], 
         try:
             run(CorrectConfig(scored=url, out=str(tmp_path / mode), max_new_tokens=8,
                               teacher=f"openai:{server.url}#{tiny_teacher}",
-                              cache_dir=str(tmp_path / mode / "cache"),  # no earlier replies
+                              cache_dir=str(tmp_path / f"{mode}-cache"),  # no earlier replies
                               engine_options={"timeout": 1.0 if mode == "slow" else 60.0,
                                               "max_retries": 1, "backoff": 0.01}))
         finally:

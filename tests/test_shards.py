@@ -191,9 +191,10 @@ def test_sharded_write_finalizes_only_when_complete(tmp_path: Path, where: str) 
     with pytest.raises(ShardError, match=r"no manifest.*2 of 3 parts done; missing: "
                                          r"part-00001-of-00003.parquet"):
         read_manifest(url)
-    # a part written under another config does not count
+    # a writer of another config is refused (scope_data.ownership) and writes nothing
     other = {**CONFIG, "seed": 1}
-    store.write_part(problems_rows(5, 10), 1, 3, other)
+    with pytest.raises(ValueError, match="unfinished problems table written with another config"):
+        store.write_part(problems_rows(5, 10), 1, 3, other)
     assert store.missing_parts(3, CONFIG) == [part_name(1, 3)]
     store.write_part(problems_rows(5, 10), 1, 3, CONFIG, {"status": {"ok": 5}})
     manifest = store.finalize(3, CONFIG)
@@ -265,19 +266,29 @@ def test_run_stage_resumes_after_a_failed_shard(tmp_path: Path) -> None:
     again = run_stage(**common)  # nothing left to do
     assert calls == [] and again.parts_written == 0 and again.manifest is not None
 
-    # a changed upstream table changes the config: every shard reruns
+    # a changed upstream table changes the config: the finished table is not overwritten
+    # (scope_data.ownership), a new output folder runs every shard
     TableStore(src, "problems").write(problems_rows(0, 41), {"src": 1})
-    rerun = run_stage(**common)
+    with pytest.raises(ValueError, match="holds a problems table written with another config"):
+        run_stage(**common)
+    assert calls == [] and read_manifest(out).rows == 40
+    rerun = run_stage(**{**common, "output_url": str(tmp_path / "out2")})
     assert sorted(calls) == [0, 1, 2] and rerun.manifest.rows == 41
 
 
 def grouped_problems(n: int, per: int, interleave: bool = False) -> pa.Table:
-    """`n` problems of `per` rows each (rows of a problem contiguous unless `interleave`)."""
+    """A rollouts table of `n` problems of `per` rows each (rows of a problem contiguous unless
+    `interleave`)."""
     order = [(i, j) for j in range(per) for i in range(n)] if interleave else [
         (i, j) for i in range(n) for j in range(per)]
-    rows = [{"problem_id": f"p{i}", "source": "s", "source_index": 10 * i + j, "task": "math",
-             "prompt": f"q{i}", "answer": str(j), "solution": None} for i, j in order]
-    return pa.Table.from_pylist(rows, schema=schema_for("problems"))
+    rows = [{"problem_id": f"p{i}", "source": "s", "source_index": i, "task": "math",
+             "prompt": f"q{i}", "answer": "1", "solution": None, "rollout_id": f"r{i}-{j}",
+             "round": 0, "sample_idx": j, "policy": "p", "prompt_text": f"q{i}",
+             "prompt_token_ids": [1], "response_text": str(j), "response_token_ids": [j],
+             "behaviour_logprobs": [0.0], "finish_reason": "stop", "temperature": 1.0,
+             "top_p": 1.0, "seed": j, "pred_answer": str(j), "reward": float(j == 1),
+             "correct": j == 1, "status": "ok"} for i, j in order]
+    return as_table(rows)
 
 
 @pytest.mark.parametrize("num_shards", [1, 3])
@@ -287,14 +298,14 @@ def test_run_stage_streams_batches_of_whole_problems(tmp_path: Path, num_shards:
     """Batches hold every row of their problems; the parts hold the rows of one call over the
     whole shard, in order; a shard whose problems' rows interleave is one batch."""
     src = str(tmp_path / "src")
-    TableStore(src, "problems").write(grouped_problems(40, 3, interleave), {"src": 1})
+    TableStore(src, "rollouts").write(grouped_problems(40, 3, interleave), {"src": 1})
     calls: list[tuple[int, list[str]]] = []
 
     def process(rows: pa.Table, k: int) -> tuple[pa.Table, dict]:
         calls.append((k, rows.column("problem_id").to_pylist()))
         return rows, {"rows": rows.num_rows, "status": {"ok": rows.num_rows}}
 
-    common = dict(input_url=src, output_table="problems", config={}, process=process,
+    common = dict(input_url=src, output_table="rollouts", config={}, process=process,
                   num_shards=num_shards)
     whole = run_stage(**common, output_url=str(tmp_path / "whole"), batch_rows=None)
     assert len(calls) == num_shards
@@ -314,8 +325,8 @@ def test_run_stage_streams_batches_of_whole_problems(tmp_path: Path, num_shards:
 
 def test_run_stage_limit_reads_the_first_rows(tmp_path: Path) -> None:
     src = str(tmp_path / "src")
-    TableStore(src, "problems").write(grouped_problems(40, 3), {"src": 1})
-    result = run_stage(input_url=src, output_url=str(tmp_path / "out"), output_table="problems",
+    TableStore(src, "rollouts").write(grouped_problems(40, 3), {"src": 1})
+    result = run_stage(input_url=src, output_url=str(tmp_path / "out"), output_table="rollouts",
                        config={}, process=lambda rows, k: (rows, {}), limit=50, batch_rows=8)
     assert result.manifest.rows == 50
     assert read_arrow(str(tmp_path / "out")).equals(read_arrow(src).slice(0, 50))

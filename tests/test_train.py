@@ -111,7 +111,7 @@ def test_zero_advantage_weights_do_not_move_and_run_refuses(tiny, tmp_path: Path
     path, tok, model = tiny
     rows = scope_group(tok, model, "5")
     for r in rows:
-        r["reward"] = 1.0
+        r["reward"], r["correct"] = 1.0, True
     assembled = assemble(to_table(rows), keep_zero_groups=True)
     assert assembled.rows["advantage"].to_list() == [0.0] * 3
     fit(config("unused", path, tmp_path / "zero"), assembled.rows)
@@ -214,7 +214,7 @@ def test_grpo_trains_from_rollouts_table(tiny, tmp_path: Path) -> None:
 
     path, tok, model = tiny
     rows = scope_group(tok, model, "2")[:3]
-    rows[0]["reward"] = 1.0
+    rows[0]["reward"], rows[0]["correct"] = 1.0, True
     TableStore(str(tmp_path / "rollouts"), "rollouts").write(
         conform("rollouts", to_table(rows)), {})
     res = run(config(str(tmp_path / "rollouts"), path, tmp_path / "o", algo="grpo"))

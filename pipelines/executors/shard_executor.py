@@ -33,6 +33,7 @@ from scope_data.shards import (
     read_manifest,
     scan,
 )
+from scope_data.validate import check_table
 
 ProcessFn = Callable[[pa.Table, int], tuple[pa.Table, dict[str, Any]]]
 BATCH_ROWS = 4096
@@ -158,11 +159,15 @@ def run_stage(
 ) -> StageResult:
     """Run `process` on each owned, unfinished shard of the input and finalize when complete.
 
-    `config` is what the output depends on; the input table's content hash is added to it, so a
-    changed upstream table or option reruns the stage and an unchanged one resumes it.
+    `config` is what the output depends on; the input table's content hash is added to it, so an
+    unchanged upstream table and options resume the stage, and a changed one is refused in the
+    same output folder (`scope_data.ownership`: a new --out reruns it).
     Only the input's first `limit` rows are read, if given, and of them only the rows of
     `problem_ids`, if given (a round's batch of problems). `batch_rows` (see `input_batches`):
     None hands `process` each shard whole, for stages that need all of a shard's rows at once.
+
+    The input's value invariants are checked first (`scope_data.validate`), then the output
+    folder is claimed (`scope_data.ownership`).
     """
     if num_shards < 1:
         raise ValueError(f"--num-shards must be >= 1, got {num_shards}")
@@ -170,31 +175,37 @@ def run_stage(
     full_config = {**config, "input": upstream.content_hash, "num_shards": num_shards}
     store = TableStore(output_url, output_table, storage_options)
     check_input_columns(input_url, upstream.table, scan(input_url, storage_options))
+    check_table(upstream, storage_options)
+    store.claim(full_config, [input_url])
     shards = range(num_shards) if shard_index is None else [shard_index]
     written = skipped = 0
     stats: dict[str, Any] = {}
-    for k in shards:
-        if store.part_done(k, num_shards, full_config):
-            skipped += 1
-            continue
-        where = f"{input_url} (rows of part {k})"
+    try:
+        for k in shards:
+            if store.part_done(k, num_shards, full_config):
+                skipped += 1
+                continue
+            where = f"{input_url} (rows of part {k})"
 
-        def run(rows: pa.Table, k: int = k, where: str = where) -> tuple[pa.Table, dict]:
-            rows = conform(upstream.table, rows, where)
-            validate(upstream.table, rows, where)
-            return process(rows, k)
+            def run(rows: pa.Table, k: int = k, where: str = where) -> tuple[pa.Table, dict]:
+                rows = conform(upstream.table, rows, where)
+                validate(upstream.table, rows, where)
+                return process(rows, k)
 
-        batches = input_batches(upstream, k, num_shards, batch_rows, storage_options, limit,
-                                problem_ids)
-        results = map(run, batches)
-        first = next(results)  # a stage failing on its first rows leaves the folder untouched
-        part_stats: dict[str, Any] = {}
-        with store.part_writer(k, num_shards, full_config, part_stats) as out:
-            for table, batch_stats in itertools.chain([first], results):
-                out.write(table)
-                add_stats(part_stats, batch_stats)
-        add_stats(stats, part_stats)
-        written += 1
+            batches = input_batches(upstream, k, num_shards, batch_rows, storage_options, limit,
+                                    problem_ids)
+            results = map(run, batches)
+            first = next(results)  # failing on its first rows: the folder is left untouched
+            part_stats: dict[str, Any] = {}
+            with store.part_writer(k, num_shards, full_config, part_stats) as out:
+                for table, batch_stats in itertools.chain([first], results):
+                    out.write(table)
+                    add_stats(part_stats, batch_stats)
+            add_stats(stats, part_stats)
+            written += 1
+    except BaseException:
+        store.release(full_config)
+        raise
     missing = store.missing_parts(num_shards, full_config)
     manifest = None
     if not missing:

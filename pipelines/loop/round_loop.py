@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +149,7 @@ class _Runner:
                     f"{self.run_dir}: {label} is already done; pass --resume to continue this "
                     "run, or choose a new --out"
                 )
+            _clear_stale_output(self.run_dir, cfg)  # done with another config: rerun afresh
         t0 = time.time()
         from pipelines.console import console
 
@@ -164,6 +166,15 @@ class _Runner:
         tmp.replace(marker)
         self.ran.append(label)
         return digest
+
+
+def _clear_stale_output(run_dir: Path, cfg: Any) -> None:
+    """Remove a stage's output that this run folder's stage marker shows the loop wrote with
+    another config (stages never write into another config's table: scope_data.ownership)."""
+    out = getattr(cfg, "out", None) or getattr(cfg, "output_dir", None)
+    path = Path(out).resolve() if isinstance(out, str) else None
+    if path is not None and path.is_relative_to(run_dir) and path != run_dir and path.is_dir():
+        shutil.rmtree(path)
 
 
 def round_dir(run_dir: str | Path, r: int) -> Path:

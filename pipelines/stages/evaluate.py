@@ -27,6 +27,8 @@ from pipelines.config import identity, option, storage_options_field
 from scope_data.diversity import DIVERSITY_KEYS, group_diversity, pass_at_k
 
 METRICS_FILE = "metrics.json"
+OUTPUT_NAMES = {"rollouts", METRICS_FILE, "per_problem.parquet", "samples.parquet"}
+"""What `scope eval` writes into OUT (nothing else may be there: `claim_plain_folder`)."""
 
 
 @dataclass
@@ -130,13 +132,21 @@ def run(cfg: EvalConfig, quiet: bool = False) -> EvalResult:
         raise ValueError(f"--n must be >= 1, got {cfg.n}")
     if cfg.diversity_tokens not in ("word", "char"):
         raise ValueError(f"--diversity-tokens must be word or char, got {cfg.diversity_tokens!r}")
+    from scope_data.hashing import config_hash
+    from scope_data.ownership import claim_plain_folder
+
+    chash = config_hash(identity(cfg))
+    # OUT is new, empty or this config's earlier evaluation (never the problems table, nor a
+    # metrics.json of another evaluation)
+    claim_plain_folder(cfg.out, "scope eval", chash, OUTPUT_NAMES, METRICS_FILE, [cfg.problems],
+                       cfg.storage_options)
     gen_cfg = generate_config(cfg)
     result = generate.run(gen_cfg, quiet=True)
     if result.manifest is None:
         raise RuntimeError(f"{gen_cfg.out}: {len(result.missing)} rollout parts still missing")
     rollouts = scan(gen_cfg.out, cfg.storage_options).collect()
     metrics, per_problem = summarize(rollouts, cfg.diversity_tokens)
-    metrics["config"] = identity(cfg)
+    metrics["config"] = identity(cfg)  # its hash is `chash`: a rerun's ownership check
     write_outputs(cfg.out, metrics, per_problem, rollouts)
     if not quiet:
         print_metrics(f"scope eval: {cfg.model} on {cfg.problems}", metrics)

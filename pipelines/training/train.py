@@ -225,8 +225,10 @@ def load_rows(cfg: TrainConfig) -> tuple[Any, Any]:
     advantage raises ValueError.
     """
     from scope_data.shards import read_arrow, read_manifest
+    from scope_data.validate import check_table
 
     manifest = read_manifest(cfg.data, cfg.storage_options)
+    check_table(manifest, cfg.storage_options)
     kind = manifest.table
     df = pl.from_arrow(read_arrow(cfg.data, cfg.storage_options))
     unscored = (df.filter(pl.col("score_status").is_in(UNSCORED_STATUSES)).height
@@ -332,6 +334,9 @@ def _check_output(out: Path) -> None:
 def run(cfg: TrainConfig) -> TrainResult:
     """Assemble the corrected table `cfg.data` and train `cfg.policy` into `cfg.output_dir`."""
     cfg.check()
+    from scope_data.ownership import refuse_overlap
+
+    refuse_overlap(cfg.output_dir, [cfg.data], cfg.storage_options, flag="--output-dir")
     _check_output(Path(cfg.output_dir))
     assembly, manifest = load_rows(cfg)
     return fit(cfg, assembly.rows, assembly.stats, [manifest])
@@ -379,6 +384,10 @@ def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = Non
     tok = load_tokenizer(path, trust)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     model = _load_weights(path, trust)
+    from scope_data.validate import check_token_range
+
+    check_token_range(rows, model.get_input_embeddings().num_embeddings,
+                      f"{cfg.data} (training rows)")
     ref_model = None
     if cfg.beta != 0.0:
         ref_model = _load_weights(trainable_path(cfg.ref_policy or cfg.policy),
