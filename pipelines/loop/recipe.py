@@ -19,6 +19,7 @@ correct: {}
 train: {}
 evaluate: {n: 4, temperature: 0.6}
 launch: {train: accelerate launch --config_file zero3.yaml -m cli.main}  # optional
+executor: {executor: ray, ray_address: auto, retries: 2}  # optional: runs every sharded stage
 ```
 
 `launch` only changes what `scope run --dry-run` prints for a stage run by hand (the loop
@@ -61,6 +62,7 @@ class Recipe:
     train: dict[str, Any] = field(default_factory=dict)
     evaluate: dict[str, Any] = field(default_factory=dict)
     launch: dict[str, str] = field(default_factory=dict)  # stage -> launcher for --dry-run
+    executor: dict[str, Any] = field(default_factory=dict)  # generate/score/correct executor
     source: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,7 +168,7 @@ def recipe_from_dict(body: dict[str, Any], source: str | None = None) -> Recipe:
     names = [e["name"] for e in body["eval"]]
     if len(set(names)) != len(names):
         raise ValueError(f"{where}: eval set names must be unique, got {names}")
-    for key in (*STAGE_KEYS, "tiny", "launch"):
+    for key in (*STAGE_KEYS, "tiny", "launch", "executor"):
         value = body.get(key) or {}
         if not isinstance(value, dict):
             raise ValueError(f"{where}: {key} must be a mapping of options")

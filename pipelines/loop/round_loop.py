@@ -32,6 +32,7 @@ trains nothing and keeps the policy (recorded in `round-XXXX/train_skipped.json`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import time
@@ -42,6 +43,7 @@ from typing import Any
 import polars as pl
 
 from pipelines.config import identity, option
+from pipelines.executors.base import EXECUTION_HELP, LoopExecutorOptions
 from pipelines.loop import round_stages as stages
 from pipelines.loop.recipe import Recipe, load_recipe
 from scope_data.algos import get_algo
@@ -65,6 +67,8 @@ class RunConfig:
     overrides: dict[str, Any] = option(default_factory=dict, cli=False,
                                        help="recipe keys to override (`scope run --algo/--seed`)")
     verbose: bool = option(True, cli=False, help="print every stage's summary")
+    execution: dict[str, Any] = option(default_factory=dict, expand=LoopExecutorOptions,
+                                       identity=False, help=EXECUTION_HELP)
 
 
 @dataclass
@@ -137,6 +141,8 @@ def run(cfg: RunConfig) -> RunResult:
     """Run (or resume, or print) every round of a recipe; return the metrics table."""
     recipe = cfg.recipe if isinstance(cfg.recipe, Recipe) else load_recipe(cfg.recipe,
                                                                              cfg.overrides)
+    if cfg.execution:  # --executor ... options override the recipe's executor section
+        recipe = dataclasses.replace(recipe, executor={**recipe.executor, **cfg.execution})
     rounds = cfg.rounds if cfg.rounds is not None else recipe.rounds
     if rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {rounds}")
