@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
@@ -51,6 +52,18 @@ def job(tmp_path_factory):
     return root, base, read_arrow(reference)
 
 
+def assert_same_rollouts(table: pa.Table, reference: pa.Table) -> None:
+    """The same rows in the same order: every column equal, behaviour log-probs up to float
+    rounding (a Ray task runs torch with its task's CPU count as thread count)."""
+    assert table.schema.equals(reference.schema) and table.num_rows == reference.num_rows
+    differ = [c for c in table.column_names if c != "behaviour_logprobs"
+              and not table.column(c).equals(reference.column(c))]
+    assert not differ, f"columns differ: {differ}"
+    for x, y in zip(table.column("behaviour_logprobs").to_pylist(),
+                    reference.column("behaviour_logprobs").to_pylist(), strict=True):
+        assert len(x) == len(y) and all(abs(p - q) < 1e-4 for p, q in zip(x, y, strict=True))
+
+
 def _tries(logs: str, k: int) -> list[str]:
     paths = sorted(Path(logs).glob(f"shard-{k:05d}-of-{SHARDS:05d}.try-*.log"))
     return [p.read_text() for p in paths]
@@ -84,7 +97,7 @@ def test_ray_retries_a_shard_that_fails_once_into_s3(job, s3_bucket) -> None:
         fn = functools.partial(generate_failing_once, str(root / "failed-once"))
         result = run_sharded(fn, cfg, "generate", executor_options(cfg.execution))
     assert result.manifest is not None and result.parts_written == SHARDS
-    assert read_arrow(f"{url}/ray", options).equals(reference)
+    assert_same_rollouts(read_arrow(f"{url}/ray", options), reference)
     first, second = _tries(str(root / "ray-logs"), FAIL_SHARD)
     assert "injected failure" in first and "# done" not in first
     assert "# done" in second
@@ -125,7 +138,7 @@ def test_ray_worker_sigkilled_mid_shard_is_retried_without_losing_rows(job, tmp_
     assert len(tries) >= 2 and "# done" not in tries[0] and "# done" in tries[-1]
     assert result.manifest is not None and result.manifest.rows == reference.num_rows
     table = read_arrow(out)
-    assert table.equals(reference)
+    assert_same_rollouts(table, reference)
     assert len(set(table.column("rollout_id").to_pylist())) == table.num_rows
 
 
