@@ -88,6 +88,7 @@ def test_executor_options_are_checked() -> None:
 def test_ray_retries_a_shard_that_fails_once_into_s3(job, s3_bucket) -> None:
     """4 Ray tasks on a 2-CPU head; shard 1 raises on its first try and is retried; the table
     on the S3 server equals the local executor's, row for row."""
+    pytest.importorskip("ray", reason="Ray is the optional extra scope-rlvr[ray]")
     root, base, reference = job
     url, options = s3_bucket
     with ray_head(num_cpus=2) as address:
@@ -109,6 +110,7 @@ def test_ray_retries_a_shard_that_fails_once_into_s3(job, s3_bucket) -> None:
 
 @pytest.mark.slow
 def test_ray_worker_sigkilled_mid_shard_is_retried_without_losing_rows(job, tmp_path) -> None:
+    pytest.importorskip("ray", reason="Ray is the optional extra scope-rlvr[ray]")
     root, base, reference = job
     out, logs = str(tmp_path / "ray"), tmp_path / "logs"
     killed: list[tuple[int, int]] = []

@@ -3,7 +3,8 @@
 Rows go to shard `shard_of(problem_id, N)`, so a problem's whole group lands in one part and
 every stage can split the same way. Without `shard_index`, one process runs every missing part
 in turn; with it, the job runs only its own part (N machines split a stage). Whichever job sees
-all N parts done writes the manifest.
+all N parts done writes the manifest. `plan` asks a stage which parts it would write (an
+executor, `executors.base`, schedules only those).
 
 A shard streams: its rows are read in batches of about `batch_rows` rows that hold whole
 problems, `process` runs once per batch, and each result is appended to the part file as it
