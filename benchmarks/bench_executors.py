@@ -6,7 +6,8 @@ ends with `# done in X s`), and the executor's overhead per task:
 
     overhead per task = (wall x slots - sum of task seconds) / tasks
 
-(the slot time not spent in the stage: launching, imports, scheduling, idle slots at the end).
+(the slot time not spent in the stage: launching, scheduling, idle slots at the end; a task's
+own seconds include the imports its stage does lazily, e.g. transformers in a fresh process).
 Ray is timed after cluster start-up (printed apart), twice: `cold` (the job's first tasks start
 fresh worker processes, which import torch) and `warm` (the same workers again). Target: warm
 Ray <= 1 s per task. The local executor starts a fresh process per task, so its overhead is
@@ -18,6 +19,7 @@ mostly Python + torch imports. Ratios are against the in-process run (workers=1)
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import sys
@@ -49,9 +51,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2, help="local workers = Ray CPUs")
-    ap.add_argument("--problems", type=int, default=32)
+    ap.add_argument("--problems", type=int, default=64)
     ap.add_argument("--n", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-executors-"))
     try:
@@ -59,6 +61,9 @@ def main() -> None:
         write_problems(str(root / "problems"), n=args.problems)
         base = {"problems": str(root / "problems"), "policy": f"hf:{model}", "n": args.n,
                 "max_new_tokens": args.max_new_tokens, "seed": 0, "num_shards": args.shards}
+        from pipelines.engines.base import load_generation_engine
+
+        load_generation_engine(base["policy"]).close()  # imports paid before the clocks start
         rows = []
         wall, _ = timed(base, root / "inproc", {})
         baseline = wall
@@ -78,7 +83,8 @@ def main() -> None:
         finally:
             ray.shutdown()
         print(f"{args.shards} shards, {args.problems} problems x n={args.n}, "
-              f"max_new_tokens={args.max_new_tokens}; Ray start-up {startup:.1f} s (not counted)")
+              f"max_new_tokens={args.max_new_tokens}; Ray start-up {startup:.1f} s (not counted); "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         print(f"{'executor':<24}{'wall s':>9}{'vs in-proc':>12}{'task s (sum)':>14}"
               f"{'overhead s/task':>17}")
         for label, wall, secs, slots in rows:

@@ -223,3 +223,27 @@ def test_slurm_array_script_dry_run_chain_retry_and_rerun(job, tmp_path, standin
     Path(out, marker_name(2, SHARDS)).unlink()
     dry = runner.invoke(app, [*_args(base, out), "--dry-run"])
     assert dry.exit_code == 0 and "#SBATCH --array=2\n" in dry.output
+
+
+def test_recipe_executor_section_reaches_every_sharded_stage(tmp_path) -> None:
+    from pipelines.loop.recipe import recipe_from_dict
+    from pipelines.loop.round_loop import RunConfig
+    from pipelines.loop.round_loop import run as run_loop
+
+    body = {"name": "t", "algo": "scope", "policy": "hf:x", "problems": {"arith": {"count": 4}},
+            "eval": [{"name": "h", "arith": {"count": 4, "seed": 2}}],
+            "executor": {"executor": "slurm", "partition": "gpu", "retries": 1},
+            "score": {"execution": {"gpus_per_task": 2}}}
+    result = run_loop(RunConfig(recipe=recipe_from_dict(body), out=str(tmp_path / "r"),
+                                dry_run=True, execution={"time": "01:00:00"}))
+    execution = {kind: cfg.execution for kind, cfg in result.plan
+                 if kind in ("generate", "score", "correct")}
+    common = {"executor": "slurm", "partition": "gpu", "retries": 1, "time": "01:00:00",
+              "wait": True}  # the loop waits for each array: the next stage reads its table
+    assert execution == {"generate": common, "score": {**common, "gpus_per_task": 2},
+                         "correct": common}
+    body["executor"] = {"executor": "ray", "gpu_per_task": 1}
+    with pytest.raises(ValueError, match=r"recipe generate executor: unknown executor "
+                       r"option\(s\) \['gpu_per_task'\]"):
+        run_loop(RunConfig(recipe=recipe_from_dict(body), out=str(tmp_path / "r"),
+                           dry_run=True))
