@@ -11,7 +11,9 @@ own seconds include the imports its stage does lazily, e.g. transformers in a fr
 Ray is timed after cluster start-up (printed apart), twice: `cold` (the job's first tasks start
 fresh worker processes, which import torch) and `warm` (the same workers again). Target: warm
 Ray <= 1 s per task. The local executor starts a fresh process per task, so its overhead is
-mostly Python + torch imports. Ratios are against the in-process run (workers=1).
+mostly Python + torch imports. Ratios are against the in-process run (workers=1; it uses all
+cores as torch threads, which on a busy machine is far slower than one thread: compare with
+`OMP_NUM_THREADS=1`, the thread count Ray and the local executor give a 1-CPU task).
 
     .venv/bin/python benchmarks/bench_executors.py --shards 8 --workers 2
 """
@@ -61,9 +63,7 @@ def main() -> None:
         write_problems(str(root / "problems"), n=args.problems)
         base = {"problems": str(root / "problems"), "policy": f"hf:{model}", "n": args.n,
                 "max_new_tokens": args.max_new_tokens, "seed": 0, "num_shards": args.shards}
-        from pipelines.engines.base import load_generation_engine
-
-        load_generation_engine(base["policy"]).close()  # imports paid before the clocks start
+        timed(base, root / "warm-up", {})  # imports and first-call costs paid before timing
         rows = []
         wall, _ = timed(base, root / "inproc", {})
         baseline = wall

@@ -230,7 +230,8 @@ def test_recipe_executor_section_reaches_every_sharded_stage(tmp_path) -> None:
     from pipelines.loop.round_loop import RunConfig
     from pipelines.loop.round_loop import run as run_loop
 
-    body = {"name": "t", "algo": "scope", "policy": "hf:x", "problems": {"arith": {"count": 4, "seed": 1}},
+    body = {"name": "t", "algo": "scope", "policy": "hf:x",
+            "problems": {"arith": {"count": 4, "seed": 1}},
             "eval": [{"name": "h", "arith": {"count": 4, "seed": 2}}],
             "executor": {"executor": "slurm", "partition": "gpu", "retries": 1},
             "score": {"execution": {"gpus_per_task": 2}}}

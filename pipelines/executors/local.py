@@ -2,8 +2,9 @@
 
 Each try of a shard is a fresh Python process (`python -m pipelines.executors.local TASK`, the
 task pickled in a file beside its logs), so a crash, even a SIGKILL, costs only that try and the
-caller's main module is never re-imported; at most `workers` run at once; a failed try is rerun
-up to `retries` times.
+caller's main module is never re-imported; at most `workers` run at once, each with
+`--cpus-per-task` threads ($OMP_NUM_THREADS, unless set); a failed try is rerun up to `retries`
+times.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def run(fn: Callable[..., Any], cfg: Any, pending: list[int], opts: ExecutorOpti
     """Run shard k of `fn(cfg)` for every k in `pending`; TaskFailed names those that kept
     failing. Returns one record per shard (seconds, log, tries)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    # like Ray: a task's torch/BLAS threads = its CPUs (W workers x all cores oversubscribe)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, int(opts.cpus_per_task))))
     queue = deque((k, 0) for k in pending)
     running: dict[int, tuple[int, subprocess.Popen[bytes], Path]] = {}  # k -> (try, proc, out)
     done: list[dict[str, Any]] = []
