@@ -72,6 +72,7 @@ def main() -> None:
         rows.append((f"local (workers={args.workers})", wall, secs, args.workers))
         import ray
 
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback only: no token file
         t0 = time.perf_counter()
         ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False,
                  logging_level="WARNING")

@@ -31,7 +31,8 @@ def ray_head(num_cpus: int = 2) -> Iterator[str]:
     here are touched."""
     port = _free_port()
     tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's socket paths are bounded
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
+    # RAY_AUTH_MODE=disabled: a loopback test cluster, whatever ~/.ray/auth_token may hold
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     log = open(Path(tmp) / "ray-start.log", "w")
     proc = subprocess.Popen(
