@@ -61,6 +61,8 @@ def script(cfg: Any, command: str, pending: list[int], opts: ExecutorOptions, lo
              f"# scope {command}: shard $SLURM_ARRAY_TASK_ID of {cfg.num_shards}; the table's "
              "completion markers say which shards are done",
              "set -u",
+             "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-"
+             f"{max(1, math.ceil(opts.cpus_per_task))}}}  # torch threads = the task's CPUs",
              f"for try in $(seq 0 {opts.retries}); do",
              '  echo "# try $try of shard $SLURM_ARRAY_TASK_ID on $(hostname)"',
              f"  {task_command(cfg, command, opts)} && exit 0",
