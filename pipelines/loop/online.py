@@ -111,8 +111,11 @@ def run_worker(cfg: WorkerConfig) -> round_loop.RunResult:
                                 "`scope run RECIPE --online` (or pass --recipe)")
     from pipelines.loop.recipe import load_recipe
 
-    check_online(load_recipe(recipe_file))
-    run_cfg = round_loop.RunConfig(recipe=recipe_file, out=str(run_dir), rounds=cfg.rounds,
+    recipe = load_recipe(recipe_file)
+    check_online(recipe)
+    # a worker runs its stages in process, on its warm engines (not through an executor)
+    recipe = replace(recipe, executor={})
+    run_cfg = round_loop.RunConfig(recipe=recipe, out=str(run_dir), rounds=cfg.rounds,
                                    resume=True, verbose=False)
     runner = round_loop._Runner(run_dir, True, False, False, role=cfg.role,
                                 wait=_waiter(cfg.timeout))

@@ -22,6 +22,7 @@ evaluate: {n: 4, temperature: 0.6}
 dynamic_sampling: {enable: true, max_num_gen_batches: 3}  # optional, DAPO (needs
                             # generate.prompts_per_round; pipelines.loop.sampling)
 launch: {train: accelerate launch --config_file zero3.yaml -m cli.main}  # optional
+executor: {executor: ray, ray_address: auto, retries: 2}  # optional: runs every sharded stage
 ```
 
 `launch` only changes what `scope run --dry-run` prints for a stage run by hand (the loop
@@ -65,6 +66,7 @@ class Recipe:
     evaluate: dict[str, Any] = field(default_factory=dict)
     launch: dict[str, str] = field(default_factory=dict)  # stage -> launcher for --dry-run
     dynamic_sampling: dict[str, Any] = field(default_factory=dict)  # resolved: enable, cap
+    executor: dict[str, Any] = field(default_factory=dict)  # generate/score/correct executor
     source: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -170,7 +172,7 @@ def recipe_from_dict(body: dict[str, Any], source: str | None = None) -> Recipe:
     names = [e["name"] for e in body["eval"]]
     if len(set(names)) != len(names):
         raise ValueError(f"{where}: eval set names must be unique, got {names}")
-    for key in (*STAGE_KEYS, "tiny", "launch", "dynamic_sampling"):
+    for key in (*STAGE_KEYS, "tiny", "launch", "dynamic_sampling", "executor"):
         value = body.get(key) or {}
         if not isinstance(value, dict):
             raise ValueError(f"{where}: {key} must be a mapping of options")

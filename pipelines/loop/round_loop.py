@@ -40,6 +40,7 @@ docs/training.md, "Resume and carried state").
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import shutil
@@ -51,6 +52,7 @@ from typing import Any
 import polars as pl
 
 from pipelines.config import identity, option
+from pipelines.executors.base import EXECUTION_HELP, LoopExecutorOptions
 from pipelines.loop import round_stages as stages
 from pipelines.loop.recipe import Recipe, load_recipe
 from pipelines.loop.round_tracking import log_round
@@ -79,6 +81,8 @@ class RunConfig:
                           "see `scope worker`)")
     max_staleness: int = option(0, help="online: round r generates with the policy of round "
                                 "r-1-K (0: strictly on-policy, the offline loop's tables)")
+    execution: dict[str, Any] = option(default_factory=dict, expand=LoopExecutorOptions,
+                                       identity=False, help=EXECUTION_HELP)
 
 
 @dataclass
@@ -241,6 +245,8 @@ def resolve_rounds(cfg: RunConfig) -> tuple[Recipe, int]:
     """The recipe (file, name or object, with overrides) and the number of rounds to run."""
     recipe = cfg.recipe if isinstance(cfg.recipe, Recipe) else load_recipe(cfg.recipe,
                                                                              cfg.overrides)
+    if cfg.execution:  # --executor ... options override the recipe's executor section
+        recipe = dataclasses.replace(recipe, executor={**recipe.executor, **cfg.execution})
     rounds = cfg.rounds if cfg.rounds is not None else recipe.rounds
     if rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {rounds}")

@@ -94,6 +94,21 @@ def write_problems(cfg: ProblemsConfig) -> None:
 
 
 # -- stages ---------------------------------------------------------------------------------
+def _executed(recipe: Recipe, options: dict[str, Any], stage: str) -> dict[str, Any]:
+    """A sharded stage's recipe options with the recipe's `executor:` section as its execution
+    options (the stage's own `execution:` keys win). The loop needs each table before the next
+    stage, so it waits for a slurm array to end."""
+    from pipelines.executors.base import executor_options
+
+    execution = {**recipe.executor, **options.get("execution", {})}
+    if not execution:
+        return dict(options)
+    if execution.get("executor") == "slurm":
+        execution["wait"] = True
+    executor_options(execution, f"recipe {stage} executor")
+    return {**options, "execution": execution}
+
+
 def _seed(recipe: Recipe, stage: str, r: int) -> int:
     """A per-(seed, stage, round) seed, so rounds never reuse each other's random streams."""
     from scope_data.hashing import derive_seed
@@ -107,7 +122,7 @@ def generate_config(recipe: Recipe, problems: str, policy: str, out: str, r: int
     on-policy; online with staleness K, r-1-K)."""
     from pipelines.stages.generate import GenerateConfig
 
-    opts = dict(recipe.generate)
+    opts = _executed(recipe, recipe.generate, "generate")
     opts.setdefault("seed", _seed(recipe, "generate", r))
     if opts.get("prompts_per_round") is not None:
         opts.setdefault("prompt_seed", recipe.seed)
@@ -125,7 +140,7 @@ def run_generate(cfg: Any) -> None:
 def score_config(recipe: Recipe, rollouts: str, out: str) -> Any:
     from pipelines.stages.score import ScoreConfig
 
-    opts = dict(recipe.score)
+    opts = _executed(recipe, recipe.score, "score")
     opts.setdefault("only_failed", get_algo(recipe.algo).prm_scores == "failed")
     return make_config(ScoreConfig, opts, "score", rollouts=rollouts, out=out, prm=recipe.prm)
 
@@ -140,7 +155,7 @@ def correct_config(recipe: Recipe, table: str, out: str, r: int) -> Any:
     """The correct stage of the recipe's algo over `table` (scored, or rollouts for luffy)."""
     from pipelines.stages.correct import CorrectConfig
 
-    opts = dict(recipe.correct)
+    opts = _executed(recipe, recipe.correct, "correct")
     opts.setdefault("seed", _seed(recipe, "correct", r))
     return make_config(CorrectConfig, opts, "correct", scored=table, out=out,
                        teacher=recipe.teacher, mode=get_algo(recipe.algo).correction_mode)

@@ -49,6 +49,7 @@ from pipelines.console import print_summary, progress
 from pipelines.engines.openai_engine import default_cache_dir
 from pipelines.engines.spec import load_tokenizer, parse_spec, policy_tokenizer_path
 from pipelines.engines.teachers import Teacher, TeacherItem, TeacherOutput, load_teacher
+from pipelines.executors.base import EXECUTION_HELP, ExecutorOptions, sharded
 from pipelines.executors.shard_executor import StageResult, run_stage
 from scope_data.algos import CORRECTION_MODES, mode_needs_scores
 from scope_data.correction import (
@@ -130,6 +131,8 @@ class CorrectConfig:
         "'{\"llm_kwargs\": {...}}')", identity=False)
     num_shards: int = num_shards_field()
     shard_index: int | None = shard_index_field()
+    execution: dict[str, Any] = option(default_factory=dict, expand=ExecutorOptions,
+                                       identity=False, help=EXECUTION_HELP)
     storage_options: dict[str, Any] | None = storage_options_field()
 
     def teacher_engine_options(self) -> dict[str, Any]:
@@ -370,6 +373,7 @@ def summary_rows(stats: dict[str, Any]) -> list[tuple[str, Any]]:
     ]
 
 
+@sharded("correct")
 def run(cfg: CorrectConfig) -> StageResult:
     """Run the correct stage over the table at ``cfg.scored`` (the scored table; a rollouts
     table too in a mode that needs no PRM scores, ``luffy``); write ``cfg.out``."""

@@ -40,6 +40,7 @@ from pipelines.engines.base import GenerationRequest, load_generation_engine
 from pipelines.engines.openai_engine import default_cache_dir
 from pipelines.engines.prompts import TEMPLATES, render_and_encode
 from pipelines.engines.spec import parse_spec
+from pipelines.executors.base import EXECUTION_HELP, ExecutorOptions, sharded
 from pipelines.executors.shard_executor import StageResult, run_stage
 from scope_data.grading import grade_response
 from scope_data.hashing import derive_seed, stable_id
@@ -79,6 +80,8 @@ class GenerateConfig:
     template: str = option("chat", help="chat (tokenizer chat template) | raw")
     num_shards: int = num_shards_field()
     shard_index: int | None = shard_index_field()
+    execution: dict[str, Any] = option(default_factory=dict, expand=ExecutorOptions,
+                                       identity=False, help=EXECUTION_HELP)
     dtype: str | None = option(None, help="model dtype (default float32 on CPU, bfloat16 on GPU)",
                                engine=True)
     device: str | None = option(None, help="hf engine device (cpu, cuda)", identity=False,
@@ -204,6 +207,7 @@ class _Generator:
             self.engine.close()
 
 
+@sharded("generate")
 def run(cfg: GenerateConfig, quiet: bool = False) -> StageResult:
     """Generate, grade and write the rollouts table at `cfg.out`; resumable by part."""
     cfg.check()

@@ -39,6 +39,7 @@ from pipelines.console import part_task, print_summary, progress
 from pipelines.engines.base import PRMEngine, load_prm, score_with_status
 from pipelines.engines.prm_options import PRM_HELP, PRM_OPTIONS_HELP, PRMOptions
 from pipelines.engines.spec import load_tokenizer, parse_spec, policy_tokenizer_path
+from pipelines.executors.base import EXECUTION_HELP, ExecutorOptions, sharded
 from pipelines.executors.shard_executor import BATCH_ROWS, StageResult, run_stage
 from scope_data.first_error import locate_determined, tune_threshold
 from scope_data.schema import SCORED_FIELDS, conform
@@ -72,6 +73,8 @@ class ScoreConfig:
     batch_size: int = option(256, help="responses per PRM call", identity=False)
     num_shards: int = num_shards_field()
     shard_index: int | None = shard_index_field()
+    execution: dict[str, Any] = option(default_factory=dict, expand=ExecutorOptions,
+                                       identity=False, help=EXECUTION_HELP)
     storage_options: dict[str, Any] | None = storage_options_field()
 
     def check(self) -> None:
@@ -261,6 +264,7 @@ class _Scorer:
         return str(self._prm.spec) if self._prm is not None else self.cfg.prm
 
 
+@sharded("score")
 def run(cfg: ScoreConfig, prm: PRMEngine | None = None, quiet: bool = False) -> StageResult:
     """Score the rollouts at `cfg.rollouts` into the scored table at `cfg.out` (resumable).
 
