@@ -39,3 +39,22 @@ def gold_first_error(task: str | None, prompt: str, response: str) -> int:
     a prompt that is not of the task."""
     module = exact_task(task)
     return int(module.first_error(module.parse_prompt(prompt), response))
+
+
+def solution_path(task: str | None, prompt: str, response: str) -> str | None:
+    """The canonical solution path of a correct response, for tasks with many right answers
+    (``countdown``: equal strings are the same solution); None for a wrong response, a prompt
+    that is not of the task, or a task with one solution path."""
+    module = task_module(task)
+    path_of = getattr(module, "canonical_path", None)
+    if path_of is None:
+        return None
+    try:
+        return path_of(module.parse_prompt(prompt), response)
+    except ValueError:
+        return None
+
+
+def has_paths(task: str | None) -> bool:
+    """Whether the task's correct responses have distinct solution paths (countdown)."""
+    return hasattr(task_module(task), "canonical_path")
