@@ -216,3 +216,69 @@ def test_countdown_chain_problems_generate_score_correct_eval(tmp_path: Path,
     # prm-eval on the countdown rollouts table: gold = the process oracle, exact PRM scores 100
     res = prm_eval_run(PRMEvalConfig(benchmarks=[r], prm="rule:countdown"))
     assert res.average_f1 == 100.0 or math.isnan(res.average_f1)
+
+
+def test_problems_countdown_cli_and_table(tmp_path: Path) -> None:
+    from scope_data.problems import countdown_table
+
+    out = tmp_path / "cd"
+    _ok(runner.invoke(app, ["problems", "countdown", "--count", "12", "--seed", "5",
+                            "--numbers", "3", "--modulus", "7", "--min-solutions", "2",
+                            "--max-solutions", "10", "--out", str(out)]))
+    info = json.loads(runner.invoke(app, ["inspect", str(out), "--json"]).output)
+    assert info["rows"] == 12 and info["config"]["source"] == "countdown"
+    assert info["config"]["min_solutions"] == 2 and info["config"]["max_solutions"] == 10
+    table = scan(str(out)).collect()
+    assert set(table["source"]) == {"countdown:seed=5"} and set(table["task"]) == {"countdown"}
+    assert table["prompt"].n_unique() == 12
+    for row in table.iter_rows(named=True):
+        prob = cd.parse_prompt(row["prompt"])
+        assert len(prob.numbers) == 3 and prob.modulus == 7
+        assert 2 <= cd.count_solutions(prob) <= 10 and cd.is_valid_solution(prob, row["solution"])
+    again = countdown_table(12, 5, numbers=3, modulus=7, min_solutions=2, max_solutions=10)
+    assert again.to_pylist() == table.to_dicts()  # seeded: same table
+    held_out = set(table["prompt"][:3])
+    other = countdown_table(5, 5, numbers=3, modulus=7, min_solutions=2, max_solutions=10,
+                            exclude_prompts=held_out)
+    assert not held_out & set(other.column("prompt").to_pylist())
+    bad = runner.invoke(app, ["problems", "countdown", "--numbers", "2", "--min-solutions", "9",
+                              "--count", "1", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 1 and "no problem with 9..None solutions" in bad.output
+
+
+def test_tiny_countdown_config_and_training_texts() -> None:
+    from pipelines.tiny.countdown import CountdownTinyConfig
+    from pipelines.tiny.policy import TinyConfig, config_from_meta
+
+    cfg = CountdownTinyConfig(num_examples=600)
+    assert cfg.hash() != TinyConfig().hash() and cfg.hash() != CountdownTinyConfig().hash()
+    assert config_from_meta({"config": cfg.to_dict()}) == cfg
+    assert config_from_meta({"config": TinyConfig().to_dict()}) == TinyConfig()
+    pairs = cfg.training_texts()
+    assert pairs == cfg.training_texts() and len(pairs) == 600
+    errors = [cd.first_error(cd.parse_prompt(p), c) for p, c in pairs]
+    assert 0.24 < sum(e != -1 for e in errors) / 600 < 0.36  # error_rate 0.3
+    assert len({c for (_, c), e in zip(pairs, errors, strict=True) if e == -1}) > 300
+    held_out = cfg.eval_problems(50)
+    assert len(held_out) == 50 and not {p.prompt for p in held_out} & {p for p, _ in pairs}
+
+
+@pytest.mark.slow
+def test_tiny_countdown_policy_short_build(tmp_path: Path, monkeypatch) -> None:
+    """A very short build (the recipe's plumbing, not its accuracy): a model folder, its
+    scope_tiny.json with the countdown config and a measured mix; the cache is reused."""
+    from transformers import AutoModelForCausalLM
+
+    from pipelines.tiny.countdown import CountdownTinyConfig, build_tiny_countdown_policy
+    from pipelines.tiny.policy import load_meta, tiny_cache_dir
+
+    monkeypatch.setenv("SCOPE_CACHE", str(tmp_path / "cache"))
+    short = {"max_steps": 3, "num_examples": 64, "hidden_size": 32, "intermediate_size": 64,
+             "num_heads": 2, "head_dim": 16, "max_position_embeddings": 96}
+    path = build_tiny_countdown_policy(eval_problems=4, num_threads=1, **short)
+    assert path == tiny_cache_dir(CountdownTinyConfig(**short))
+    meta = load_meta(path)
+    assert meta["config"]["task"] == "countdown" and meta["train"]["steps"] == 3
+    assert meta["mix"]["n"] == 4 and 0 <= meta["mix"]["correct_share"] <= 1
+    assert AutoModelForCausalLM.from_pretrained(str(path)).config.hidden_size == 32
+    assert build_tiny_countdown_policy(eval_problems=4, **short) == path  # cached
