@@ -169,7 +169,7 @@ def test_rule_prm_matches_arith_checker() -> None:
 
 
 def test_unknown_prm_spec_lists_valid_forms() -> None:
-    with pytest.raises(SpecError, match="valid forms: rule:arith, rule:countdown, hf-cls:<model>"):
+    with pytest.raises(SpecError, match="valid forms: rule:arith, hf-cls:<model>"):
         parse_spec("foo:bar", "prm")
     with pytest.raises(SpecError):
         load_prm("rule:gsm8k")

@@ -16,9 +16,9 @@ from typing import Any
 from scope_data.tasks import EXACT_TASKS  # rule:<task> PRMs and oracle:<task> teachers
 
 GENERATION_FORMS = ("hf:<path-or-hub-id>", "vllm:<path-or-hub-id>", "openai:<base_url>#<model>")
-PRM_FORMS = ("rule:arith", "rule:countdown", "hf-cls:<model>", "hf-tag:<model>", "vllm:<model>",
+PRM_FORMS = ("rule:arith", "hf-cls:<model>", "hf-tag:<model>", "vllm:<model>", "rule:countdown",
              "noisy:<prm>?f1=F&seed=S")
-TEACHER_FORMS = GENERATION_FORMS + ("oracle:arith", "oracle:countdown", "reference")
+TEACHER_FORMS = GENERATION_FORMS + ("oracle:arith", "reference", "oracle:countdown")
 TRAINABLE_KINDS = ("hf", "vllm")  # local or hub causal-LM weights
 NOISY_PARAMS = {"f1": float, "seed": int}  # noisy:<prm>?f1=F&seed=S (seed optional, 0)
 
