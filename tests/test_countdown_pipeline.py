@@ -216,6 +216,10 @@ def test_countdown_chain_problems_generate_score_correct_eval(tmp_path: Path,
     # prm-eval on the countdown rollouts table: gold = the process oracle, exact PRM scores 100
     res = prm_eval_run(PRMEvalConfig(benchmarks=[r], prm="rule:countdown"))
     assert res.average_f1 == 100.0 or math.isnan(res.average_f1)
+    noisy = "noisy:rule:countdown?f1=0.5&seed=2"
+    shown = runner.invoke(app, ["prm-eval", "--benchmark", r, "--prm", noisy])
+    _ok(shown)
+    assert "noisy:rule:countdown" in shown.output
 
 
 def test_problems_countdown_cli_and_table(tmp_path: Path) -> None:
