@@ -6,22 +6,22 @@ synthetic tasks (`scope_data.tasks`), written as a problems table. Imported thro
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from scope_data.hashing import stable_id
-from scope_data.problems import ProblemsResult
 from scope_data.schema import schema_for
 from scope_data.shards import TableStore
+
+if TYPE_CHECKING:
+    from scope_data.problems import ProblemsResult
 
 
 def _distinct_table(task: str, source: str, pool: Iterable[tuple[str, str, str]], count: int,
                     seen: set[str], what: str) -> pa.Table:
     """The first `count` (prompt, answer, solution) of `pool` whose prompt is not in `seen`, as
     a problems table of `task` (`source_index`: the position in the pool)."""
-    if count < 1:
-        raise ValueError(f"--count must be >= 1, got {count}")
     rows = []
     for i, (prompt, answer, solution) in enumerate(pool):
         if prompt in seen:
@@ -40,6 +40,8 @@ def _distinct_table(task: str, source: str, pool: Iterable[tuple[str, str, str]]
 
 def _write_generated(out: str, table: pa.Table, config: dict[str, Any], source: str,
                      storage_options: dict[str, Any] | None) -> ProblemsResult:
+    from scope_data.problems import ProblemsResult  # problems.py imports this module
+
     stats = {"status": {"ok": table.num_rows, "skipped_invalid": 0}}
     manifest = TableStore(out, "problems", storage_options).write(table, config, stats=stats)
     return ProblemsResult(manifest, manifest.url, source, table.num_rows, 0, config["source"])

@@ -32,6 +32,12 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 
+from scope_data.generated_problems import (  # noqa: F401  (re-exported: scope problems)
+    arith_table,
+    countdown_table,
+    write_arith,
+    write_countdown,
+)
 from scope_data.hashing import sha256_hex, stable_id
 from scope_data.schema import schema_for
 from scope_data.shards import Manifest, TableStore
@@ -344,12 +350,3 @@ def ingest(
     manifest = TableStore(out, "problems", storage_options).write(table, config, stats=stats)
     return ProblemsResult(manifest, manifest.url, source, table.num_rows, len(skipped), fmt,
                           fields, skipped[:5])
-
-
-# -- generated problems: scope_data.generated_problems (re-exported, the one import place) ----
-from scope_data.generated_problems import (  # noqa: E402, F401  (it reads ProblemsResult)
-    arith_table,
-    countdown_table,
-    write_arith,
-    write_countdown,
-)
