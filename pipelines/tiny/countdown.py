@@ -6,6 +6,9 @@ learns the spread of right answers), and a share ``error_rate`` carries one inje
 half arithmetic slips, half dead-end moves (a valid step after which the target cannot be
 reached), continued to an answer. Cached by config hash like the arith policy; the accuracy at
 temperature 1 on held-out problems is measured into ``scope_tiny.json`` (``mix``).
+
+Not yet calibrated to the 15-50% band: the default (600 steps) measured 0.4% correct (see
+docs/tasks.md).
 """
 
 from __future__ import annotations
