@@ -1,4 +1,4 @@
-"""`scope problems SRC --out DIR`: ingest a problem set (or generate arith problems)."""
+"""`scope problems SRC --out DIR`: ingest a problem set (or generate arith / countdown problems)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def register(app: typer.Typer) -> None:
 def problems(
     src: Annotated[str, typer.Argument(
         help="JSONL/JSON/Parquet file (local or fsspec URL), a `datasets.save_to_disk` folder, "
-        "a Hugging Face dataset name (offline when cached), or `arith` to generate problems")],
+        "a Hugging Face dataset name (offline when cached), or `arith` / `countdown` to generate "
+        "problems")],
     out: Annotated[str, typer.Option("--out", "-o", help="output table folder (path or URL)")],
     problem_field: Annotated[str | None, typer.Option(
         help="field holding the problem text (default: auto-detect)")] = None,
@@ -46,14 +47,20 @@ def problems(
     skip_invalid: Annotated[bool, typer.Option(
         "--skip-invalid", help="skip records without problem text or answer (counted)")] = False,
     limit: Annotated[int | None, typer.Option(help="write at most this many problems")] = None,
-    count: Annotated[int, typer.Option(help="arith: number of problems")] = 1000,
-    seed: Annotated[int, typer.Option(help="arith: generator seed")] = 0,
+    count: Annotated[int, typer.Option(help="arith, countdown: number of problems")] = 1000,
+    seed: Annotated[int, typer.Option(help="arith, countdown: generator seed")] = 0,
     steps: Annotated[str, typer.Option(help="arith: operations per problem, e.g. 3-6")] = "3-6",
-    modulus: Annotated[int, typer.Option(help="arith: modulus")] = 10,
+    modulus: Annotated[int, typer.Option(help="arith, countdown: modulus")] = 10,
+    numbers: Annotated[int, typer.Option(help="countdown: numbers per problem")] = 4,
+    min_solutions: Annotated[int, typer.Option(
+        help="countdown: fewest solution paths a problem may have (difficulty)")] = 1,
+    max_solutions: Annotated[int | None, typer.Option(
+        help="countdown: most solution paths a problem may have (default: no bound)")] = None,
     storage: Annotated[str | None, typer.Option("--storage-options", help=STORAGE_OPTIONS_HELP)]
     = None,
 ) -> None:
-    """Write a problems table from a data set file, a dataset name, or generated arith problems."""
+    """Write a problems table from a data set file, a dataset name, or generated arith /
+    countdown problems."""
     from pipelines.console import print_summary
     from scope_data import problems as pr
 
@@ -64,6 +71,17 @@ def problems(
         print_summary("problems (arith)", [
             ("rows", result.rows), ("source", result.source), ("steps", steps),
             ("modulus", modulus), ("output", result.output),
+        ])
+        return
+    if src == "countdown":
+        result = pr.write_countdown(out, count=count, seed=seed, numbers=numbers,
+                                    modulus=modulus, min_solutions=min_solutions,
+                                    max_solutions=max_solutions, storage_options=options)
+        print_summary("problems (countdown)", [
+            ("rows", result.rows), ("source", result.source), ("numbers", numbers),
+            ("modulus", modulus), ("solutions per problem",
+                                   f"{min_solutions}..{max_solutions or ''}"),
+            ("output", result.output),
         ])
         return
     result = pr.ingest(src, out, problem_field=problem_field, answer_field=answer_field,

@@ -1,4 +1,5 @@
-"""`scope tiny-policy`: build (or reuse from the cache) the warm-started tiny arith policy."""
+"""`scope tiny-policy`: build (or reuse from the cache) a warm-started tiny policy (arith or
+countdown)."""
 
 from __future__ import annotations
 
@@ -28,8 +29,14 @@ def _steps(text: str) -> tuple[int, int]:
 def tiny_policy(
     out: Annotated[str | None, typer.Option(
         help="model folder to write (default: the cache, $SCOPE_CACHE/tiny/<hash>)")] = None,
-    steps: Annotated[str, typer.Option(help="operations per problem, LOW-HIGH")] = "3-6",
+    task: Annotated[str, typer.Option(help="arith | countdown")] = "arith",
+    steps: Annotated[str, typer.Option(help="arith: operations per problem, LOW-HIGH")] = "3-6",
     modulus: Annotated[int, typer.Option(help="arithmetic modulus")] = 10,
+    numbers: Annotated[int, typer.Option(help="countdown: numbers per problem")] = 4,
+    min_solutions: Annotated[int, typer.Option(
+        help="countdown: fewest solution paths of a training problem")] = 1,
+    max_solutions: Annotated[int | None, typer.Option(
+        help="countdown: most solution paths of a training problem (default: no bound)")] = None,
     error_rate: Annotated[float, typer.Option(
         help="share of training solutions with one injected step error")] = 0.3,
     teacher: Annotated[bool, typer.Option(
@@ -46,15 +53,27 @@ def tiny_policy(
 
     if not 0 <= error_rate <= 1:
         raise typer.BadParameter(f"--error-rate must be in [0, 1], got {error_rate}")
-    path = build_tiny_policy(
-        out, steps=_steps(steps), modulus=modulus, error_rate=error_rate, teacher=teacher,
-        seed=seed, max_steps=max_steps, num_threads=num_threads, force=force, verbose=verbose,
-    )
+    if task == "countdown":
+        from pipelines.tiny.countdown import build_tiny_countdown_policy
+
+        path = build_tiny_countdown_policy(
+            out, numbers=numbers, modulus=modulus, min_solutions=min_solutions,
+            max_solutions=max_solutions, error_rate=0.0 if teacher else error_rate, seed=seed,
+            max_steps=max_steps, num_threads=num_threads, force=force, verbose=verbose,
+        )
+    elif task == "arith":
+        path = build_tiny_policy(
+            out, steps=_steps(steps), modulus=modulus, error_rate=error_rate, teacher=teacher,
+            seed=seed, max_steps=max_steps, num_threads=num_threads, force=force,
+            verbose=verbose,
+        )
+    else:
+        raise typer.BadParameter(f"--task must be arith or countdown, got {task!r}")
     meta = load_meta(path)
     mix, train = meta.get("mix", {}), meta.get("train", {})
     print_summary("scope tiny-policy", [
         ("model", str(path)), ("spec", f"hf:{path}"), ("config hash", meta.get("config_hash")),
-        ("kind", "teacher (clean solutions)" if teacher else "policy"),
+        ("task", task), ("kind", "teacher (clean solutions)" if teacher else "policy"),
         ("parameters", train.get("num_parameters")), ("train steps", train.get("steps")),
         ("final loss", train.get("final_loss")),
         ("held-out problems", mix.get("n")), ("temperature", mix.get("temperature")),

@@ -1,10 +1,11 @@
 """PRM benchmarks: labelled (problem, steps, first wrong step) items for first-error evaluation.
 
 A benchmark is a ProcessBench-format JSON/JSONL file (records with ``problem``, ``steps`` and
-``label`` = index of the first wrong step, -1 if none) or a table folder of arith rollouts
-(rollouts or scored), labelled by the exact checker ``arith.first_error`` with the response
-lines as steps. Table rows whose gold index lies past their last step (an unfinished response)
-cannot be located by any PRM and are left out (counted in ``excluded``).
+``label`` = index of the first wrong step, -1 if none) or a table folder of rollouts of an exact
+task (``arith``, ``countdown``; rollouts or scored), labelled by the task's exact checker
+(``first_error``) with the response lines as steps. Table rows whose gold index lies past their
+last step (an unfinished response) cannot be located by any PRM and are left out (counted in
+``excluded``).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _load_processbench(path: str) -> Benchmark:
 
 def _load_table(url: str, storage_options: dict[str, Any] | None) -> Benchmark:
     from scope_data.shards import read_arrow, read_manifest
-    from scope_data.tasks import arith
+    from scope_data.tasks import EXACT_TASKS, task_module
 
     manifest = read_manifest(url, storage_options)
     table = read_arrow(url, storage_options)
@@ -64,12 +65,14 @@ def _load_table(url: str, storage_options: dict[str, Any] | None) -> Benchmark:
     items, stored, excluded = [], [], 0
     has_scores = manifest.table in ("scored", "corrected") and "steps" in table.column_names
     for i, r in enumerate(rows):
-        if r.get("task") != "arith":
+        task = task_module(r.get("task"))
+        if task is None:
             raise ValueError(f"{url}: row {i} (rollout {r.get('rollout_id')}) is task "
-                             f"{r.get('task')!r}; table benchmarks need arith rollouts")
-        problem = arith.parse_prompt(r["prompt"])
-        steps = arith.response_lines(r["response_text"])
-        gold = arith.first_error(problem, r["response_text"])
+                             f"{r.get('task')!r}; table benchmarks need rollouts of an exact "
+                             f"task ({', '.join(EXACT_TASKS)})")
+        problem = task.parse_prompt(r["prompt"])
+        steps = task.response_lines(r["response_text"])
+        gold = task.first_error(problem, r["response_text"])
         scores = None
         if has_scores:
             if r["score_status"] in ("skipped", "no_steps") or len(r["steps"]) != len(steps):
@@ -88,7 +91,7 @@ def _load_table(url: str, storage_options: dict[str, Any] | None) -> Benchmark:
 
 
 def load_benchmark(path: str, storage_options: dict[str, Any] | None = None) -> Benchmark:
-    """A ProcessBench-format file, or a table folder (has a manifest) of arith rollouts."""
+    """A ProcessBench-format file, or a table folder (has a manifest) of exact-task rollouts."""
     from scope_data.shards import is_table
 
     if Path(path).is_file():

@@ -192,17 +192,19 @@ def grade_many(
 
 
 def grade_response(task: str, prompt: str, answer: str, text: str) -> tuple[str | None, bool, str]:
-    """(pred_answer, correct, status) of one non-empty response: the exact arith checker for
-    arith prompts, math-verify grading against ``answer`` otherwise."""
-    if task == "arith":
-        from scope_data.tasks import arith
+    """(pred_answer, correct, status) of one non-empty response: the task's exact verifier for
+    the synthetic tasks (``arith``, ``countdown``: `scope_data.tasks`), math-verify grading
+    against ``answer`` otherwise."""
+    from scope_data.tasks import task_module
 
+    module = task_module(task)
+    if module is not None:
         try:
-            problem = arith.parse_prompt(prompt)
+            problem = module.parse_prompt(prompt)
         except ValueError:
             problem = None
         if problem is not None:
-            return arith.extract_answer(text), arith.is_correct(problem, text), "ok"
+            return module.extract_answer(text), module.is_correct(problem, text), "ok"
     g = grade(text, answer)
     status = g.status if g.status in ("grader_timeout", "grader_error") else "ok"
     return g.pred_answer, g.correct, status

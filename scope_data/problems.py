@@ -2,7 +2,7 @@
 
 Sources: JSONL / JSON / Parquet files (local or any fsspec URL, `.gz` etc. inferred), a folder
 written by `datasets.Dataset.save_to_disk`, a Hugging Face dataset name (`load_dataset(name,
-subset, split=...)`, offline when cached), or generated `arith` problems.
+subset, split=...)`, offline when cached), or generated `arith` / `countdown` problems.
 
 Field detection (overridable with `problem_field` / `answer_field`):
 - problem text: the first of `problem`, `question`, `prompt`, `query`, `input`, `instruction`;
@@ -32,6 +32,12 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 
+from scope_data.generated_problems import (  # noqa: F401  (re-exported: scope problems)
+    arith_table,
+    countdown_table,
+    write_arith,
+    write_countdown,
+)
 from scope_data.hashing import sha256_hex, stable_id
 from scope_data.ownership import refuse_overlap
 from scope_data.schema import schema_for
@@ -349,50 +355,3 @@ def ingest(
                                                                   reads=[src])
     return ProblemsResult(manifest, manifest.url, source, table.num_rows, len(skipped), fmt,
                           fields, skipped[:5])
-
-
-# -- generated arith problems ------------------------------------------------------------------
-def arith_table(
-    count: int, seed: int, steps: tuple[int, int] = (3, 6), modulus: int = 10,
-    max_operand: int | None = None, exclude_prompts: Iterable[str] = (),
-) -> pa.Table:
-    """`count` distinct seeded arith problems (none whose prompt is in `exclude_prompts`).
-
-    Problems are drawn from `generate_problems(4 * count + 64, ...)` in order, skipping repeats;
-    `source` is `arith:seed=S` and `source_index` the position in that draw.
-    """
-    from scope_data.tasks.arith import generate_problems
-
-    if count < 1:
-        raise ValueError(f"--count must be >= 1, got {count}")
-    seen = set(exclude_prompts)
-    pool = generate_problems(4 * count + 64, seed=seed, steps=steps, modulus=modulus,
-                             max_operand=max_operand)
-    source = f"arith:seed={seed}"
-    rows = []
-    for i, p in enumerate(pool):
-        if p.prompt in seen:
-            continue
-        seen.add(p.prompt)
-        rows.append({"problem_id": stable_id(source, i, p.prompt), "source": source,
-                     "source_index": i, "task": "arith", "prompt": p.prompt,
-                     "answer": p.answer, "solution": p.solution})
-        if len(rows) == count:
-            break
-    if len(rows) < count:
-        raise ValueError(f"only {len(rows)} distinct arith problems exist for steps={steps}, "
-                         f"modulus={modulus}; asked for {count}")
-    return pa.Table.from_pylist(rows, schema=schema_for("problems"))
-
-
-def write_arith(
-    out: str, count: int, seed: int, steps: tuple[int, int] = (3, 6), modulus: int = 10,
-    max_operand: int | None = None, storage_options: dict[str, Any] | None = None,
-) -> ProblemsResult:
-    """Generate arith problems and write them as a problems table."""
-    table = arith_table(count, seed, steps, modulus, max_operand)
-    config = {"source": "arith", "count": count, "seed": seed, "steps": list(steps),
-              "modulus": modulus, "max_operand": max_operand}
-    stats = {"status": {"ok": table.num_rows, "skipped_invalid": 0}}
-    manifest = TableStore(out, "problems", storage_options).write(table, config, stats=stats)
-    return ProblemsResult(manifest, manifest.url, f"arith:seed={seed}", table.num_rows, 0, "arith")

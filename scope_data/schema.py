@@ -16,7 +16,7 @@ PROBLEM_FIELDS = [
     pa.field("problem_id", pa.string(), nullable=False),
     pa.field("source", pa.string(), nullable=False),
     pa.field("source_index", pa.int64(), nullable=False),
-    pa.field("task", pa.string(), nullable=False),  # "arith" or "math"
+    pa.field("task", pa.string(), nullable=False),  # "arith", "countdown" or "math"
     pa.field("prompt", pa.string(), nullable=False),
     pa.field("answer", pa.string(), nullable=False),
     pa.field("solution", pa.string()),

@@ -10,7 +10,8 @@ Two modes:
   previous one when it is last. Short pieces that end with ``.``/``!``/``?`` (``n = 13.``) are
   statements and stay steps, so ``split_steps(join_steps(steps)) == steps`` for every ProcessBench
   row with the default ``min_chars`` (the merged step's text then spans the blank line between).
-- ``newline`` (the arith task): each non-empty line is one step (stripped), no merging.
+- ``newline`` (the arith and countdown tasks): each non-empty line is one step (stripped), no
+  merging.
 
 Every step satisfies ``response[step.char_start:step.char_end] == step.text``; steps are ordered
 and non-overlapping.
@@ -137,10 +138,13 @@ def _newline_pieces(response: str) -> list[tuple[int, int]]:
 
 def split_mode_for(task: str | None, override: str | None = None) -> str:
     """The step-split mode of a response: ``override`` if given, else one step per line for
-    the line-structured synthetic task ``arith``, blank-line separated otherwise."""
+    the line-structured synthetic tasks (``arith``, ``countdown``), blank-line separated
+    otherwise."""
+    from scope_data.tasks import EXACT_TASKS
+
     if override is not None:
         return override
-    return "newline" if task == "arith" else "blank_line"
+    return "newline" if task in EXACT_TASKS else "blank_line"
 
 
 def split_steps(response: str, mode: str = "blank_line", min_chars: int = 8) -> list[Step]:

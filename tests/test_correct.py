@@ -255,7 +255,7 @@ def test_bad_offsets_name_the_rollout(tmp_path: Path, policy_dir: Path) -> None:
 def test_bad_options(scored: tuple[str, list[dict]], tmp_path: Path) -> None:
     url, _ = scored
     out = str(tmp_path / "c")
-    with pytest.raises(ValueError, match="only oracle:arith exists"):
+    with pytest.raises(ValueError, match="oracle:<task> exists for arith, countdown"):
         run(CorrectConfig(scored=url, out=out, teacher="oracle:gsm8k"))
     with pytest.raises(ValueError, match="valid forms"):
         run(CorrectConfig(scored=url, out=out, teacher="gpt4"))

@@ -24,6 +24,7 @@ PRM_ENGINES = {
     "hf-cls": "pipelines.engines.prm_hf:HFClsPRM",
     "hf-tag": "pipelines.engines.prm_hf:HFTagPRM",
     "vllm": "pipelines.engines.prm_vllm:VLLMPRM",
+    "noisy": "pipelines.engines.prm_noisy:NoisyPRM",
 }
 
 
@@ -192,7 +193,7 @@ def load_generation_engine(spec: str | EngineSpec, **options: Any) -> Generation
 
 
 def load_prm(spec: str | EngineSpec, **options: Any) -> PRMEngine:
-    """Instantiate the PRM engine for `spec` (rule:arith, hf-cls:, hf-tag:, vllm:)."""
+    """Instantiate the PRM engine for `spec` (rule:, hf-cls:, hf-tag:, vllm:, noisy:)."""
     from pipelines.engines import warm
 
     parsed = spec if isinstance(spec, EngineSpec) else parse_spec(spec, "prm")

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from pipelines.config import option
 
-PRM_HELP = "PRM: rule:arith | hf-cls:<model> | hf-tag:<model> | vllm:<model>"
+PRM_HELP = ("PRM: rule:arith | rule:countdown | hf-cls:<model> | hf-tag:<model> | vllm:<model> | "
+            "noisy:<prm>?f1=F&seed=S")
 PRM_OPTIONS_HELP = ("PRM engine options as a JSON object (any load_prm keyword, e.g. "
                     "'{\"tensor_parallel_size\": 2}'); the flags below override its keys")
 

@@ -1,7 +1,9 @@
-"""`rule:arith`: the exact step checker of the arith task as a PRM (scores 1.0 / 0.0).
+"""`rule:<task>`: the exact process oracle of a synthetic task as a PRM (scores 1.0 / 0.0).
 
-A step is scored by :func:`scope_data.tasks.arith.check_steps` on the problem rebuilt from its
-prompt. Arith responses hold one step per line; a step holding several lines (another
+`rule:arith` scores a step by :func:`scope_data.tasks.arith.check_steps` (a fast path of it),
+`rule:countdown` by :func:`scope_data.tasks.countdown.check_steps` (wrong arithmetic, a number
+that is not available, or a target no longer reachable), on the problem rebuilt from its prompt.
+Responses of these tasks hold one step per line; a step holding several lines (another
 segmentation) is correct iff all of its lines are, and a step with no text is NaN.
 """
 
@@ -14,7 +16,7 @@ from typing import Any
 
 from pipelines.engines.base import PRMScores
 from pipelines.engines.spec import EngineSpec
-from scope_data.tasks import arith
+from scope_data.tasks import EXACT_TASKS, arith, task_module
 
 _PROMPT_RE = re.compile(
     r"Mod (\d+)\. Start with (\d+)\.((?: (?:Add|Subtract|Multiply by) \d+\.)+)"
@@ -41,20 +43,46 @@ def _expected_lines(prompt: str) -> tuple[str, ...]:
     return tuple(lines)
 
 
+@lru_cache(maxsize=65536)
+def _problem(task: str, prompt: str) -> Any:
+    return task_module(task).parse_prompt(prompt)  # type: ignore[union-attr]
+
+
+def _score_lines(task: str, problem: str, steps: list[str]) -> list[float]:
+    """Generic path: the task's `check_steps` on the steps' lines, mapped back to steps."""
+    owner: list[int] = []
+    lines: list[str] = []
+    for k, step in enumerate(steps):
+        for line in arith.response_lines(step):
+            lines.append(line)
+            owner.append(k)
+    verdicts = task_module(task).check_steps(_problem(task, problem), "\n".join(lines))
+    good = [True] * len(steps)
+    for k, ok in zip(owner, verdicts, strict=True):
+        good[k] = good[k] and ok
+    has_text = set(owner)
+    return [(1.0 if good[k] else 0.0) if k in has_text else math.nan for k in range(len(steps))]
+
+
 class RulePRM:
-    """Exact PRM for the synthetic arith task; raises ValueError for a non-arith problem."""
+    """Exact PRM for a synthetic task (`rule:arith`, `rule:countdown`); raises ValueError for a
+    problem that is not of the task."""
 
     max_length = 1 << 30
 
     def __init__(self, spec: EngineSpec, **options: Any):
-        if spec.target != "arith":
-            raise ValueError(f"rule PRM {spec} unknown: only rule:arith exists")
+        if spec.target not in EXACT_TASKS:
+            raise ValueError(f"rule PRM {spec} unknown: rule:<task> exists for "
+                             f"{', '.join(EXACT_TASKS)}")
         self.spec = spec
+        self.task = spec.target
 
     def score(self, problem: str, steps: list[str]) -> list[float]:
         return self.score_batch([(problem, steps)])[0]
 
     def score_batch(self, items: list[tuple[str, list[str]]]) -> list[list[float]]:
+        if self.task != "arith":
+            return [_score_lines(self.task, problem, steps) for problem, steps in items]
         return [self._score(problem, steps) for problem, steps in items]
 
     def score_batch_with_status(self, items: list[tuple[str, list[str]]]) -> list[PRMScores]:

@@ -13,10 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scope_data.tasks import EXACT_TASKS  # rule:<task> PRMs and oracle:<task> teachers
+
 GENERATION_FORMS = ("hf:<path-or-hub-id>", "vllm:<path-or-hub-id>", "openai:<base_url>#<model>")
-PRM_FORMS = ("rule:arith", "hf-cls:<model>", "hf-tag:<model>", "vllm:<model>")
-TEACHER_FORMS = GENERATION_FORMS + ("oracle:arith", "reference")
+PRM_FORMS = ("rule:arith", "hf-cls:<model>", "hf-tag:<model>", "vllm:<model>", "rule:countdown",
+             "noisy:<prm>?f1=F&seed=S")
+TEACHER_FORMS = GENERATION_FORMS + ("oracle:arith", "reference", "oracle:countdown")
 TRAINABLE_KINDS = ("hf", "vllm")  # local or hub causal-LM weights
+NOISY_PARAMS = {"f1": float, "seed": int}  # noisy:<prm>?f1=F&seed=S (seed optional, 0)
 
 
 class SpecError(ValueError):
@@ -49,8 +53,11 @@ def parse_spec(spec: str, role: str = "generation") -> EngineSpec:
         return EngineSpec("reference", "", role=role)
     if not sep or kind not in kinds or not target:
         raise SpecError(f"unknown {role} engine spec {spec!r}; valid forms: {', '.join(forms)}")
-    if kind in ("rule", "oracle") and target != "arith":
-        raise SpecError(f"unknown {role} engine spec {spec!r}: only {kind}:arith exists")
+    if kind in ("rule", "oracle") and target not in EXACT_TASKS:
+        raise SpecError(f"unknown {role} engine spec {spec!r}: {kind}:<task> exists for "
+                        f"{', '.join(EXACT_TASKS)}")
+    if kind == "noisy":
+        noisy_params(EngineSpec(kind, target, role=role))  # raises for a bad form
     if kind == "openai":
         base_url, hash_sign, model = target.partition("#")
         if not hash_sign or not base_url or not model:
@@ -59,11 +66,34 @@ def parse_spec(spec: str, role: str = "generation") -> EngineSpec:
     return EngineSpec(kind, target, role=role)
 
 
+def noisy_params(spec: EngineSpec) -> tuple[EngineSpec, dict[str, float | int]]:
+    """The inner PRM spec and the parameters (``f1`` in [0, 1], ``seed``) of a
+    ``noisy:<prm>?f1=F&seed=S`` spec; SpecError naming the bad part."""
+    inner_text, sep, query = spec.target.rpartition("?")
+    form = "noisy:<prm>?f1=F&seed=S"
+    if not sep or not inner_text:
+        raise SpecError(f"noisy PRM spec {str(spec)!r} must look like {form}")
+    params: dict[str, float | int] = {}
+    for pair in query.split("&"):
+        key, eq, value = pair.partition("=")
+        if key not in NOISY_PARAMS or not eq or key in params:
+            raise SpecError(f"noisy PRM spec {str(spec)!r}: bad parameter {pair!r} "
+                            f"(expected {form})")
+        try:
+            params[key] = NOISY_PARAMS[key](value)
+        except ValueError:
+            raise SpecError(f"noisy PRM spec {str(spec)!r}: {key} must be a number, "
+                            f"got {value!r}") from None
+    if "f1" not in params or not 0 <= params["f1"] <= 1:
+        raise SpecError(f"noisy PRM spec {str(spec)!r} needs f1 in [0, 1] ({form})")
+    return parse_spec(inner_text, "prm"), {"seed": 0, **params}
+
+
 def parse_model(text: str) -> EngineSpec:
     """A model to load or train: any engine spec (PRM kinds parsed as PRMs), or a bare folder /
     hub id (read as `hf:`)."""
     kind, sep, _ = text.partition(":")
-    if kind in ("rule", "hf-cls", "hf-tag") and sep:
+    if kind in ("rule", "hf-cls", "hf-tag", "noisy") and sep:
         return parse_spec(text, "prm")
     if text == "reference" or (sep and kind in {f.split(":")[0] for f in TEACHER_FORMS}):
         return parse_spec(text, "teacher")
@@ -91,6 +121,8 @@ def resolve(spec: EngineSpec, tokenizer: str | None = None) -> ResolvedModel:
         return ResolvedModel(None, tokenizer or spec.model, False)
     if spec.kind in ("rule", "oracle", "reference"):
         return ResolvedModel(None, tokenizer, False)
+    if spec.kind == "noisy":  # the inner PRM's weights and tokenizer
+        return resolve(noisy_params(spec)[0], tokenizer)
     trainable = spec.kind in TRAINABLE_KINDS and spec.role != "prm"
     return ResolvedModel(spec.target, tokenizer or spec.target, trainable)
 

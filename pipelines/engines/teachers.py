@@ -11,7 +11,9 @@ text), ``no_reference`` (the ``reference`` teacher and a problem without a usabl
   the assistant turn. With the policy's vocabulary the exact prefix ids are sent
   (``GenerationRequest.prefix_token_ids``); with another tokenizer the prefix text is encoded
   by the teacher's tokenizer. The suffix comes back as text either way.
-- ``oracle:arith`` (:class:`OracleTeacher`): ``arith.oracle_continue``, exact and deterministic.
+- ``oracle:arith`` / ``oracle:countdown`` (:class:`OracleTeacher`): the task's
+  ``oracle_continue``; arith's is the one canonical solution, countdown's a completion drawn
+  uniformly among all of them, seeded by the item's seed (deterministic per item).
 - ``reference`` (:class:`ReferenceTeacher`): the dataset's ``solution``, from its step k* on.
 """
 
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from scope_data.steps import split_mode_for, split_steps
-from scope_data.tasks import arith
+from scope_data.tasks import exact_task
 
 logger = logging.getLogger(__name__)
 
@@ -64,19 +66,27 @@ def _checked(text: str, finish_reason: str = "stop") -> TeacherOutput:
 
 
 class OracleTeacher:
-    """``oracle:arith``: the exact continuation of a correct arith prefix."""
+    """``oracle:<task>``: an exact continuation of a correct prefix of the task (``arith``:
+    the canonical solution; ``countdown``: uniform among all completions, seeded by
+    ``item.seed``). Always a valid solution: one attempt is enough."""
 
-    name = "oracle:arith"
     deterministic = True
+
+    def __init__(self, task: str = "arith") -> None:
+        self.module = exact_task(task)
+        self.name = f"oracle:{task}"
+        self.seeded = task != "arith"  # arith's continuation is unique
 
     def continue_batch(self, items: list[TeacherItem]) -> list[TeacherOutput]:
         out = []
         for item in items:
             try:
-                problem = arith.parse_prompt(item.row["prompt"])
-                out.append(_checked(arith.oracle_continue(problem, item.prefix_text)))
+                problem = self.module.parse_prompt(item.row["prompt"])
+                seed = {"rng": f"{self.name}:{item.seed}"} if self.seeded else {}
+                out.append(_checked(self.module.oracle_continue(problem, item.prefix_text,
+                                                                **seed)))
             except ValueError as e:
-                out.append(TeacherOutput("", "teacher_error", "error", f"oracle:arith: {e}"))
+                out.append(TeacherOutput("", "teacher_error", "error", f"{self.name}: {e}"))
         return out
 
     def close(self) -> None:
@@ -86,7 +96,7 @@ class OracleTeacher:
 class ReferenceTeacher:
     """``reference``: the problem's reference ``solution`` from its step k* on.
 
-    The solution is split with ``split_mode`` (``auto``: ``newline`` for arith problems,
+    The solution is split with ``split_mode`` (``auto``: ``newline`` for arith and countdown,
     ``blank_line`` otherwise); the suffix is the solution text from step k*'s first character
     to its end, joined to the prefix by the step separator (one newline, or a blank line) minus
     the newlines the prefix already ends with.
@@ -233,13 +243,13 @@ def load_teacher(
     split_mode: str = "auto",
     engine_options: dict[str, Any] | None = None,
 ) -> Teacher:
-    """The teacher for a spec: ``oracle:arith``, ``reference`` or a generation engine spec."""
+    """The teacher for a spec: ``oracle:<task>``, ``reference`` or a generation engine spec."""
     from pipelines.engines.base import load_generation_engine
     from pipelines.engines.spec import parse_spec
 
     parsed = parse_spec(spec, "teacher")
     if parsed.kind == "oracle":
-        return OracleTeacher()
+        return OracleTeacher(parsed.target)
     if parsed.kind == "reference":
         return ReferenceTeacher(split_mode)
     if policy_tokenizer is None:

@@ -402,16 +402,16 @@ def training_figures(rd: Path) -> dict[str, Any]:
 
 
 def first_error_hist(rollouts: pl.DataFrame, size: int = 10) -> list[int] | None:
-    """Failed responses per first wrong step (exact checker; arith rows only), index < size."""
-    from scope_data.tasks import arith
+    """Failed responses per first wrong step (exact checker; exact-task rows only), index < size."""
+    from scope_data.tasks import EXACT_TASKS, gold_first_error
 
     counts: Counter[int] = Counter()
-    rows = rollouts.filter((pl.col("task") == "arith") & ~pl.col("correct"))
+    rows = rollouts.filter(pl.col("task").is_in(EXACT_TASKS) & ~pl.col("correct"))
     if rows.height == 0:
         return None
-    for prompt, text in rows.select("prompt", "response_text").iter_rows():
+    for task, prompt, text in rows.select("task", "prompt", "response_text").iter_rows():
         try:
-            k = arith.gold_first_error(prompt, text)
+            k = gold_first_error(task, prompt, text)
         except ValueError:
             continue
         if k >= 0:

@@ -84,8 +84,9 @@ class CorrectConfig:
     scored: str = option(help="scored table folder (path or fsspec URL); --mode luffy also "
                          "reads a rollouts table", identity=False)
     out: str = option(help="output corrected table folder", identity=False)
-    teacher: str = option(help="teacher: oracle:arith | reference | hf:<path-or-hub-id> | "
-                          "vllm:<path-or-hub-id> | openai:<base_url>#<model>", model="teacher")
+    teacher: str = option(help="teacher: oracle:arith | oracle:countdown | reference | "
+                          "hf:<path-or-hub-id> | vllm:<path-or-hub-id> | "
+                          "openai:<base_url>#<model>", model="teacher")
     mode: str = option("scope", help="scope (keep the prefix before the first error) | luffy "
                        "(teacher solves from scratch)")
     min_prefix_steps: int = option(

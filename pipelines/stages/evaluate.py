@@ -8,7 +8,11 @@ polars:
 - pass@k for k = 1..n: mean over problems of the unbiased estimator 1 - C(n-c,k)/C(n,k);
 - mean response length in tokens and the truncation rate (finish_reason "length");
 - diversity of each problem's group (`scope_data.diversity.group_diversity`), averaged over
-  problems: distinct-1..4, 1 - self-BLEU, novel-equation share.
+  problems: distinct-1..4, 1 - self-BLEU, novel-equation share;
+- for tasks with many right answers (countdown), solution-path diversity of each group's
+  correct responses (`scope_data.diversity.path_diversity` of their canonical paths,
+  `scope_data.tasks.solution_path`): distinct_paths and path_entropy (bits), averaged over that
+  task's problems (path_entropy over problems with a correct response).
 
 Writes `OUT/metrics.json` (the numbers and the config), `OUT/per_problem.parquet` (one row per
 problem) and `OUT/samples.parquet` (one row per sample, the light columns); prints a summary.
@@ -24,7 +28,13 @@ from typing import Any
 import polars as pl
 
 from pipelines.config import identity, option, storage_options_field
-from scope_data.diversity import DIVERSITY_KEYS, group_diversity, pass_at_k
+from scope_data.diversity import (
+    DIVERSITY_KEYS,
+    PATH_DIVERSITY_KEYS,
+    group_diversity,
+    pass_at_k,
+    path_diversity,
+)
 
 METRICS_FILE = "metrics.json"
 OUTPUT_NAMES = {"rollouts", METRICS_FILE, "per_problem.parquet", "samples.parquet"}
@@ -91,6 +101,8 @@ def summarize(rollouts: pl.DataFrame, tokens: str = "word") -> tuple[dict[str, A
         "problem_id", "n", "c", "mean_tokens",
         *(pass_at_k(k).alias(f"pass@{k}") for k in range(1, n_max + 1)),
     ).hstack(diversity)
+    if "task" in df.columns and "prompt" in df.columns:
+        per_problem = per_problem.hstack(_path_diversity(df))
     metrics: dict[str, Any] = {
         "problems": per_problem.height,
         "samples": df.height,
@@ -105,7 +117,29 @@ def summarize(rollouts: pl.DataFrame, tokens: str = "word") -> tuple[dict[str, A
         metrics[f"pass@{k}"] = _mean(per_problem[f"pass@{k}"])
     for key in DIVERSITY_KEYS:
         metrics[key] = _mean(per_problem[key])
+    for key in PATH_DIVERSITY_KEYS:
+        if key in per_problem.columns:
+            metrics[key] = _mean(per_problem[key])
     return metrics, per_problem
+
+
+def _path_diversity(df: pl.DataFrame) -> pl.DataFrame:
+    """distinct_paths and path_entropy of each problem's correct responses (problems in the
+    order of `summarize`'s groups); null for a task without solution paths."""
+    from scope_data.tasks import has_paths, solution_path
+
+    groups = df.group_by("problem_id", maintain_order=True).agg(
+        pl.col("task").first(), pl.col("prompt").first(),
+        pl.col("response_text").filter(pl.col("correct")).alias("correct_texts"),
+    )
+    rows = []
+    for task, prompt, texts in groups.select("task", "prompt", "correct_texts").iter_rows():
+        if not has_paths(task):
+            rows.append(dict.fromkeys(PATH_DIVERSITY_KEYS))
+            continue
+        paths = [p for t in texts if (p := solution_path(task, prompt, t)) is not None]
+        rows.append(path_diversity(paths))
+    return pl.DataFrame(rows, schema={"distinct_paths": pl.Int64, "path_entropy": pl.Float64})
 
 
 def _mean(col: pl.Series) -> float | None:
@@ -182,5 +216,6 @@ def print_metrics(title: str, metrics: dict[str, Any]) -> None:
 
     keys = ["problems", "samples", "accuracy"]
     keys += [f"pass@{k}" for k in range(1, metrics["n"] + 1)]
-    keys += ["mean_response_tokens", "truncation_rate", *DIVERSITY_KEYS, "bad_rows"]
+    keys += ["mean_response_tokens", "truncation_rate", *DIVERSITY_KEYS, *PATH_DIVERSITY_KEYS,
+             "bad_rows"]
     print_summary(title, [(k, metrics[k]) for k in keys if metrics.get(k) is not None])

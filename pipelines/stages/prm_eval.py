@@ -2,8 +2,8 @@
 
 Each benchmark is one subset: a ProcessBench-format JSON file (records with ``problem``,
 ``steps`` and ``label`` = index of the first wrong step, -1 if none) or a table folder of arith
-rollouts (rollouts or scored), where the gold label is the exact checker's
-``arith.first_error`` and the steps are the response lines. Rows of a table whose gold index
+or countdown rollouts (rollouts or scored), where the gold label is the task's exact checker's
+``first_error`` and the steps are the response lines. Rows of a table whose gold index
 lies past their last step (an unfinished response: the missing step is the error) cannot be
 located by any PRM and are left out (counted). A scored table can be evaluated with the scores
 it holds (no ``prm``; rows without scores are left out) or re-scored with ``prm``.
@@ -38,8 +38,8 @@ class PRMEvalConfig:
     """Options of `scope prm-eval`."""
 
     benchmarks: list[str] = option(
-        flags="--benchmark", help="ProcessBench-format JSON file, or a table of arith rollouts "
-        "(gold = the exact checker); repeat for several subsets")
+        flags="--benchmark", help="ProcessBench-format JSON file, or a table of arith/countdown "
+        "rollouts (gold = the exact checker); repeat for several subsets")
     prm: str | None = option(
         None, help=PRM_HELP + " (omit to use the scores stored in a scored table)")
     threshold: float | str = option(

@@ -2,7 +2,7 @@
 
 Reads a rollouts table and writes the scored table (DESIGN.md section 3): every input column
 plus ``steps`` (text, char and token offsets, score), ``first_error``, ``prm``, ``threshold`` and
-``score_status``. Steps use ``blank_line`` splitting, ``newline`` for the arith task
+``score_status``. Steps use ``blank_line`` splitting, ``newline`` for arith and countdown
 (``step_mode`` overrides). Token offsets index ``response_token_ids`` and come from the POLICY
 tokenizer (the rollouts' ``policy`` spec ``hf:/path``/``vllm:/path``, or ``tokenizer``).
 
@@ -15,8 +15,9 @@ failed response with no step below the threshold and no final answer (it stopped
 ``first_error = len(steps)``: its first MISSING step is the error, every written step is kept.
 
 ``threshold="auto"`` tunes tau for ProcessBench F1 on ``tune_on`` (a ProcessBench-format file
-scored with the same PRM) or, for arith rollouts without one, on the shard's own scored rows
-labelled by the exact checker (rows whose gold index is past their last step are left out).
+scored with the same PRM) or, for rollouts of an exact task (arith, countdown) without one, on
+the shard's own scored rows labelled by the task's exact checker (rows whose gold index is past
+their last step are left out).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from scope_data.first_error import locate_determined, tune_threshold
 from scope_data.schema import SCORED_FIELDS, conform
 from scope_data.shards import read_manifest
 from scope_data.steps import char_to_token_spans, split_mode_for, split_steps
-from scope_data.tasks import arith
+from scope_data.tasks import EXACT_TASKS, gold_first_error
 
 SCORED_COLUMNS = [f.name for f in SCORED_FIELDS]
 POSITION_BINS = ("0-20%", "20-40%", "40-60%", "60-80%", "80-100%")
@@ -60,11 +61,12 @@ class ScoreConfig:
     prm: str = option("rule:arith", help=PRM_HELP, model="prm")
     threshold: float | str = option(
         0.5, help="first error = first step with score below this; 'auto' tunes it for "
-        "ProcessBench F1 (on --tune-on, or on arith rollouts' checker labels)")
+        "ProcessBench F1 (on --tune-on, or on arith/countdown rollouts' checker labels)")
     only_failed: bool = option(True, flags="--only-failed/--all",
                                help="score only rollouts with a wrong final answer")
     step_mode: str | None = option(
-        None, help="newline | blank_line (default: newline for arith, blank_line otherwise)")
+        None, help="newline | blank_line (default: newline for arith and countdown, blank_line "
+        "otherwise)")
     tokenizer: str | None = option(
         None, help="policy tokenizer for token offsets (default: from the rollouts' policy column)")
     tune_on: str | None = option(None, help="ProcessBench-format file to tune --threshold auto on")
@@ -217,10 +219,11 @@ class _Scorer:
             self.bar.advance(task, len(chunk))
         tau = self.threshold
         stats: dict[str, Any] = {}
-        if tau is None:  # auto without --tune-on: arith rows labelled by the exact checker
+        if tau is None:  # auto without --tune-on: rows labelled by the task's exact checker
             labelled = []
             for i in todo:
-                gold = arith.gold_first_error(cols["prompt"][i], cols["response_text"][i])
+                gold = gold_first_error(cols["task"][i], cols["prompt"][i],
+                                        cols["response_text"][i])
                 if gold < len(scores[i]):
                     labelled.append((scores[i], gold))
             tau = tune_threshold(labelled)
@@ -288,9 +291,9 @@ def run(cfg: ScoreConfig, prm: PRMEngine | None = None, quiet: bool = False) -> 
         from scope_data.shards import scan
 
         tasks = scan(cfg.rollouts, cfg.storage_options).select("task").unique().collect()
-        if set(tasks["task"].to_list()) - {"arith"}:
+        if set(tasks["task"].to_list()) - set(EXACT_TASKS):
             raise ValueError("--threshold auto needs --tune-on FILE (ProcessBench format) unless "
-                             "every rollout is of the arith task")
+                             f"every rollout is of an exact task ({', '.join(EXACT_TASKS)})")
     with progress() as bar:
         scorer.bar = bar
         result = run_stage(  # tau tuned on a shard's own rows: the shard is one batch

@@ -1,4 +1,4 @@
-"""Tiny-model kit: a small Qwen2 policy warm-started on the arith task, built on CPU and cached.
+"""Tiny-model kit: a small Qwen2 policy warm-started on a synthetic task, built on CPU and cached.
 
 ``build_tiny_policy`` makes a character tokenizer (``pipelines.tiny.tokenizer``) and a 2-layer
 Qwen2 causal LM, trains it with TRL's ``SFTTrainer`` (completion-only loss, prompt-completion
@@ -8,7 +8,9 @@ error, and saves a normal model folder (safetensors, tokenizer, chat template) p
 under ``$SCOPE_CACHE/tiny/<config hash>`` (default ``~/.cache/scope``); a build happens in a
 temporary folder renamed into place, so a crashed or concurrent build never leaves a half-written
 folder behind. ``evaluate_mix`` measures the share of correct responses and where failed ones go
-wrong, on held-out problems.
+wrong, on held-out problems. The arith policy's config is :class:`TinyConfig`; the countdown
+policy's is ``pipelines.tiny.countdown.CountdownTinyConfig`` (same recipe, its own task fields):
+a config names its ``task`` and gives its ``training_texts()`` and ``eval_problems()``.
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pipelines.tiny.cache import META_FILE, cache_root, cached_build, torch_threads
 from pipelines.tiny.cache import quiet as _quiet
-from scope_data.tasks import arith
+from scope_data.tasks import arith, exact_task
 
 RECIPE_VERSION = 1  # bump when the training code changes what a config produces
 TEACHER_MAX_STEPS = 2400
@@ -60,6 +62,20 @@ class TinyConfig:
     # training problems have train_min_steps..steps[1] operations (None: steps[0]); short
     # problems teach the model to find the k-th operation of the prompt sooner
     train_min_steps: int | None = 1
+    task: ClassVar[str] = "arith"  # not a field: arith hashes stay what they were
+
+    def training_texts(self) -> list[tuple[str, str]]:
+        """The SFT ``(prompt, completion)`` pairs (:func:`training_texts`)."""
+        return training_texts(self)
+
+    def eval_problems(self, n: int, seed: int = 0) -> list[arith.ArithProblem]:
+        """``n`` held-out problems: another seed range than training, no training prompt."""
+        seen = {p for p, _ in training_texts(self)}
+        pool = arith.generate_problems(
+            2 * n + 64, seed=EVAL_SEED_OFFSET + self.seed + seed, steps=self.steps,
+            modulus=self.modulus, max_operand=self.max_operand,
+        )
+        return [p for p in pool if p.prompt not in seen][:n]
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "steps": list(self.steps)}
@@ -135,6 +151,15 @@ def build_tiny_policy(
         teacher=teacher, seed=seed, **{k: v for k, v in named.items() if v is not None},
         **overrides,
     )
+    return build_policy(cfg, out_dir, eval_problems=eval_problems, num_threads=num_threads,
+                        force=force, verbose=verbose)
+
+
+def build_policy(
+    cfg: Any, out_dir: str | Path | None = None, *, eval_problems: int = 256,
+    num_threads: int | None = None, force: bool = False, verbose: bool = False,
+) -> Path:
+    """Build (or reuse) the policy of any task config (see :func:`build_tiny_policy`)."""
     cached = tiny_cache_dir(cfg)
     target = Path(out_dir) if out_dir is not None else cached
     with _quiet(verbose):
@@ -165,7 +190,7 @@ def _threads(num_threads: int | None) -> Any:
 
 
 def _build(
-    cfg: TinyConfig, out: Path, eval_problems: int, num_threads: int | None, verbose: bool
+    cfg: Any, out: Path, eval_problems: int, num_threads: int | None, verbose: bool
 ) -> None:
     """Train the tiny policy into ``out``, measure its mix and write ``scope_tiny.json``."""
     import torch
@@ -193,7 +218,7 @@ def _build(
         print(json.dumps({k: meta[k] for k in ("mix", "build_seconds")}, indent=2))
 
 
-def _train(cfg: TinyConfig, out: Path, verbose: bool) -> dict[str, Any]:
+def _train(cfg: Any, out: Path, verbose: bool) -> dict[str, Any]:
     """SFT the model from scratch with TRL, save model + tokenizer to ``out``, return figures."""
     import torch
     from datasets import Dataset
@@ -227,7 +252,8 @@ def _train(cfg: TinyConfig, out: Path, verbose: bool) -> dict[str, Any]:
         [{"role": "user", "content": "{}"}], add_generation_prompt=True, tokenize=False
     )
     rows = [
-        {"prompt": gen_prompt.replace("{}", p), "completion": c} for p, c in training_texts(cfg)
+        {"prompt": gen_prompt.replace("{}", p), "completion": c}
+        for p, c in cfg.training_texts()
     ]
     with tempfile.TemporaryDirectory() as scratch:
         args = SFTConfig(
@@ -332,26 +358,22 @@ def evaluate_mix(
     *,
     batch_size: int = 128,
     num_threads: int | None = None,
-    _cfg: TinyConfig | None = None,
+    _cfg: Any = None,
 ) -> dict[str, Any]:
-    """Response mix of a tiny policy on held-out arith problems, one sample per problem.
+    """Response mix of a tiny policy on held-out problems of its task, one sample per problem.
 
     Returns ``correct_share`` (verifier: final answer right), ``process_correct_share`` (every
     step right), ``non_step0_share`` (among failed responses, the share whose first error by
-    ``arith.first_error`` is after step 0), ``first_error_hist`` (failed responses per first-error
-    index) and the counts. Problems come from a seed range disjoint from training and exclude
-    any prompt seen in training.
+    the task's ``first_error`` is after step 0), ``first_error_hist`` (failed responses per
+    first-error index) and the counts. Problems (``cfg.eval_problems``) come from a seed range
+    disjoint from training and exclude any prompt seen in training.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = _cfg or TinyConfig(**_config_fields(load_meta(model_dir)["config"]))
-    seen = {p for p, _ in training_texts(cfg)}
-    pool = arith.generate_problems(
-        2 * n_problems + 64, seed=EVAL_SEED_OFFSET + cfg.seed + seed, steps=cfg.steps,
-        modulus=cfg.modulus, max_operand=cfg.max_operand,
-    )
-    problems = [p for p in pool if p.prompt not in seen][:n_problems]
+    cfg = _cfg or config_from_meta(load_meta(model_dir))
+    problems = cfg.eval_problems(n_problems, seed)
+    task = exact_task(cfg.task)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     with _threads(num_threads):
@@ -359,8 +381,8 @@ def evaluate_mix(
             model, tok, [p.prompt for p in problems], temperature=temperature, seed=seed,
             batch_size=batch_size, max_new_tokens=cfg.max_position_embeddings // 2,
         )
-    correct = [arith.is_correct(p, r) for p, r in zip(problems, responses, strict=True)]
-    errors = [arith.first_error(p, r) for p, r in zip(problems, responses, strict=True)]
+    correct = [task.is_correct(p, r) for p, r in zip(problems, responses, strict=True)]
+    errors = [task.first_error(p, r) for p, r in zip(problems, responses, strict=True)]
     failed = [e for e, ok in zip(errors, correct, strict=True) if not ok]
     hist = Counter(failed)
     n = len(problems)
@@ -373,6 +395,16 @@ def evaluate_mix(
         "non_step0_share": sum(e != 0 for e in failed) / len(failed) if failed else 0.0,
         "first_error_hist": {str(k): hist[k] for k in sorted(hist)},
     }
+
+
+def config_from_meta(meta: dict[str, Any]) -> Any:
+    """The config of a build from its ``scope_tiny.json`` (arith unless it names a task)."""
+    raw = meta["config"]
+    if raw.get("task", "arith") == "countdown":
+        from pipelines.tiny.countdown import CountdownTinyConfig
+
+        return CountdownTinyConfig.from_dict(raw)
+    return TinyConfig(**_config_fields(raw))
 
 
 def _config_fields(raw: dict[str, Any]) -> dict[str, Any]:
