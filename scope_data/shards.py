@@ -19,6 +19,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -274,17 +275,54 @@ def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Ma
             f"{where}: schema_version {version!r} is newer than this code supports "
             f"({SCHEMA_VERSION}); upgrade scope to read it"
         )
-    for entry in body.get("files", []):
-        _check_relative(folder.url, entry.get("path", ""))
+    _check_fields(where, body)
+    for entry in body["files"]:
+        _check_relative(folder.url, entry["path"])
     known = {f for f in Manifest.__dataclass_fields__ if f not in ("url", "sha256")}
     return Manifest(url=folder.url, sha256=sha256_hex(text),
                     **{k: v for k, v in body.items() if k in known})
 
 
+MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "table": str, "files": list, "rows": int, "config": dict, "config_hash": str,
+    "inputs": list, "stats": dict, "created": str, "scope_version": str, "versions": dict,
+    "num_shards": int}
+FILE_FIELDS: dict[str, type] = {"path": str, "rows": int, "sha256": str, "bytes": int}
+
+
+def _check_fields(where: str, body: dict[str, Any]) -> None:
+    """ShardError naming the first manifest field that is missing or of the wrong type (bool
+    is not an int here; counts are >= 0)."""
+
+    def check(name: str, value: Any, kind: type | tuple[type, ...]) -> None:
+        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+            raise ShardError(f"{where}: field {name!r} is {type(value).__name__} {value!r:.60}, "
+                             f"expected {getattr(kind, '__name__', kind)}")
+        if isinstance(value, int) and not 0 <= value < 1 << 63:
+            raise ShardError(f"{where}: field {name!r} is {value!r:.60}, expected a count")
+
+    for name in ("table", "files", "config_hash"):
+        if name not in body:
+            raise ShardError(f"{where}: not a table manifest (no {name!r} field)")
+    for name, kind in MANIFEST_FIELDS.items():
+        if name in body:
+            check(name, body[name], kind)
+    for i, entry in enumerate(body["files"]):
+        check(f"files[{i}]", entry, dict)
+        for name, kind in FILE_FIELDS.items():
+            if name not in entry and name != "bytes":
+                raise ShardError(f"{where}: files[{i}] has no {name!r} field")
+            if name in entry:
+                check(f"files[{i}].{name}", entry[name], kind)
+        if not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
+            raise ShardError(f"{where}: files[{i}].sha256 is not a sha256 hex digest")
+
+
 def _check_relative(url: str, path: str) -> None:
     """Refuse manifest entries that could point outside the table folder."""
     parts = path.replace("\\", "/").split("/")
-    if not path or path.startswith(("/", "~")) or ":" in path or ".." in parts or len(parts) != 1:
+    if (not path or path.startswith(("/", "~")) or ":" in path or len(parts) != 1
+            or path in (".", "..") or path.startswith(META_DIR)):
         raise ShardError(f"{url}/{MANIFEST}: unsafe file path {path!r} in the file list (refused)")
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import polars as pl
 
 from pipelines.config import identity, option
-from pipelines.loop.recipe import Recipe
+from pipelines.loop.recipe import Recipe, typed_options
 from scope_data.algos import get_algo
 
 
@@ -32,6 +32,7 @@ def make_config(cls: type, options: dict[str, Any], where: str, **fixed: Any) ->
     clash = sorted(set(options) & set(fixed))
     if clash:
         raise ValueError(f"recipe {where}: option(s) {clash} are set by the round loop")
+    options = typed_options(cls, options, f"recipe {where}")
     return cls(**{k: v for k, v in fixed.items() if k in names}, **options)
 
 
@@ -44,7 +45,8 @@ def initial_policy(recipe: Recipe, dry_run: bool = False) -> str:
 
     if dry_run:
         return "hf:TINY_POLICY"  # `scope tiny-policy --out TINY_POLICY` builds it
-    return f"hf:{tiny.build_tiny_policy(**recipe.tiny)}"
+    options = typed_options(tiny.build_tiny_policy, recipe.tiny, "recipe tiny")
+    return f"hf:{tiny.build_tiny_policy(**options)}"
 
 
 # -- problems -------------------------------------------------------------------------------
@@ -69,8 +71,6 @@ def problems_config(entry: dict[str, Any], out: str, exclude_from: str | None = 
     if "path" in entry:
         return entry["path"]
     opts = dict(entry["arith"])
-    if "steps" in opts:
-        opts["steps"] = tuple(opts["steps"])
     return make_config(ProblemsConfig, opts, "problems", out=out, exclude_from=exclude_from)
 
 
