@@ -164,6 +164,15 @@ class TableStore:
         marker = self._marker(shard_index, num_shards)
         return marker is not None and marker["config_hash"] == config_hash(redact(config))
 
+    def part_stats(self, shard_index: int, num_shards: int) -> dict[str, Any]:
+        """The stats recorded in part k's marker ({} when the part is not done)."""
+        marker = self._marker(shard_index, num_shards)
+        return marker.get("stats") or {} if marker is not None else {}
+
+    def unfinalize(self) -> None:
+        """Remove the manifest this stage wrote (before a part is rewritten)."""
+        self.folder.remove(MANIFEST)
+
     def missing_parts(self, num_shards: int, config: dict[str, Any]) -> list[str]:
         return [part_name(k, num_shards) for k in range(num_shards)
                 if not self.part_done(k, num_shards, config)]

@@ -34,6 +34,9 @@ from scope_data.shards import (
     scan,
 )
 
+RETRYABLE_ROWS = "retryable_rows"
+"""A part's stat: rows that failed for a reason that may pass (a remote engine down). A part
+holding any is done for the manifest, but a rerun of the stage processes it again."""
 ProcessFn = Callable[[pa.Table, int], tuple[pa.Table, dict[str, Any]]]
 BATCH_ROWS = 4096
 """Input rows per `process` call (generate: 4096 problems, so the n requests of each problem
@@ -175,8 +178,10 @@ def run_stage(
     stats: dict[str, Any] = {}
     for k in shards:
         if store.part_done(k, num_shards, full_config):
-            skipped += 1
-            continue
+            if not store.part_stats(k, num_shards).get(RETRYABLE_ROWS):
+                skipped += 1
+                continue
+            store.unfinalize()  # the part changes: the table is unfinished until finalized
         where = f"{input_url} (rows of part {k})"
 
         def run(rows: pa.Table, k: int = k, where: str = where) -> tuple[pa.Table, dict]:
