@@ -364,14 +364,44 @@ def _check_digest(manifest: Manifest, entry: dict[str, Any], found: str | None) 
         )
 
 
+READ_ERRORS = (pl.exceptions.PolarsError, pa.ArrowException, OSError, EOFError)
+"""What parquet readers raise on a part whose bytes are not the table they claim to be (a
+truncated file, invalid UTF-8 in a string column, a bad footer). FileNotFoundError and the other
+file-system errors are OSErrors too; they pass through unchanged."""
+
+
+@contextmanager
+def reading(url: str) -> Iterator[None]:
+    """Turn a parquet reader's error into ShardError naming the table (`with reading(url):`
+    around code that collects a `scan` of it); file-system errors pass through."""
+    try:
+        yield
+    except READ_ERRORS as e:
+        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError,
+                          NotADirectoryError)):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ShardError(f"{url}: unreadable table ({type(e).__name__}: {first})") from None
+
+
 def scan(
     url: str, storage_options: dict[str, Any] | None = None, check: bool = True,
 ) -> pl.LazyFrame:
-    """A polars LazyFrame over exactly the manifest's files (checksums verified if `check`)."""
+    """A polars LazyFrame over exactly the manifest's files (checksums verified if `check`, and
+    each part's Parquet footer read: a truncated part is refused here, naming it). Collect it
+    `with reading(url):` to get a ShardError for bad content (e.g. invalid UTF-8)."""
     manifest = read_manifest(url, storage_options)
     if check:
         verify(manifest, storage_options)
     folder = Folder(manifest.url, storage_options)
+    if check:
+        for entry in manifest.files:
+            with reading(f"{manifest.url}/{entry['path']}"):
+                if folder.is_local:
+                    pq.read_metadata(folder.path(entry["path"]))
+                else:
+                    with folder.fs.open(folder.path(entry["path"]), "rb") as f:
+                        pq.read_metadata(f)
     paths = [folder.path(f["path"]) for f in manifest.files]
     if not paths:
         return pl.from_arrow(empty_table(manifest.table)).lazy()
@@ -409,10 +439,13 @@ def read_arrow(
                 pending.append((entry, hashing.submit(_sha256, buf)))
             try:
                 tables.append(pq.read_table(pa.BufferReader(buf)))
+                tables[-1].validate(full=True)  # e.g. invalid UTF-8 in a string column
             except (pa.ArrowInvalid, OSError) as e:
                 for done, future in pending:  # a checksum error explains a broken file best
                     _check_digest(manifest, done, future.result())
-                raise ShardError(f"{manifest.url}: unreadable Parquet part ({e})") from None
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                raise ShardError(f"{manifest.url}/{entry['path']}: unreadable Parquet part "
+                                 f"({first})") from None
         for entry, future in pending:
             _check_digest(manifest, entry, future.result())
     return pa.concat_tables(tables)
@@ -428,7 +461,17 @@ def read_batches(
     for entry in manifest.files:
         path = folder.path(entry["path"])
         with folder.fs.open(path, "rb") if not folder.is_local else nullcontext(path) as source:
-            yield from pq.ParquetFile(source).iter_batches(batch_size=batch_rows)
+            batches = iter(())
+            with reading(f"{manifest.url}/{entry['path']}"):
+                batches = pq.ParquetFile(source).iter_batches(batch_size=batch_rows)
+            while True:
+                with reading(f"{manifest.url}/{entry['path']}"):
+                    batch = next(batches, None)
+                    if batch is not None:
+                        batch.validate(full=True)  # e.g. invalid UTF-8 in a string column
+                if batch is None:
+                    break
+                yield batch
 
 
 def _part_buffer(folder: Folder, name: str) -> pa.Buffer:

@@ -177,7 +177,7 @@ def test_corrupted_parquet_with_matching_checksum_is_named_unreadable(tmp_path):
     data[-12:-8] = b"\xff\xff\xff\x7f"  # footer length: garbage
     path.write_bytes(bytes(data))
     edit_manifest(url, files=lambda b: b["files"][0].update(sha256=Folder(url).sha256(path.name)))
-    with pytest.raises(ShardError, match=r"t: unreadable Parquet part"):
+    with pytest.raises(ShardError, match=r"t/part-00000-of-00001.parquet: unreadable Parquet part"):
         read_arrow(url)
 
 

@@ -31,6 +31,7 @@ from scope_data.shards import (
     add_stats,
     read_batches,
     read_manifest,
+    reading,
     scan,
 )
 
@@ -145,6 +146,16 @@ def _whole_problems(rows: Iterator[pa.RecordBatch], batch_rows: int) -> Iterator
         yield pa.Table.from_batches(pending)
 
 
+def _guarded(batches: Iterator[pa.Table], url: str) -> Iterator[pa.Table]:
+    """`batches`, with reader errors raised while producing them named as `url`'s."""
+    while True:
+        with reading(url):
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch
+
+
 def run_stage(
     *,
     input_url: str,
@@ -172,7 +183,8 @@ def run_stage(
     upstream = read_manifest(input_url, storage_options)
     full_config = {**config, "input": upstream.content_hash, "num_shards": num_shards}
     store = TableStore(output_url, output_table, storage_options)
-    check_input_columns(input_url, upstream.table, scan(input_url, storage_options))
+    with reading(input_url):
+        check_input_columns(input_url, upstream.table, scan(input_url, storage_options))
     shards = range(num_shards) if shard_index is None else [shard_index]
     written = skipped = 0
     stats: dict[str, Any] = {}
@@ -189,10 +201,11 @@ def run_stage(
             validate(upstream.table, rows, where)
             return process(rows, k)
 
-        batches = input_batches(upstream, k, num_shards, batch_rows, storage_options, limit,
-                                problem_ids)
-        results = map(run, batches)
-        first = next(results)  # a stage failing on its first rows leaves the folder untouched
+        with reading(input_url):  # the polars reads that choose the shard's rows
+            batches = _guarded(input_batches(upstream, k, num_shards, batch_rows,
+                                             storage_options, limit, problem_ids), input_url)
+            results = map(run, batches)
+            first = next(results)  # a stage failing on its first rows leaves the folder untouched
         part_stats: dict[str, Any] = {}
         with store.part_writer(k, num_shards, full_config, part_stats) as out:
             for table, batch_stats in itertools.chain([first], results):
