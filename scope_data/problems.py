@@ -322,11 +322,11 @@ def problem_row(rec: Record, fields: FieldMap, source: str, index_field: str | N
     index = rec.index
     if index_field is not None:
         value = data.get(index_field)
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            value = None
         try:
-            index = int(value) if value is not None else -1
-        except ValueError:
+            if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+                raise TypeError(value)
+            index = int(value)
+        except (TypeError, ValueError):
             index = -1
         if not 0 <= index < INDEX_LIMIT:
             raise _InvalidRow(f"{where}: field {index_field!r} is {value!r:.40}, not an integer "

@@ -32,6 +32,7 @@ trains nothing and keeps the policy (recorded in `round-XXXX/train_skipped.json`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import time
@@ -99,6 +100,8 @@ class _Runner:
         label = f"{where}/{name}"
         self.plan.append((name.split("-")[0] if where != "problems" else "problems", cfg))
         if self.dry_run:
+            if callable(check := getattr(cfg, "check", None)):
+                check()  # option values (NaN, ranges) are refused before anything runs
             return digest
         marker = self.run_dir / where / "_stages" / f"{name}.json"
         if marker.is_file():
@@ -142,6 +145,9 @@ def run(cfg: RunConfig) -> RunResult:
         raise ValueError(f"--rounds must be >= 1, got {rounds}")
     run_dir = Path(cfg.out).expanduser().resolve()
     if not cfg.dry_run:
+        # every stage's config of every round is built and checked first: a bad option fails
+        # the run before its first stage writes anything
+        run(dataclasses.replace(cfg, recipe=recipe, dry_run=True))
         _check_run_dir(run_dir, recipe, cfg.resume)
     runner = _Runner(run_dir, cfg.resume, cfg.dry_run, cfg.verbose)
     policy = stages.initial_policy(recipe, dry_run=cfg.dry_run)

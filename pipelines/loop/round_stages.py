@@ -43,9 +43,9 @@ def initial_policy(recipe: Recipe, dry_run: bool = False) -> str:
         return recipe.policy
     from pipelines.tiny import policy as tiny
 
+    options = typed_options(tiny.build_tiny_policy, recipe.tiny, "recipe tiny")
     if dry_run:
         return "hf:TINY_POLICY"  # `scope tiny-policy --out TINY_POLICY` builds it
-    options = typed_options(tiny.build_tiny_policy, recipe.tiny, "recipe tiny")
     return f"hf:{tiny.build_tiny_policy(**options)}"
 
 
