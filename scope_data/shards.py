@@ -43,7 +43,7 @@ from scope_data.layout import (
     unfinished_hint,
 )
 from scope_data.provenance import redact, versions
-from scope_data.schema import SCHEMA_VERSION, conform, empty_table, schema_for, validate
+from scope_data.schema import SCHEMA_VERSION, SCHEMAS, conform, empty_table, schema_for, validate
 
 METADATA_LIMIT = 64 << 20  # bytes: a manifest or marker is read whole, so it is bounded
 
@@ -310,12 +310,15 @@ def _check_fields(where: str, body: dict[str, Any]) -> None:
         if isinstance(value, int) and not 0 <= value < 1 << 63:
             raise ShardError(f"{where}: field {name!r} is {value!r:.60}, expected a count")
 
-    for name in ("table", "files", "config_hash"):
+    for name in ("table", "files", "rows", "config", "config_hash"):
         if name not in body:
             raise ShardError(f"{where}: not a table manifest (no {name!r} field)")
     for name, kind in MANIFEST_FIELDS.items():
         if name in body:
             check(name, body[name], kind)
+    if body["table"] not in SCHEMAS:
+        raise ShardError(f"{where}: unknown table kind {body['table']!r:.60} (known: "
+                         f"{', '.join(SCHEMAS)})")
     for i, entry in enumerate(body["files"]):
         check(f"files[{i}]", entry, dict)
         for name, kind in FILE_FIELDS.items():
@@ -352,6 +355,12 @@ def verify(manifest: Manifest, storage_options: dict[str, Any] | None = None) ->
 
 def _workers(manifest: Manifest) -> int:
     return max(1, min(len(manifest.files), os.cpu_count() or 1))
+
+
+def _check_rows(manifest: Manifest, entry: dict[str, Any], rows: int) -> None:
+    if rows != entry["rows"]:
+        raise ShardError(f"{manifest.url}/{entry['path']}: holds {rows} rows, the manifest "
+                         f"says {entry['rows']}")
 
 
 def _check_digest(manifest: Manifest, entry: dict[str, Any], found: str | None) -> None:
@@ -398,10 +407,11 @@ def scan(
         for entry in manifest.files:
             with reading(f"{manifest.url}/{entry['path']}"):
                 if folder.is_local:
-                    pq.read_metadata(folder.path(entry["path"]))
+                    meta = pq.read_metadata(folder.path(entry["path"]))
                 else:
                     with folder.fs.open(folder.path(entry["path"]), "rb") as f:
-                        pq.read_metadata(f)
+                        meta = pq.read_metadata(f)
+            _check_rows(manifest, entry, meta.num_rows)
     paths = [folder.path(f["path"]) for f in manifest.files]
     if not paths:
         return pl.from_arrow(empty_table(manifest.table)).lazy()
@@ -440,6 +450,7 @@ def read_arrow(
             try:
                 tables.append(pq.read_table(pa.BufferReader(buf)))
                 tables[-1].validate(full=True)  # e.g. invalid UTF-8 in a string column
+                _check_rows(manifest, entry, tables[-1].num_rows)
             except (pa.ArrowInvalid, OSError) as e:
                 for done, future in pending:  # a checksum error explains a broken file best
                     _check_digest(manifest, done, future.result())
