@@ -199,7 +199,12 @@ def run_stage(
         def run(rows: pa.Table, k: int = k, where: str = where) -> tuple[pa.Table, dict]:
             rows = conform(upstream.table, rows, where)
             validate(upstream.table, rows, where)
-            return process(rows, k)
+            try:
+                return process(rows, k)
+            except ValueError as e:  # about the rows (a bad value): say which table holds them
+                if e.args and isinstance(e.args[0], str) and input_url not in e.args[0]:
+                    e.args = (f"{where}: {e.args[0]}", *e.args[1:])
+                raise
 
         with reading(input_url):  # the polars reads that choose the shard's rows
             batches = _guarded(input_batches(upstream, k, num_shards, batch_rows,

@@ -15,6 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,7 +33,8 @@ from tests.test_bad_inputs import write_problems
 # fixed examples in CI; SCOPE_PROPERTY_EXAMPLES=500 explores new random ones
 EXPLORE = int(os.environ.get("SCOPE_PROPERTY_EXAMPLES", "0"))
 SETTINGS = settings(max_examples=EXPLORE or 40, deadline=None, derandomize=not EXPLORE,
-                    suppress_health_check=[HealthCheck.too_slow])
+                    suppress_health_check=[HealthCheck.too_slow,
+                                           HealthCheck.function_scoped_fixture])
 
 JSON_VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(10**30), max_value=10**30),
@@ -215,6 +217,66 @@ def test_mutated_tables_and_manifests(steps: list[tuple]) -> None:
         copied = read_arrow(out)
         validate("problems", copied, out)
         assert copied.num_rows == sum(f["rows"] for f in read_manifest(url).files)
+        assert snapshot(url) == before
+    finally:
+        shutil.rmtree(root)
+
+
+# --------------------------------------------------------------------------- a real stage
+ROLLOUT_EDITS = {  # column -> values a hostile or broken writer may leave in it
+    "response_token_ids": st.lists(st.integers(-(2**40), 2**40), max_size=4),
+    "behaviour_logprobs": st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=4),
+    "response_text": st.text(max_size=30),
+    "prompt": st.text(max_size=10),
+    "task": st.sampled_from(["arith", "math", "", "countdown", "nope"]),
+    "status": st.sampled_from(["ok", "", "engine_error", "x" * 50]),
+    "sample_idx": st.integers(-(2**31), 2**31),
+    "finish_reason": st.sampled_from(["stop", "length", "error", ""]),
+}
+
+
+@pytest.fixture(scope="module")
+def rollouts_source(tmp_path_factory) -> tuple[Path, list[dict]]:
+    from tests.helpers_score import arith_rollout_rows, char_tokenizer_dir
+
+    tok_dir = char_tokenizer_dir(tmp_path_factory.mktemp("tok"))
+    rows = arith_rollout_rows(tok_dir, n_problems=3, seed=1)
+    return tok_dir, [r for r in rows if len(r["response_text"]) < 200]
+
+
+@SETTINGS
+@given(edits=st.lists(st.tuples(st.sampled_from(sorted(ROLLOUT_EDITS)), st.integers(0, 50),
+                                st.data()), min_size=1, max_size=3))
+def test_mutated_rollouts_through_score(rollouts_source, edits) -> None:
+    """Cell values a writer should never have produced (token ids outside the vocabulary,
+    NaN/positive log-probs, unknown tasks and statuses) reach `scope score`: it scores them
+    or refuses them with one line; it never writes part of a table."""
+    from pipelines.stages.score import ScoreConfig, run
+    from scope_data.schema import SCHEMAS
+    from scope_data.shards import TableStore
+
+    tok_dir, rows = rollouts_source
+    rows = [dict(r) for r in rows]
+    for column, i, data in edits:
+        rows[i % len(rows)][column] = data.draw(ROLLOUT_EDITS[column])
+    root = Path(tempfile.mkdtemp(prefix="scope-prop-"))
+    try:
+        url, out = str(root / "r"), str(root / "s")
+        try:
+            table = pa.Table.from_pylist(rows, schema=SCHEMAS["rollouts"])
+        except (pa.ArrowException, OverflowError):
+            return  # not storable as a rollouts table at all
+        TableStore(url, "rollouts").write(table, {"test": 1})
+        before = snapshot(url)
+        try:
+            result = run(ScoreConfig(rollouts=url, out=out, prm="rule:arith"), quiet=True)
+        except Exception as e:  # noqa: BLE001  (the property: only one-line user errors)
+            assert_one_line_naming(e, url)
+            assert snapshot(out) == {}
+            return
+        scored = read_arrow(out)
+        validate("scored", scored, out)
+        assert scored.num_rows == len(rows) == result.manifest.rows
         assert snapshot(url) == before
     finally:
         shutil.rmtree(root)
