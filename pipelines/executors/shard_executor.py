@@ -147,7 +147,8 @@ def _whole_problems(rows: Iterator[pa.RecordBatch], batch_rows: int) -> Iterator
 
 
 def _guarded(batches: Iterator[pa.Table], url: str) -> Iterator[pa.Table]:
-    """`batches`, with reader errors raised while producing them named as `url`'s."""
+    """`batches`, with reader errors raised while producing them (the polars reads that pick
+    the shard's rows, the Parquet reads) named as `url`'s; `process` is not guarded."""
     while True:
         with reading(url):
             batch = next(batches, None)
@@ -189,11 +190,10 @@ def run_stage(
     written = skipped = 0
     stats: dict[str, Any] = {}
     for k in shards:
-        if store.part_done(k, num_shards, full_config):
-            if not store.part_stats(k, num_shards).get(RETRYABLE_ROWS):
-                skipped += 1
-                continue
-            store.unfinalize()  # the part changes: the table is unfinished until finalized
+        retry = store.part_done(k, num_shards, full_config)
+        if retry and not store.part_stats(k, num_shards).get(RETRYABLE_ROWS):
+            skipped += 1
+            continue
         where = f"{input_url} (rows of part {k})"
 
         def run(rows: pa.Table, k: int = k, where: str = where) -> tuple[pa.Table, dict]:
@@ -206,11 +206,12 @@ def run_stage(
                     e.args = (f"{where}: {e.args[0]}", *e.args[1:])
                 raise
 
-        with reading(input_url):  # the polars reads that choose the shard's rows
-            batches = _guarded(input_batches(upstream, k, num_shards, batch_rows,
-                                             storage_options, limit, problem_ids), input_url)
-            results = map(run, batches)
-            first = next(results)  # a stage failing on its first rows leaves the folder untouched
+        batches = _guarded(input_batches(upstream, k, num_shards, batch_rows, storage_options,
+                                         limit, problem_ids), input_url)
+        results = map(run, batches)
+        first = next(results)  # a stage failing on its first rows leaves the folder untouched
+        if retry:  # the part changes: the table is unfinished until finalized again
+            store.unfinalize()
         part_stats: dict[str, Any] = {}
         with store.part_writer(k, num_shards, full_config, part_stats) as out:
             for table, batch_stats in itertools.chain([first], results):
