@@ -450,7 +450,6 @@ def read_arrow(
             try:
                 tables.append(pq.read_table(pa.BufferReader(buf)))
                 tables[-1].validate(full=True)  # e.g. invalid UTF-8 in a string column
-                _check_rows(manifest, entry, tables[-1].num_rows)
             except (pa.ArrowInvalid, OSError) as e:
                 for done, future in pending:  # a checksum error explains a broken file best
                     _check_digest(manifest, done, future.result())
@@ -459,6 +458,9 @@ def read_arrow(
                                  f"({first})") from None
         for entry, future in pending:
             _check_digest(manifest, entry, future.result())
+    if check:  # after the checksums: a replaced file is explained best by its checksum
+        for entry, table in zip(manifest.files, tables, strict=True):
+            _check_rows(manifest, entry, table.num_rows)
     return pa.concat_tables(tables)
 
 
