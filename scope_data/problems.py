@@ -51,6 +51,7 @@ ANSWER_FIELDS = ("answer", "final_answer", "gt_answer", "ground_truth", "target"
 SOLUTION_FIELD = "solution"
 MULTIPLE_ANSWER_FLAG = "is_multiple_answer"  # OlympiadBench: the answer list is one answer's parts
 INDEX_LIMIT = 1 << 63  # source_index is an int64 column
+MAX_COUNT = 10_000_000  # generated arith problems per table
 FILE_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
                 ".pq": "parquet"}
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".zip")
@@ -405,8 +406,8 @@ def arith_table(
     """
     from scope_data.tasks.arith import generate_problems
 
-    if count < 1:
-        raise ValueError(f"--count must be >= 1, got {count}")
+    if not 1 <= count <= MAX_COUNT:
+        raise ValueError(f"--count must be in [1, {MAX_COUNT}], got {count}")
     seen = set(exclude_prompts)
     pool = generate_problems(4 * count + 64, seed=seed, steps=steps, modulus=modulus,
                              max_operand=max_operand)
