@@ -19,7 +19,6 @@ import datetime as dt
 import hashlib
 import json
 import os
-import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -42,8 +41,9 @@ from scope_data.layout import (
     record_payload,
     unfinished_hint,
 )
+from scope_data.manifest_fields import manifest_problem
 from scope_data.provenance import redact, versions
-from scope_data.schema import SCHEMA_VERSION, SCHEMAS, conform, empty_table, schema_for, validate
+from scope_data.schema import SCHEMA_VERSION, conform, empty_table, schema_for, validate
 
 METADATA_LIMIT = 64 << 20  # bytes: a manifest or marker is read whole, so it is bounded
 
@@ -277,65 +277,19 @@ def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Ma
         raise ShardError(f"{where}: not a table manifest (expected an object with a 'files' "
                          "list)")
     version = body.get("schema_version")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise ShardError(f"{where}: schema_version {version!r} is not an integer")
     if version > SCHEMA_VERSION:
         raise ShardError(
             f"{where}: schema_version {version!r} is newer than this code supports "
             f"({SCHEMA_VERSION}); upgrade scope to read it"
         )
-    _check_fields(where, body)
-    for entry in body["files"]:
-        _check_relative(folder.url, entry["path"])
+    problem = manifest_problem(body)
+    if problem is not None:
+        raise ShardError(f"{where}: {problem}")
     known = {f for f in Manifest.__dataclass_fields__ if f not in ("url", "sha256")}
     return Manifest(url=folder.url, sha256=sha256_hex(text),
                     **{k: v for k, v in body.items() if k in known})
-
-
-MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "table": str, "files": list, "rows": int, "config": dict, "config_hash": str,
-    "inputs": list, "stats": dict, "created": str, "scope_version": str, "versions": dict,
-    "num_shards": int}
-FILE_FIELDS: dict[str, type] = {"path": str, "rows": int, "sha256": str, "bytes": int}
-
-
-def _check_fields(where: str, body: dict[str, Any]) -> None:
-    """ShardError naming the first manifest field that is missing or of the wrong type (bool
-    is not an int here; counts are >= 0)."""
-
-    def check(name: str, value: Any, kind: type | tuple[type, ...]) -> None:
-        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
-            raise ShardError(f"{where}: field {name!r} is {type(value).__name__} {value!r:.60}, "
-                             f"expected {getattr(kind, '__name__', kind)}")
-        if isinstance(value, int) and not 0 <= value < 1 << 63:
-            raise ShardError(f"{where}: field {name!r} is {value!r:.60}, expected a count")
-
-    for name in ("table", "files", "rows", "config", "config_hash"):
-        if name not in body:
-            raise ShardError(f"{where}: not a table manifest (no {name!r} field)")
-    for name, kind in MANIFEST_FIELDS.items():
-        if name in body:
-            check(name, body[name], kind)
-    if body["table"] not in SCHEMAS:
-        raise ShardError(f"{where}: unknown table kind {body['table']!r:.60} (known: "
-                         f"{', '.join(SCHEMAS)})")
-    for i, entry in enumerate(body["files"]):
-        check(f"files[{i}]", entry, dict)
-        for name, kind in FILE_FIELDS.items():
-            if name not in entry and name != "bytes":
-                raise ShardError(f"{where}: files[{i}] has no {name!r} field")
-            if name in entry:
-                check(f"files[{i}].{name}", entry[name], kind)
-        if not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
-            raise ShardError(f"{where}: files[{i}].sha256 is not a sha256 hex digest")
-
-
-def _check_relative(url: str, path: str) -> None:
-    """Refuse manifest entries that could point outside the table folder."""
-    parts = path.replace("\\", "/").split("/")
-    if (not path or path.startswith(("/", "~")) or ":" in path or len(parts) != 1
-            or path in (".", "..") or path.startswith(META_DIR)):
-        raise ShardError(f"{url}/{MANIFEST}: unsafe file path {path!r} in the file list (refused)")
 
 
 def verify(manifest: Manifest, storage_options: dict[str, Any] | None = None) -> None:
