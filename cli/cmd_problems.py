@@ -37,6 +37,9 @@ def problems(
         help="field holding the problem text (default: auto-detect)")] = None,
     answer_field: Annotated[str | None, typer.Option(
         help="field holding the answer (default: auto-detect; '#### N' lines are split)")] = None,
+    solution_field: Annotated[str | None, typer.Option(
+        help="field holding a reference solution (default: `solution` when present; a list "
+        "keeps its first item)")] = None,
     split: Annotated[str, typer.Option(help="dataset split (Hugging Face datasets)")] = "test",
     subset: Annotated[str | None, typer.Option(
         help="dataset configuration name (Hugging Face datasets, e.g. `main` for gsm8k)")] = None,
@@ -85,6 +88,7 @@ def problems(
         ])
         return
     result = pr.ingest(src, out, problem_field=problem_field, answer_field=answer_field,
+                       solution_field=solution_field,
                        split=split, subset=subset, source=source, index_field=index_field,
                        skip_invalid=skip_invalid, limit=limit, storage_options=options)
     fields = result.fields

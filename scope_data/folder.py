@@ -1,7 +1,9 @@
 """An fsspec-backed folder (datatrove's DataFolder idea): relative names in, atomic writes out.
 
 Local disk: write to a temporary name, then rename. Object stores: the upload of the whole
-object is the atomic step (a failed upload is discarded, never committed).
+object is the atomic step (a failed upload is discarded, never committed). A bucket is never
+created: writing into one that does not exist is a FileNotFoundError naming it; a storage
+endpoint that cannot be reached is a StorageError naming the folder (one line each).
 """
 
 from __future__ import annotations
@@ -12,13 +14,28 @@ import posixpath
 import re
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 
 _CHUNK = 8 << 20
+T = TypeVar("T")
+# connection failures of the object-store clients (botocore, aiohttp), matched by class name so
+# that no client library is imported here
+_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError",
+                "ReadTimeoutError", "ClientConnectorError", "ServerDisconnectedError",
+                "ConnectionError"}
+
+
+class StorageError(RuntimeError):
+    """The storage behind a folder cannot be reached; the message names the folder."""
+
+
+def _unreachable(e: BaseException) -> bool:
+    return isinstance(e, (ConnectionError, TimeoutError)) or any(
+        c.__name__ in _UNREACHABLE for c in type(e).__mro__)
 
 
 class Folder:
@@ -37,12 +54,35 @@ class Folder:
         join = os.path.join if self.is_local else posixpath.join
         return join(self.root, name)
 
+    def _call(self, fn: Callable[[], T]) -> T:
+        """`fn()`, with a connection failure of the store raised as one StorageError."""
+        try:
+            return fn()
+        except Exception as e:
+            if self.is_local or not _unreachable(e):
+                raise
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise StorageError(f"{self.url}: cannot reach the storage ({type(e).__name__}: "
+                               f"{first}); check the endpoint in --storage-options") from None
+
+    def check_bucket(self) -> None:
+        """FileNotFoundError when the folder's bucket does not exist (object stores whose paths
+        start with a bucket: s3, gcs, ...). Buckets are never created implicitly."""
+        split = getattr(self.fs, "split_path", None)
+        if self.is_local or split is None or getattr(self, "_bucket_ok", False):
+            return
+        bucket = split(self.root)[0]
+        if not self._call(lambda: self.fs.exists(bucket)):
+            raise FileNotFoundError(f"{self.url}: bucket {bucket!r} does not exist or is not "
+                                    "accessible (scope never creates buckets: create it first)")
+        self._bucket_ok = True
+
     def exists(self, name: str) -> bool:
         """Asks the store, not a cached listing: other processes write markers and manifests
         (s3fs caches directory listings per filesystem instance, shared within a process)."""
         path = self.path(name)
         self.fs.invalidate_cache(path)
-        return self.fs.exists(path)
+        return self._call(lambda: self.fs.exists(path))
 
     def read_bytes(self, name: str, limit: int | None = None) -> bytes:
         """The file's bytes; with `limit`, ValueError instead of reading more than `limit`
@@ -51,9 +91,9 @@ class Folder:
             with open(self.path(name), "rb") as f:
                 data = f.read() if limit is None else f.read(limit + 1)
         elif limit is None:
-            return self.fs.cat_file(self.path(name))
+            return self._call(lambda: self.fs.cat_file(self.path(name)))
         else:
-            data = self.fs.cat_file(self.path(name), start=0, end=limit + 1)
+            data = self._call(lambda: self.fs.cat_file(self.path(name), start=0, end=limit + 1))
         if limit is not None and len(data) > limit:
             raise ValueError(f"{self.path(name)}: larger than {limit} bytes")
         return data
@@ -121,7 +161,10 @@ class Folder:
                 if os.path.exists(tmp):
                     os.remove(tmp)
         else:
-            self.fs.makedirs(self.root, exist_ok=True)
+            if getattr(self.fs, "split_path", None) is not None:
+                self.check_bucket()  # s3fs's makedirs would create a missing bucket
+            else:
+                self._call(lambda: self.fs.makedirs(self.root, exist_ok=True))
             # Object stores: the object becomes visible only when the upload completes. On an
             # error the upload is discarded (a `with` block would commit the partial object).
             path = self.path(name)
@@ -147,7 +190,7 @@ class Folder:
         """Delete ``name`` if present; a concurrent job removing it first is not an error."""
         if self.exists(name):
             try:
-                self.fs.rm(self.path(name))
+                self._call(lambda: self.fs.rm(self.path(name)))
             except FileNotFoundError:
                 pass
 
@@ -156,9 +199,13 @@ class Folder:
             with open(self.path(name), "rb") as f:
                 return hashlib.file_digest(f, "sha256").hexdigest()
         digest = hashlib.sha256()
-        with self.fs.open(self.path(name), "rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
+
+        def read() -> None:
+            with self.fs.open(self.path(name), "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    digest.update(chunk)
+
+        self._call(read)
         return digest.hexdigest()
 
 

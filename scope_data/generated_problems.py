@@ -38,6 +38,9 @@ def _distinct_table(task: str, source: str, pool: Iterable[tuple[str, str, str]]
     return pa.Table.from_pylist(rows, schema=schema_for("problems"))
 
 
+MAX_COUNT = 10_000_000  # generated problems per table
+
+
 def _write_generated(out: str, table: pa.Table, config: dict[str, Any], source: str,
                      storage_options: dict[str, Any] | None) -> ProblemsResult:
     from scope_data.problems import ProblemsResult  # problems.py imports this module
@@ -58,8 +61,8 @@ def arith_table(
     """
     from scope_data.tasks.arith import generate_problems
 
-    if count < 1:
-        raise ValueError(f"--count must be >= 1, got {count}")
+    if not 1 <= count <= MAX_COUNT:
+        raise ValueError(f"--count must be in [1, {MAX_COUNT}], got {count}")
     pool = generate_problems(4 * count + 64, seed=seed, steps=steps, modulus=modulus,
                              max_operand=max_operand)
     return _distinct_table("arith", f"arith:seed={seed}",
@@ -90,8 +93,8 @@ def countdown_table(
     """
     from scope_data.tasks import countdown as cd
 
-    if count < 1:
-        raise ValueError(f"--count must be >= 1, got {count}")
+    if not 1 <= count <= MAX_COUNT:
+        raise ValueError(f"--count must be in [1, {MAX_COUNT}], got {count}")
     pool = cd.generate_problems(4 * count + 64, seed=seed, numbers=numbers, modulus=modulus,
                                 min_solutions=min_solutions, max_solutions=max_solutions)
     source = f"countdown:seed={seed}"

@@ -7,12 +7,18 @@ docs require: the comparison is not symmetric).
 
 The comparison runs in `scope_data.grader_pool` with a deadline that works from any thread.
 
+A gold answer holding a JSON array of strings (`["3", "5"]`, see `scope_data.problems`) is one
+answer made of several parts, all required: the response must state as many parts (its last k
+``\\boxed{}``, or its final answer split at top-level commas or semicolons) and each gold part
+must equal a different stated part, in any order.
+
 Results are cached (LRU) on ``(extracted answer, gold, timeout)``, so the G samples of a group
 that share an answer are verified once.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -116,6 +122,77 @@ def extract_answer(text: str) -> str | None:
     return None
 
 
+def answer_parts(gold: str) -> list[str] | None:
+    """The parts of a multi-part gold answer (a JSON array of >= 2 strings), else None."""
+    if not (gold.startswith("[") and gold.endswith("]") and '"' in gold):
+        return None
+    try:
+        parts = json.loads(gold)
+    except ValueError:
+        return None
+    if (isinstance(parts, list) and len(parts) >= 2
+            and all(isinstance(p, str) and p.strip() for p in parts)):
+        return [p.strip() for p in parts]
+    return None
+
+
+def _split_top_level(text: str) -> list[str]:
+    """`text` split at commas/semicolons outside brackets, braces and parentheses."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif char in ",;" and depth == 0 and text[i - 1 : i] != "\\":
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip().strip("$").strip() for p in parts if p.strip()]
+
+
+def _stated_parts(text: str, k: int) -> list[str] | None:
+    """The k parts a response states: its last k boxed answers, else its final answer split."""
+    boxed = []
+    for match in _BOX_RE.finditer(text):
+        stripped = text[match.end():].lstrip()
+        if stripped.startswith("{"):
+            content = _braced_content(text, len(text) - len(stripped))
+            if content and content.strip():
+                boxed.append(content.strip())
+    if len(boxed) >= k and k > 1 and len(_split_top_level(boxed[-1])) == 1:
+        return boxed[-k:]
+    final = extract_answer(text)
+    return None if final is None else _split_top_level(final)
+
+
+def _grade_parts(text: str, parts: list[str], timeout: float) -> GradeResult:
+    """All gold parts must each equal a different stated part (any order)."""
+    stated = _stated_parts(text, len(parts))
+    if not stated:
+        return GradeResult(None, False, "no_answer")
+    pred = ", ".join(stated)
+    if len(stated) != len(parts):
+        return GradeResult(pred, False, "ok")
+    unused = list(stated)
+    for gold in parts:
+        match = None
+        for candidate in unused:
+            try:
+                ok, status = _grade_answer(candidate, gold, timeout)
+            except _UncachedGraderError:
+                return GradeResult(pred, False, "grader_error")
+            if status != "ok":
+                return GradeResult(pred, False, status)
+            if ok:
+                match = candidate
+                break
+        if match is None:
+            return GradeResult(pred, False, "ok")
+        unused.remove(match)
+    return GradeResult(pred, True, "ok")
+
+
 def normalize_whitespace(text: str) -> str:
     """Collapse whitespace runs to one space and strip (the fast-path comparison key)."""
     return " ".join(text.split())
@@ -163,6 +240,9 @@ def grade(response_text: object, gold_answer: object, timeout: float = 5.0) -> G
         gold = _gold_to_str(gold_answer)
         if not isinstance(response_text, str) or gold is None:
             return GradeResult(None, False, "grader_error")
+        parts = answer_parts(gold)
+        if parts is not None:
+            return _grade_parts(response_text, parts, float(timeout))
         pred_answer = extract_answer(response_text)
         if pred_answer is None:
             return GradeResult(None, False, "no_answer")

@@ -7,7 +7,7 @@ from typing import Any
 import polars as pl
 
 from scope_data.layout import reader_one_liners
-from scope_data.shards import read_manifest, scan
+from scope_data.shards import read_manifest, reading, scan
 
 STATUS_COLUMNS = ("status", "score_status", "correct_status", "kind")
 
@@ -17,13 +17,14 @@ def describe(url: str, rows: int = 5, storage_options: dict[str, Any] | None = N
     how to open the table with other readers."""
     manifest = read_manifest(url, storage_options)
     lf = scan(url, storage_options)
-    schema = lf.collect_schema()
-    counts = {}
-    for col in STATUS_COLUMNS:
-        if col in schema:
-            df = lf.group_by(col).len().sort(col).collect()
-            counts[col] = {str(k): int(v) for k, v in df.iter_rows()}
-    head = lf.head(rows).collect()
+    with reading(manifest.url):
+        schema = lf.collect_schema()
+        counts = {}
+        for col in STATUS_COLUMNS:
+            if col in schema:
+                df = lf.group_by(col).len().sort(col).collect()
+                counts[col] = {str(k): int(v) for k, v in df.iter_rows()}
+        head = lf.head(rows).collect()
     short = head.with_columns(
         pl.col(c).list.head(8) for c, t in schema.items() if isinstance(t, pl.List)
     )

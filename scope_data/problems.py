@@ -9,8 +9,15 @@ Field detection (overridable with `problem_field` / `answer_field`):
 - answer: the first of `answer`, `final_answer`, `gt_answer`, `ground_truth`, `target`; when
   most answer values hold a `#### N` line (GSM8K) the answer is N and the text before it is the
   solution; with no answer field the answer is the last `\\boxed{}` of `solution` (Minerva);
-- solution: the `solution` field when present.
+- solution: the `solution` field when present (or `solution_field`).
 Answers are kept as the file's text (`27.0` stays `27.0`; JSON numbers keep their literal).
+
+List-valued fields keep the dataset's meaning (OlympiadBench stores both as lists): an answer
+list of one item is that item; a list of several with `is_multiple_answer: true` is ONE answer
+made of several parts, all required, stored as a JSON array of strings (`["3", "5"]`, which
+`scope_data.grading.answer_parts` reads back); several items without that flag are refused (the
+record does not say whether all parts or any one is meant). A solution list holds alternative
+solutions: the first non-empty one is kept.
 
 `problem_id = stable_id(source, source_index, prompt)`, with `source` the file stem
 (`math500.test`) or the dataset name and `source_index` the record's 0-based position (or the
@@ -21,9 +28,12 @@ file, line/index and field, unless `skip_invalid` (then it is counted in the man
 
 from __future__ import annotations
 
+import gzip
 import json
+import lzma
 import math
 import re
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -47,6 +57,8 @@ from scope_data.validate import check_rows
 PROBLEM_FIELDS = ("problem", "question", "prompt", "query", "input", "instruction")
 ANSWER_FIELDS = ("answer", "final_answer", "gt_answer", "ground_truth", "target")
 SOLUTION_FIELD = "solution"
+MULTIPLE_ANSWER_FLAG = "is_multiple_answer"  # OlympiadBench: the answer list is one answer's parts
+INDEX_LIMIT = 1 << 63  # source_index is an int64 column
 FILE_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
                 ".pq": "parquet"}
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".zip")
@@ -193,8 +205,12 @@ def load_records(
         if fmt is None:
             raise ValueError(f"{src}: unknown file type; expected one of "
                              f"{', '.join(FILE_FORMATS)} (optionally compressed)")
-        with fsspec.open(src, "rb", compression="infer", **(storage_options or {})) as f:
-            data = f.read()
+        try:
+            with fsspec.open(src, "rb", compression="infer", **(storage_options or {})) as f:
+                data = f.read()
+        except (gzip.BadGzipFile, EOFError, zlib.error, lzma.LZMAError) as e:
+            raise ValueError(f"{src}: not a readable {src.rsplit('.', 1)[-1]} file "
+                             f"({type(e).__name__}: {e}); is it really compressed?") from None
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
@@ -228,7 +244,7 @@ def _load_hub_dataset(name: str, split: str, subset: str | None) -> tuple[list[R
 # -- records -> problems -----------------------------------------------------------------------
 def detect_fields(
     records: Sequence[Record], where: str, problem_field: str | None = None,
-    answer_field: str | None = None,
+    answer_field: str | None = None, solution_field: str | None = None,
 ) -> FieldMap:
     """Pick the problem/answer/solution fields from the records' keys (see the module doc)."""
     keys: dict[str, None] = {}
@@ -240,7 +256,8 @@ def detect_fields(
         raise ValueError(f"{where}: cannot tell which field holds the problem text "
                          f"(fields: {shown}); pass --problem-field")
     answer = answer_field or next((k for k in ANSWER_FIELDS if k in keys), None)
-    solution = SOLUTION_FIELD if SOLUTION_FIELD in keys and SOLUTION_FIELD != answer else None
+    solution = solution_field or (
+        SOLUTION_FIELD if SOLUTION_FIELD in keys and SOLUTION_FIELD != answer else None)
     if answer is None:
         if solution is None:
             raise ValueError(f"{where}: cannot tell which field holds the answer "
@@ -262,6 +279,29 @@ def _text(value: Any, where: str, name: str) -> str | None:
     return text if text.strip() else None
 
 
+def _answer_text(data: dict[str, Any], where: str, name: str) -> str | None:
+    """The answer field as text; a list is one item, or the parts of one answer (a JSON array)
+    when the record says `is_multiple_answer` (see the module doc)."""
+    value = data.get(name)
+    if not isinstance(value, (list, tuple)):
+        return _text(value, where, name)
+    parts = [p for v in value if (p := _text(v, where, f"{name}[]")) is not None]
+    if len(parts) <= 1:
+        return parts[0] if parts else None
+    if data.get(MULTIPLE_ANSWER_FLAG) is not True:
+        raise _InvalidRow(f"{where}: field {name!r} holds {len(parts)} answers and the record "
+                          f"has no `{MULTIPLE_ANSWER_FLAG}: true` (are all parts required, or "
+                          "any one?); pick one with --answer-field or fix the record")
+    return json.dumps(parts, ensure_ascii=False)
+
+
+def _solution_text(value: Any, where: str, name: str) -> str | None:
+    """The solution field as text; a list holds alternative solutions: the first non-empty."""
+    if isinstance(value, (list, tuple)):
+        return next((t for v in value if (t := _text(v, where, f"{name}[]")) is not None), None)
+    return _text(value, where, name)
+
+
 def problem_row(rec: Record, fields: FieldMap, source: str, index_field: str | None = None
                 ) -> dict[str, Any]:
     """One problems-table row; raises _InvalidRow naming the record and field."""
@@ -271,13 +311,14 @@ def problem_row(rec: Record, fields: FieldMap, source: str, index_field: str | N
     prompt = _text(data.get(fields.problem), where, fields.problem)
     if prompt is None:
         raise _InvalidRow(f"{where}: no problem text (field {fields.problem!r})")
-    solution = _text(data.get(fields.solution), where, fields.solution) if fields.solution else None
+    solution = (_solution_text(data.get(fields.solution), where, fields.solution)
+                if fields.solution else None)
     if fields.answer_from == "boxed":
         answer = extract_answer(solution) if solution else None
         if answer is None:
             raise _InvalidRow(f"{where}: no answer (no \\boxed{{}} in field {fields.solution!r})")
     else:
-        answer = _text(data.get(fields.answer), where, fields.answer)
+        answer = _answer_text(data, where, fields.answer)
         if answer is None:
             raise _InvalidRow(f"{where}: no answer (field {fields.answer!r})")
         if fields.answer_from == "gsm8k":
@@ -288,10 +329,16 @@ def problem_row(rec: Record, fields: FieldMap, source: str, index_field: str | N
             answer = matches[-1].group(1)
     index = rec.index
     if index_field is not None:
+        value = data.get(index_field)
         try:
-            index = int(data[index_field])
-        except (KeyError, TypeError, ValueError):
-            raise _InvalidRow(f"{where}: field {index_field!r} is not an integer index") from None
+            if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+                raise TypeError(value)
+            index = int(value)
+        except (TypeError, ValueError):
+            index = -1
+        if not 0 <= index < INDEX_LIMIT:
+            raise _InvalidRow(f"{where}: field {index_field!r} is {value!r:.40}, not an integer "
+                              "index in [0, 2**63)")
     return {"problem_id": stable_id(source, index, prompt), "source": source,
             "source_index": index, "task": "math", "prompt": prompt, "answer": answer,
             "solution": solution}
@@ -325,9 +372,9 @@ def build_problems(
 
 def ingest(
     src: str, out: str, *, problem_field: str | None = None, answer_field: str | None = None,
-    split: str = "test", subset: str | None = None, source: str | None = None,
-    index_field: str | None = None, skip_invalid: bool = False, limit: int | None = None,
-    storage_options: dict[str, Any] | None = None,
+    solution_field: str | None = None, split: str = "test", subset: str | None = None,
+    source: str | None = None, index_field: str | None = None, skip_invalid: bool = False,
+    limit: int | None = None, storage_options: dict[str, Any] | None = None,
 ) -> ProblemsResult:
     """Read `src`, build the problems table and write it to `out` (one part + manifest)."""
     if limit is not None and limit < 1:
@@ -340,7 +387,7 @@ def ingest(
         source = src if fmt == "hub" else source_name(src)
         if fmt == "hub" and subset:
             source = f"{source}:{subset}"
-    fields = detect_fields(records, src, problem_field, answer_field)
+    fields = detect_fields(records, src, problem_field, answer_field, solution_field)
     table, skipped = build_problems(records, fields, source, skip_invalid, limit, index_field)
     if table.num_rows == 0:
         raise ValueError(f"{src}: no valid rows ({len(skipped)} skipped; first: {skipped[0]})")

@@ -47,6 +47,7 @@ from scope_data.layout import (
     record_payload,
     unfinished_hint,
 )
+from scope_data.manifest_fields import manifest_problem
 from scope_data.ownership import check_owner, claim_output, release
 from scope_data.provenance import redact, versions
 from scope_data.schema import SCHEMA_VERSION, conform, empty_table, schema_for, validate
@@ -187,6 +188,15 @@ class TableStore:
         marker = self._marker(shard_index, num_shards)
         return marker is not None and marker["config_hash"] == config_hash(redact(config))
 
+    def part_stats(self, shard_index: int, num_shards: int) -> dict[str, Any]:
+        """The stats recorded in part k's marker ({} when the part is not done)."""
+        marker = self._marker(shard_index, num_shards)
+        return marker.get("stats") or {} if marker is not None else {}
+
+    def unfinalize(self) -> None:
+        """Remove the manifest this stage wrote (before a part is rewritten)."""
+        self.folder.remove(MANIFEST)
+
     def missing_parts(self, num_shards: int, config: dict[str, Any]) -> list[str]:
         return [part_name(k, num_shards) for k in range(num_shards)
                 if not self.part_done(k, num_shards, config)]
@@ -305,17 +315,19 @@ def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Ma
         raise ShardError(f"{where}: not a table manifest (expected an object with a 'files' "
                          "list)")
     version = body.get("schema_version")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise ShardError(f"{where}: schema_version {version!r} is not an integer")
     if version > SCHEMA_VERSION:
         raise ShardError(
             f"{where}: schema_version {version!r} is newer than this code supports "
             f"({SCHEMA_VERSION}); upgrade scope to read it"
         )
+    problem = manifest_problem(body)
+    if problem is not None:
+        raise ShardError(f"{where}: {problem}")
     seen: set[str] = set()
-    for entry in body.get("files", []):
-        path = entry.get("path", "") if isinstance(entry, dict) else ""
-        _check_relative(folder.url, path)
+    for entry in body["files"]:  # each one checked by manifest_problem
+        path = entry["path"]
         if path in seen:
             raise ShardError(f"{where}: lists part {path!r} twice (refused: its rows would be "
                              "read twice)")
@@ -323,13 +335,6 @@ def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Ma
     known = {f for f in Manifest.__dataclass_fields__ if f not in ("url", "sha256")}
     return Manifest(url=folder.url, sha256=sha256_hex(text),
                     **{k: v for k, v in body.items() if k in known})
-
-
-def _check_relative(url: str, path: str) -> None:
-    """Refuse manifest entries that could point outside the table folder."""
-    parts = path.replace("\\", "/").split("/")
-    if not path or path.startswith(("/", "~")) or ":" in path or ".." in parts or len(parts) != 1:
-        raise ShardError(f"{url}/{MANIFEST}: unsafe file path {path!r} in the file list (refused)")
 
 
 def verify(manifest: Manifest, storage_options: dict[str, Any] | None = None) -> None:
@@ -351,6 +356,12 @@ def _workers(manifest: Manifest) -> int:
     return max(1, min(len(manifest.files), os.cpu_count() or 1))
 
 
+def _check_rows(manifest: Manifest, entry: dict[str, Any], rows: int) -> None:
+    if rows != entry["rows"]:
+        raise ShardError(f"{manifest.url}/{entry['path']}: holds {rows} rows, the manifest "
+                         f"says {entry['rows']}")
+
+
 def _check_digest(manifest: Manifest, entry: dict[str, Any], found: str | None) -> None:
     if found is None:
         raise ShardError(f"{manifest.url}/{entry['path']}: listed in the manifest but missing")
@@ -361,14 +372,45 @@ def _check_digest(manifest: Manifest, entry: dict[str, Any], found: str | None) 
         )
 
 
+READ_ERRORS = (pl.exceptions.PolarsError, pa.ArrowException, OSError, EOFError)
+"""What parquet readers raise on a part whose bytes are not the table they claim to be (a
+truncated file, invalid UTF-8 in a string column, a bad footer). FileNotFoundError and the other
+file-system errors are OSErrors too; they pass through unchanged."""
+
+
+@contextmanager
+def reading(url: str) -> Iterator[None]:
+    """Turn a parquet reader's error into ShardError naming the table (`with reading(url):`
+    around code that collects a `scan` of it); file-system errors pass through."""
+    try:
+        yield
+    except READ_ERRORS as e:
+        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError,
+                          NotADirectoryError)):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ShardError(f"{url}: unreadable table ({type(e).__name__}: {first})") from None
+
+
 def scan(
     url: str, storage_options: dict[str, Any] | None = None, check: bool = True,
 ) -> pl.LazyFrame:
-    """A polars LazyFrame over exactly the manifest's files (checksums verified if `check`)."""
+    """A polars LazyFrame over exactly the manifest's files (checksums verified if `check`, and
+    each part's Parquet footer read: a truncated part is refused here, naming it). Collect it
+    `with reading(url):` to get a ShardError for bad content (e.g. invalid UTF-8)."""
     manifest = read_manifest(url, storage_options)
     if check:
         verify(manifest, storage_options)
     folder = Folder(manifest.url, storage_options)
+    if check:
+        for entry in manifest.files:
+            with reading(f"{manifest.url}/{entry['path']}"):
+                if folder.is_local:
+                    meta = pq.read_metadata(folder.path(entry["path"]))
+                else:
+                    with folder.fs.open(folder.path(entry["path"]), "rb") as f:
+                        meta = pq.read_metadata(f)
+            _check_rows(manifest, entry, meta.num_rows)
     paths = [folder.path(f["path"]) for f in manifest.files]
     if not paths:
         return pl.from_arrow(empty_table(manifest.table)).lazy()
@@ -406,12 +448,18 @@ def read_arrow(
                 pending.append((entry, hashing.submit(_sha256, buf)))
             try:
                 tables.append(pq.read_table(pa.BufferReader(buf)))
+                tables[-1].validate(full=True)  # e.g. invalid UTF-8 in a string column
             except (pa.ArrowInvalid, OSError) as e:
                 for done, future in pending:  # a checksum error explains a broken file best
                     _check_digest(manifest, done, future.result())
-                raise ShardError(f"{manifest.url}: unreadable Parquet part ({e})") from None
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                raise ShardError(f"{manifest.url}/{entry['path']}: unreadable Parquet part "
+                                 f"({first})") from None
         for entry, future in pending:
             _check_digest(manifest, entry, future.result())
+    if check:  # after the checksums: a replaced file is explained best by its checksum
+        for entry, table in zip(manifest.files, tables, strict=True):
+            _check_rows(manifest, entry, table.num_rows)
     return pa.concat_tables(tables)
 
 
@@ -425,7 +473,17 @@ def read_batches(
     for entry in manifest.files:
         path = folder.path(entry["path"])
         with folder.fs.open(path, "rb") if not folder.is_local else nullcontext(path) as source:
-            yield from pq.ParquetFile(source).iter_batches(batch_size=batch_rows)
+            batches = iter(())
+            with reading(f"{manifest.url}/{entry['path']}"):
+                batches = pq.ParquetFile(source).iter_batches(batch_size=batch_rows)
+            while True:
+                with reading(f"{manifest.url}/{entry['path']}"):
+                    batch = next(batches, None)
+                    if batch is not None:
+                        batch.validate(full=True)  # e.g. invalid UTF-8 in a string column
+                if batch is None:
+                    break
+                yield batch
 
 
 def _part_buffer(folder: Folder, name: str) -> pa.Buffer:

@@ -177,7 +177,7 @@ def test_corrupted_parquet_with_matching_checksum_is_named_unreadable(tmp_path):
     data[-12:-8] = b"\xff\xff\xff\x7f"  # footer length: garbage
     path.write_bytes(bytes(data))
     edit_manifest(url, files=lambda b: b["files"][0].update(sha256=Folder(url).sha256(path.name)))
-    with pytest.raises(ShardError, match=r"t: unreadable Parquet part"):
+    with pytest.raises(ShardError, match=r"t/part-00000-of-00001.parquet: unreadable Parquet part"):
         read_arrow(url)
 
 
@@ -503,8 +503,8 @@ class _Teacher(http.server.BaseHTTPRequestHandler):
 
 @pytest.mark.parametrize("mode", ["500", "timeout", "flaky"])
 def test_teacher_errors_keep_every_row_with_a_status(tmp_path, tok, tok_dir, mode):
-    """Failed teacher calls give `teacher_error` rows (the teacher stops calling an endpoint
-    that failed twice in a row, so later rows may fail without a call); a 500 that a retry
+    """Failed teacher calls give `teacher_error` rows (one request per batch here: a batch whose
+    every row fails stops the stage, tests/hostile/test_remote_engines.py); a 500 that a retry
     cures gives every row its verdict."""
     from pipelines.stages.correct import CorrectConfig, run
 
@@ -519,7 +519,7 @@ def test_teacher_errors_keep_every_row_with_a_status(tmp_path, tok, tok_dir, mod
         cfg = CorrectConfig(
             scored=str(tmp_path / "s"), out=str(tmp_path / "c"),
             teacher=f"openai:http://127.0.0.1:{server.server_port}/v1#tiny",
-            template="raw", seed=5, require_correct=False,
+            template="raw", seed=5, require_correct=False, batch_size=1,
             engine_options={"tokenizer": str(tok_dir), "max_retries": 1, "backoff": 0.01,
                             "timeout": 0.5, "max_concurrency": 4},
         )

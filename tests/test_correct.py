@@ -411,19 +411,31 @@ def random_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_openai_teacher_errors_are_row_statuses(scored: tuple[str, list[dict]], tmp_path: Path,
                                                 random_teacher: Path) -> None:
-    """An endpoint that returns empty text, times out, or stays down (503): row statuses."""
+    """An endpoint that returns empty text: row statuses. One that times out or stays down
+    (503) on every call: the stage stops with one line and writes nothing (the failures are
+    transient: a rerun retries, tests/hostile/test_remote_engines.py)."""
+    from scope_data.shards import ShardError, read_manifest
+
     url, rows = scored
     tiny_teacher = random_teacher
     n = len({r["problem_id"] for r in rows})
     for mode, status in (("empty", "empty_response"), ("slow", "teacher_error"),
                          ("down", "teacher_error")):
         server = CompletionsServer(tiny_teacher, mode)
+        cfg = CorrectConfig(scored=url, out=str(tmp_path / mode), max_new_tokens=8,
+                            teacher=f"openai:{server.url}#{tiny_teacher}",
+                            cache_dir=str(tmp_path / f"{mode}-cache"),  # no earlier replies
+                            engine_options={"timeout": 1.0 if mode == "slow" else 60.0,
+                                            "max_retries": 1, "backoff": 0.01})
         try:
-            run(CorrectConfig(scored=url, out=str(tmp_path / mode), max_new_tokens=8,
-                              teacher=f"openai:{server.url}#{tiny_teacher}",
-                              cache_dir=str(tmp_path / f"{mode}-cache"),  # no earlier replies
-                              engine_options={"timeout": 1.0 if mode == "slow" else 60.0,
-                                              "max_retries": 1, "backoff": 0.01}))
+            if status == "teacher_error":
+                with pytest.raises(RuntimeError, match=f"failed on all {n} rollouts it was "
+                                                       "asked to correct in part 0"):
+                    run(cfg)
+                with pytest.raises(ShardError, match="no manifest"):
+                    read_manifest(str(tmp_path / mode))
+                continue
+            run(cfg)
         finally:
             server.close()
         df = read(str(tmp_path / mode))

@@ -22,7 +22,8 @@ PROMPTS = ["Mod 10. Start with 1. Add 3.", "Mod 10. Start with 5. Add 3. Multipl
 class CompletionsServer:
     """`POST /v1/completions` with token-id prompts, answered by an hf engine (vLLM's fields).
 
-    `fail_next` requests get HTTP 503 first; `plain=True` omits token ids (a non-vLLM server).
+    `fail_next` requests get HTTP 503 first; `plain=True` omits token ids (a non-vLLM server);
+    `tamper(reply)`, when set, edits each reply before it is sent (a hostile server).
     """
 
     def __init__(self, engine, model_name: str):
@@ -30,6 +31,7 @@ class CompletionsServer:
         self.hits = 0
         self.fail_next = 0
         self.plain = False
+        self.tamper = None
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -72,7 +74,10 @@ class CompletionsServer:
             else:
                 c["token_ids"] = r.token_ids
             choices.append(c)
-        return 200, {"id": "cmpl-test", "object": "text_completion", "choices": choices}
+        reply = {"id": "cmpl-test", "object": "text_completion", "choices": choices}
+        if self.tamper is not None:
+            self.tamper(reply)
+        return 200, reply
 
     def close(self):
         self.httpd.shutdown()

@@ -16,8 +16,12 @@ else they are NaN: such rows need the trainer to recompute old log-probs).
 Requests run on a thread pool (`max_concurrency` in flight). HTTP 429/5xx, timeouts and refused
 connections are retried with exponential backoff (`backoff * 2**k` seconds, `max_retries`
 retries); after the last one a RuntimeError names the URL and the last status. Other 4xx fail at
-once. Every successful response is stored in `cache_dir` as `<sha256 of the payload>.json`, so a
-rerun re-sends nothing that already succeeded.
+once. The endpoint is not trusted: a reply is checked before it is used or cached (`n` choices
+with distinct integer `index` 0..n-1, text a string, token ids integers in [0, vocabulary size),
+log-probs numbers <= 1e-4 and not NaN/inf; null stays NaN); an invalid reply is a RuntimeError
+naming the URL and the first bad value, never a row. Every valid response is stored in
+`cache_dir` as `<sha256 of the payload>.json`, so a rerun re-sends nothing that already
+succeeded.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import time
 import urllib.error
@@ -38,6 +43,7 @@ from pipelines.engines.spec import EngineSpec, load_tokenizer, resolve
 from scope_data.hashing import canonical_json, sha256_hex
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+LOGPROB_SLACK = 1e-4  # a log-prob above this is not a probability's log (rounding aside)
 
 
 def default_cache_dir(out: str) -> str:
@@ -106,16 +112,66 @@ class OpenAIGenerationEngine:
         return [[self._result(c) for c in sorted(b["choices"], key=lambda c: c["index"])]
                 for b in bodies]
 
+    def check_reply(self, body: Any, n: int) -> str | None:
+        """Why a completions reply cannot be used (None when it can): see the module doc."""
+        if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
+            return "no 'choices' list"
+        choices = body["choices"]
+        if len(choices) != n:
+            return f"{len(choices)} choices, expected {n}"
+        vocab = len(self.tokenizer)
+        indices = []
+        for i, c in enumerate(choices):
+            if not isinstance(c, dict):
+                return f"choice {i} is not an object"
+            index = c.get("index")
+            if isinstance(index, bool) or not isinstance(index, int):
+                return f"choice {i} has no integer 'index' (got {index!r:.40})"
+            indices.append(index)
+            if not isinstance(c.get("text") or "", str):
+                return f"choice {i}: 'text' is not a string"
+            lp = c.get("logprobs") or {}
+            if not isinstance(lp, dict) or not isinstance(lp.get("token_logprobs") or [], list):
+                return f"choice {i}: 'logprobs' is not an object with a token_logprobs list"
+            for x in lp.get("token_logprobs") or []:
+                if x is not None and (isinstance(x, bool) or not isinstance(x, (int, float))
+                                      or not -math.inf < x <= LOGPROB_SLACK):
+                    return f"choice {i}: log-prob {x!r:.40} is not a number <= 0"
+            ids = c.get("token_ids")
+            if ids is not None:
+                if not isinstance(ids, list):
+                    return f"choice {i}: 'token_ids' is not a list"
+                for t in ids:
+                    if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                        return (f"choice {i}: token id {t!r:.40} is outside the policy "
+                                f"vocabulary [0, {vocab})")
+            tokens = lp.get("tokens")
+            if tokens is not None and not isinstance(tokens, list):
+                return f"choice {i}: logprobs 'tokens' is not a list"
+            for t in tokens or []:
+                if (m := re.fullmatch(r"token_id:(-?\d+)", str(t))) and not 0 <= int(
+                        m.group(1)) < vocab:
+                    return f"choice {i}: {t!r:.40} is outside the policy vocabulary [0, {vocab})"
+        if sorted(indices) != list(range(n)):
+            return f"choice indices {sorted(indices)[:8]} are not 0..{n - 1}"
+        return None
+
     # -- one request ---------------------------------------------------------------------
     def _complete(self, payload: dict[str, Any]) -> dict[str, Any]:
         key = sha256_hex(canonical_json(payload))
         cached = self.cache_dir / f"{key}.json" if self.cache_dir else None
         if cached is not None and cached.is_file():
-            return json.loads(cached.read_text())
+            try:
+                body = json.loads(cached.read_text())
+            except ValueError:
+                body = None
+            if self.check_reply(body, payload["n"]) is None:
+                return body
         body = self._post("/completions", payload)
-        if len(body.get("choices", [])) != payload["n"]:
-            raise RuntimeError(f"openai engine: {self.base_url}/completions returned "
-                               f"{len(body.get('choices', []))} choices, expected {payload['n']}")
+        problem = self.check_reply(body, payload["n"])
+        if problem is not None:
+            raise RuntimeError(f"openai engine: {self.base_url}/completions returned an invalid "
+                               f"reply: {problem}")
         if cached is not None:
             _write_atomic(cached, json.dumps(body))
         return body
@@ -153,7 +209,7 @@ class OpenAIGenerationEngine:
         logprobs = [float("nan") if x is None else float(x) for x in lp.get("token_logprobs") or []]
         ids = choice.get("token_ids")
         if ids is None and lp.get("tokens") and all(
-            str(t).startswith("token_id:") for t in lp["tokens"]
+            re.fullmatch(r"token_id:\d+", str(t)) for t in lp["tokens"]
         ):
             ids = [int(str(t).split(":", 1)[1]) for t in lp["tokens"]]
         if ids is None:  # plain OpenAI-compatible server: re-tokenise with the policy tokenizer

@@ -2,8 +2,9 @@
 
 Every teacher answers ``continue_batch(items) -> [TeacherOutput(text, status, ...)]``: the
 SUFFIX text that follows ``item.prefix_text`` (the policy's kept steps, decoded), one output per
-item, never raising for a bad item. Statuses: ``ok``, ``teacher_error`` (the engine failed or
-timed out, the prompt did not fit, the oracle could not continue), ``empty_response`` (blank
+item, never raising for a bad item. Statuses: ``ok``, ``teacher_error`` (the engine failed, timed
+out or sent an invalid reply: ``retryable``, a rerun asks again; or, for good, the prompt did not
+fit, the oracle could not continue), ``empty_response`` (blank
 text), ``no_reference`` (the ``reference`` teacher and a problem without a usable solution).
 
 - ``hf:``/``vllm:``/``openai:`` (:class:`EngineTeacher`): the problem is rendered with the
@@ -48,6 +49,7 @@ class TeacherOutput:
     status: str = "ok"
     finish_reason: str = "stop"
     detail: str = ""
+    retryable: bool = False  # a transient failure (engine down, invalid reply): ask again later
 
 
 class Teacher(Protocol):
@@ -220,12 +222,14 @@ class EngineTeacher:
 
     def _error(self, e: Exception) -> TeacherOutput:
         logger.warning("teacher %s failed: %s", self.name, e)
-        return TeacherOutput("", "teacher_error", "error", f"{type(e).__name__}: {e}")
+        return TeacherOutput("", "teacher_error", "error", f"{type(e).__name__}: {e}",
+                             retryable=True)
 
     @staticmethod
     def _output(result: Any) -> TeacherOutput:
         if result.finish_reason == "error":
-            return TeacherOutput(result.text, "teacher_error", "error", "engine error")
+            return TeacherOutput(result.text, "teacher_error", "error", "engine error",
+                                 retryable=True)
         return _checked(result.text, result.finish_reason)
 
     def close(self) -> None:

@@ -33,10 +33,14 @@ from scope_data.shards import (
     add_stats,
     read_batches,
     read_manifest,
+    reading,
     scan,
 )
 from scope_data.validate import check_table
 
+RETRYABLE_ROWS = "retryable_rows"
+"""A part's stat: rows that failed for a reason that may pass (a remote engine down). A part
+holding any is done for the manifest, but a rerun of the stage processes it again."""
 ProcessFn = Callable[[pa.Table, int], tuple[pa.Table, dict[str, Any]]]
 BATCH_ROWS = 4096
 """Input rows per `process` call (generate: 4096 problems, so the n requests of each problem
@@ -168,6 +172,17 @@ def _whole_problems(rows: Iterator[pa.RecordBatch], batch_rows: int) -> Iterator
         yield pa.Table.from_batches(pending)
 
 
+def _guarded(batches: Iterator[pa.Table], url: str) -> Iterator[pa.Table]:
+    """`batches`, with reader errors raised while producing them (the polars reads that pick
+    the shard's rows, the Parquet reads) named as `url`'s; `process` is not guarded."""
+    while True:
+        with reading(url):
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch
+
+
 def run_stage(
     *,
     input_url: str,
@@ -199,7 +214,8 @@ def run_stage(
     upstream = read_manifest(input_url, storage_options)
     full_config = {**config, "input": upstream.content_hash, "num_shards": num_shards}
     store = TableStore(output_url, output_table, storage_options)
-    check_input_columns(input_url, upstream.table, scan(input_url, storage_options))
+    with reading(input_url):
+        check_input_columns(input_url, upstream.table, scan(input_url, storage_options))
     if _PLANNING.get():
         raise _Planned([k for k in range(num_shards)
                         if not store.part_done(k, num_shards, full_config)])
@@ -210,7 +226,8 @@ def run_stage(
     stats: dict[str, Any] = {}
     try:
         for k in shards:
-            if store.part_done(k, num_shards, full_config):
+            retry = store.part_done(k, num_shards, full_config)
+            if retry and not store.part_stats(k, num_shards).get(RETRYABLE_ROWS):
                 skipped += 1
                 continue
             where = f"{input_url} (rows of part {k})"
@@ -218,12 +235,19 @@ def run_stage(
             def run(rows: pa.Table, k: int = k, where: str = where) -> tuple[pa.Table, dict]:
                 rows = conform(upstream.table, rows, where)
                 validate(upstream.table, rows, where)
-                return process(rows, k)
+                try:
+                    return process(rows, k)
+                except ValueError as e:  # about the rows (a bad value): say which table holds them
+                    if e.args and isinstance(e.args[0], str) and input_url not in e.args[0]:
+                        e.args = (f"{where}: {e.args[0]}", *e.args[1:])
+                    raise
 
-            batches = input_batches(upstream, k, num_shards, batch_rows, storage_options, limit,
-                                    problem_ids)
+            batches = _guarded(input_batches(upstream, k, num_shards, batch_rows,
+                                             storage_options, limit, problem_ids), input_url)
             results = map(run, batches)
-            first = next(results)  # failing on its first rows: the folder is left untouched
+            first = next(results)  # a stage failing on its first rows leaves the folder untouched
+            if retry:  # the part changes: the table is unfinished until finalized again
+                store.unfinalize()
             part_stats: dict[str, Any] = {}
             with store.part_writer(k, num_shards, full_config, part_stats) as out:
                 for table, batch_stats in itertools.chain([first], results):

@@ -138,6 +138,54 @@ def _typed(where: str, key: str, value: Any, kind: type | tuple[type, ...]) -> A
     return value
 
 
+INT_RANGE = 1 << 63  # integers are stored as int64 columns and JSON numbers
+
+
+def typed_options(cls: Any, options: dict[str, Any], where: str) -> dict[str, Any]:
+    """`options` checked against the parameter types of `cls` (a dataclass or a function) with
+    pydantic, strictly: a bool is not an int, 2.9 is not an int, "4" is not a number (an int may
+    be a float, a list a tuple); integers stay within int64. ValueError names the option."""
+    import inspect
+    import json
+    import typing
+
+    import pydantic
+
+    hints = typing.get_type_hints(cls)
+    known = set(inspect.signature(cls).parameters)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown option(s) {unknown}; valid: {', '.join(sorted(known))}")
+    strict = pydantic.ConfigDict(strict=True)
+    out = {}
+    for name, value in options.items():
+        hint = hints.get(name, Any)
+        try:
+            text = json.dumps(value, allow_nan=True)
+            out[name] = pydantic.TypeAdapter(hint, config=strict).validate_json(text)
+        except (TypeError, ValueError) as e:  # pydantic.ValidationError is a ValueError
+            reason = e.errors()[0]["msg"] if isinstance(e, pydantic.ValidationError) else str(e)
+            raise ValueError(f"{where}: option {name} must be {_type_name(hint)}, got "
+                             f"{type(value).__name__} {value!r:.80} ({reason})") from None
+        _check_int_range(where, name, out[name])
+    return out
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _check_int_range(where: str, name: str, value: Any) -> None:
+    values = value.values() if isinstance(value, dict) else value if isinstance(
+        value, (list, tuple)) else [value]
+    for v in values:
+        if isinstance(v, (list, tuple, dict)):
+            _check_int_range(where, name, v)
+        elif isinstance(v, int) and not isinstance(v, bool) and not -INT_RANGE <= v < INT_RANGE:
+            raise ValueError(f"{where}: option {name} holds {v!r:.40}, outside the 64-bit "
+                             "integer range")
+
+
 def recipe_from_dict(body: dict[str, Any], source: str | None = None) -> Recipe:
     where = source or "recipe"
     unknown = sorted(set(body) - set(KNOWN))
@@ -155,6 +203,8 @@ def recipe_from_dict(body: dict[str, Any], source: str | None = None) -> Recipe:
                       ("teacher", str), ("seed", int), ("rounds", int)):
         if key in body:
             _typed(where, key, body[key], kind)
+    if not 0 <= body["seed"] < INT_RANGE:
+        raise ValueError(f"{where}: seed must be in [0, 2**63), got {body['seed']!r:.40}")
     if body["rounds"] < 1:
         raise ValueError(f"{where}: rounds must be >= 1, got {body['rounds']}")
     base = Path(source).parent if source else Path.cwd()
@@ -214,9 +264,15 @@ def _problem_source(entry: Any, base: Path, where: str) -> dict[str, Any]:
     if not isinstance(entry, dict) or ("path" in entry) == ("arith" in entry):
         raise ValueError(f"{where}: give exactly one of `path: TABLE` or `arith: {{count, seed}}`")
     entry = dict(entry)
+    for key in ("path", "name"):
+        if key in entry and not isinstance(entry[key], str):
+            raise ValueError(f"{where}: {key} must be str, got {type(entry[key]).__name__} "
+                             f"{entry[key]!r:.60}")
     if "path" in entry and "://" not in str(entry["path"]):
         entry["path"] = str((base / str(entry["path"])).expanduser())
     if "arith" in entry:
+        if not isinstance(entry["arith"] or {}, dict):
+            raise ValueError(f"{where}: arith must be a mapping of options (count, seed, ...)")
         opts = dict(entry["arith"] or {})
         if "count" not in opts:
             raise ValueError(f"{where}: arith problems need a count")

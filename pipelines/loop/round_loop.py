@@ -134,6 +134,8 @@ class _Runner:
         if plan:
             self.plan.append((name.split("-")[0] if where != "problems" else "problems", cfg))
         if self.dry_run:
+            if callable(check := getattr(cfg, "check", None)):
+                check()  # option values (NaN, ranges) are refused before anything runs
             return digest
         marker = self.run_dir / where / "_stages" / f"{name}.json"
         self.markers[digest] = marker
@@ -199,6 +201,9 @@ def run(cfg: RunConfig, runner: _Runner | None = None, max_staleness: int = 0) -
     run_dir = Path(cfg.out).expanduser().resolve()
     if runner is None:
         if not cfg.dry_run:
+            # every stage's config of every round is built and checked first: a bad option fails
+            # the run before its first stage writes anything
+            run(dataclasses.replace(cfg, recipe=recipe, dry_run=True))
             _check_run_dir(run_dir, recipe, cfg.resume)
             stages.tracker(recipe, run_dir)  # an unknown or missing tracker fails before a stage
         runner = _Runner(run_dir, cfg.resume, cfg.dry_run, cfg.verbose)

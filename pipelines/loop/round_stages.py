@@ -17,7 +17,7 @@ from typing import Any
 import polars as pl
 
 from pipelines.config import identity, option
-from pipelines.loop.recipe import Recipe
+from pipelines.loop.recipe import Recipe, typed_options
 from scope_data.algos import get_algo
 
 
@@ -34,6 +34,7 @@ def make_config(cls: type, options: dict[str, Any], where: str, loop_keys: tuple
     clash = sorted(set(options) & set(fixed))
     if clash:
         raise ValueError(f"recipe {where}: option(s) {clash} are set by the round loop")
+    options = typed_options(cls, options, f"recipe {where}")
     return cls(**{k: v for k, v in fixed.items() if k in names}, **options)
 
 
@@ -44,9 +45,10 @@ def initial_policy(recipe: Recipe, dry_run: bool = False) -> str:
         return recipe.policy
     from pipelines.tiny import policy as tiny
 
+    options = typed_options(tiny.build_tiny_policy, recipe.tiny, "recipe tiny")
     if dry_run:
         return "hf:TINY_POLICY"  # `scope tiny-policy --out TINY_POLICY` builds it
-    return f"hf:{tiny.build_tiny_policy(**recipe.tiny)}"
+    return f"hf:{tiny.build_tiny_policy(**options)}"
 
 
 # -- problems -------------------------------------------------------------------------------
@@ -71,8 +73,6 @@ def problems_config(entry: dict[str, Any], out: str, exclude_from: str | None = 
     if "path" in entry:
         return entry["path"]
     opts = dict(entry["arith"])
-    if "steps" in opts:
-        opts["steps"] = tuple(opts["steps"])
     return make_config(ProblemsConfig, opts, "problems", out=out, exclude_from=exclude_from)
 
 

@@ -19,6 +19,12 @@ PRM runs; its rows get no steps, ``prm=""``, threshold NaN, ``score_status="not_
   ``truncated``: the suffix was cut to fit). With ``require_correct`` off, corrections whose
   answer is wrong are written too, as ``rejected_wrong``.
 
+A teacher failure that may pass (the engine down or timing out, an invalid reply) is
+retryable: the part records how many rows had one (`retryable_rows`) and a rerun of the same
+command corrects that part again (the openai request cache re-sends only what failed). When
+every rollout a batch asked the teacher for failed that way, the stage stops with one line and
+writes nothing for the part (exit 1; a rerun retries).
+
 A corrected row keeps the source's problem/prompt columns and sampling temperature/top_p (they
 describe the on-policy prefix); ``seed`` is the teacher's; ``behaviour_logprobs`` are the
 prefix's followed by NaN (off-policy tokens); ``steps`` holds the kept prefix steps only, with
@@ -50,7 +56,7 @@ from pipelines.engines.openai_engine import default_cache_dir
 from pipelines.engines.spec import load_tokenizer, parse_spec, policy_tokenizer_path
 from pipelines.engines.teachers import Teacher, TeacherItem, TeacherOutput, load_teacher
 from pipelines.executors.base import EXECUTION_HELP, ExecutorOptions, sharded
-from pipelines.executors.shard_executor import StageResult, run_stage
+from pipelines.executors.shard_executor import RETRYABLE_ROWS, StageResult, run_stage
 from scope_data.algos import CORRECTION_MODES, mode_needs_scores
 from scope_data.correction import (
     CORRECTED_ROW_STATUSES,
@@ -170,6 +176,7 @@ class _Corrector:
         self.teacher: Teacher | None = None
         self.tokenizer: Any = None
         self.teacher_name = cfg.teacher
+        self.last_outputs: dict[str, TeacherOutput] = {}  # rollout_id -> its last teacher output
 
     def load(self, policies: list[str]) -> None:
         if self.tokenizer is None:
@@ -246,6 +253,12 @@ class _Corrector:
                 except CorrectionError as e:  # a bad row is kept with a status, never fatal
                     mismatched[r["rollout_id"]] = str(e)
             corrections, attempts_used = self.correct_all(asked, items)
+        retry = {rid: out.detail for rid, out in self.last_outputs.items() if out.retryable}
+        if retry and len(retry) == len(self.last_outputs):
+            raise RuntimeError(
+                f"teacher {self.teacher_name} failed on all {len(retry)} rollouts it was asked "
+                f"to correct in part {shard_index} (last error: {next(iter(retry.values()))}); "
+                "nothing written for this part; rerun the same command to retry")
         # every input row with its selection, or the outcome of its correction where it had one
         outcome = {**{rid: PREFIX_MISMATCH for rid in mismatched},
                    **{rid: c["correct_status"] for rid, c in corrections.items()}}
@@ -261,6 +274,7 @@ class _Corrector:
         table = corrected_table(rows, status, written)
         stats = self.stats(frame, status, table, attempts_used)
         return table, {**stats, "eligible": eligible, "attempted": len(chosen) - len(mismatched),
+                       RETRYABLE_ROWS: len(retry),
                        **({"prefix_mismatch_examples": list(mismatched.values())[:3]}
                           if mismatched else {})}
 
@@ -280,6 +294,7 @@ class _Corrector:
         cfg, teacher = self.cfg, self.teacher
         assert teacher is not None
         result: dict[str, dict[str, Any]] = {}
+        self.last_outputs = {}
         pending = list(range(len(items)))
         used = 0
         with progress() as bar:
@@ -292,6 +307,7 @@ class _Corrector:
                     outputs = teacher.continue_batch([items[i] for i in batch])
                     used += len(batch)
                     for i, out in zip(batch, outputs, strict=True):
+                        self.last_outputs[rows[i]["rollout_id"]] = out
                         result[rows[i]["rollout_id"]] = self.corrected_row(
                             rows[i], items[i], out, attempt
                         )
@@ -371,6 +387,8 @@ def summary_rows(stats: dict[str, Any]) -> list[tuple[str, Any]]:
         ("groups with zero correct", stats.get("groups_all_failed", 0)),
         ("rescued groups", stats.get("groups_rescued", 0)),
         ("correct_status", stats.get("correct_status", {})),
+        *([("teacher failures to retry (rerun)", stats[RETRYABLE_ROWS])]
+          if stats.get(RETRYABLE_ROWS) else []),
     ]
 
 

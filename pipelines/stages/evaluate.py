@@ -68,6 +68,15 @@ class EvalConfig:
     tensor_parallel_size: int = option(1, help="vllm tensor parallelism", identity=False)
     storage_options: dict[str, Any] | None = storage_options_field()
 
+    def check(self) -> None:
+        """ValueError naming the first bad option (the generation ones as `scope generate`)."""
+        if self.n < 1:
+            raise ValueError(f"--n must be >= 1, got {self.n}")
+        if self.diversity_tokens not in ("word", "char"):
+            raise ValueError("--diversity-tokens must be word or char, got "
+                             f"{self.diversity_tokens!r}")
+        generate_config(self).check()
+
 
 @dataclass
 class EvalResult:
@@ -162,10 +171,7 @@ def run(cfg: EvalConfig, quiet: bool = False) -> EvalResult:
     from pipelines.stages import generate
     from scope_data.shards import scan
 
-    if cfg.n < 1:
-        raise ValueError(f"--n must be >= 1, got {cfg.n}")
-    if cfg.diversity_tokens not in ("word", "char"):
-        raise ValueError(f"--diversity-tokens must be word or char, got {cfg.diversity_tokens!r}")
+    cfg.check()
     from scope_data.hashing import config_hash
     from scope_data.ownership import claim_plain_folder
 

@@ -117,6 +117,10 @@ def token_offsets(tok: Any, text: str, token_ids: list[int], rollout_id: str
                 start, end = next(it)
                 out.append((int(start), int(end)))
         return out
+    vocab = len(tok)
+    if bad := next((t for t in token_ids if not 0 <= t < vocab), None):
+        raise ValueError(f"rollout {rollout_id}: response_token_ids hold {bad}, outside the "
+                         f"policy vocabulary [0, {vocab})")
     out, end = [], 0
     for k in range(len(token_ids)):
         prefix = tok.decode(token_ids[: k + 1], skip_special_tokens=True)

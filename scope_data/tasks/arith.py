@@ -125,6 +125,10 @@ def parse_prompt(prompt: str) -> ArithProblem:
         raise ValueError(f"invalid arith prompt {text!r}: {exc}") from None
 
 
+MAX_STEPS = 1000  # operations per problem: bounds on generation inputs (huge values would hang)
+MAX_MODULUS = 1 << 62
+
+
 def generate_problems(
     count: int,
     seed: int,
@@ -138,8 +142,10 @@ def generate_problems(
     ``modulus - 1``). The same arguments always give the same list.
     """
     lo, hi = steps
-    if not 1 <= lo <= hi:
-        raise ValueError(f"steps must satisfy 1 <= min <= max, got {steps}")
+    if not 1 <= lo <= hi <= MAX_STEPS:
+        raise ValueError(f"steps must satisfy 1 <= min <= max <= {MAX_STEPS}, got {steps}")
+    if not 2 <= modulus <= MAX_MODULUS:
+        raise ValueError(f"modulus must be in [2, {MAX_MODULUS}], got {modulus}")
     top = modulus - 1 if max_operand is None else max_operand
     if top < 0:
         raise ValueError(f"max_operand must be >= 0, got {max_operand}")
