@@ -164,6 +164,7 @@ def launch(cfg: round_loop.RunConfig, max_restarts: int = 2) -> round_loop.RunRe
     recipe, rounds = round_loop.resolve_rounds(cfg)
     check_online(recipe)
     run_dir = Path(cfg.out).expanduser().resolve()
+    round_loop.run(replace(cfg, recipe=recipe, dry_run=True))  # every stage config checked first
     round_loop._check_run_dir(run_dir, recipe, cfg.resume)
     t0 = time.monotonic()
     # the problem sets (and the plan's hashes) first, in this process
