@@ -81,9 +81,7 @@ def test_generate_with_a_hostile_endpoint_exits_1_with_one_line_and_writes_nothi
     monkeypatch.setenv("SCOPE_CACHE", str(tmp_path / "cache"))
     root, model, hf, server = served
     write_problems(str(tmp_path / "problems"), n=2)
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "mine.txt").write_text("not scope's")
-    before = snapshot(tmp_path / "out"), snapshot(tmp_path / "problems")
+    before = snapshot(tmp_path / "out"), snapshot(tmp_path / "problems")  # out: new, no files
     args = ["generate", "--problems", str(tmp_path / "problems"), "--out", str(tmp_path / "out"),
             "--policy", f"openai:{server.url}#tiny", "--tokenizer", str(model), "--n", "2",
             "--max-new-tokens", "8"]
@@ -102,7 +100,6 @@ def test_generate_with_a_hostile_endpoint_exits_1_with_one_line_and_writes_nothi
     assert result.exit_code == 0, result.output
     rows = read_arrow(str(tmp_path / "out")).to_pylist()
     assert len(rows) == 4 and all(-5 not in r["response_token_ids"] for r in rows)
-    assert (tmp_path / "out" / "mine.txt").read_text() == "not scope's"
 
 
 class _Counting(_Teacher):
