@@ -418,12 +418,13 @@ def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = Non
             raise ValueError("resume_from: carried optimizer state needs one process or DDP "
                              "(DeepSpeed and FSDP states are sharded); train without it")
         with tracker:  # the Trainer's integrations log into the folder's tracker run
-            trainer.train()
+            seconds = trainer.train().metrics.get("train_runtime", 0.0)
         if not all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters()):
             raise NonFiniteLossError(f"weights became NaN/inf by step {trainer.state.global_step}"
                                      "; nothing was saved")
         metrics = pl.DataFrame(trainer.metric_rows)
         summary = _summary(metrics, dataset, stats or {}, cfg.old_logprobs == "recompute")
+        summary["train_seconds"] = round(float(seconds), 3)  # the optimizer steps' wall time
         _save(trainer, cfg, out, metrics, summary, inputs or [], versions())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
