@@ -101,7 +101,8 @@ def test_openai_policy_table_is_scored_and_corrected(tmp_path: Path, policy_dir:
 
 
 def test_train_checks_the_correction_mode(tables: tuple[str, str], tmp_path: Path) -> None:
-    from pipelines.training.train import TrainConfig, load_rows
+    from pipelines.training.inputs import load_rows
+    from pipelines.training.train import TrainConfig
 
     scored, rollouts = tables
     for mode, src in (("luffy", rollouts), ("scope", scored)):

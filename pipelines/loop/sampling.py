@@ -67,7 +67,7 @@ def first_batch(run_dir: Path, r: int) -> int:
 def judge(tcfg: Any, table: str, k: int) -> pl.DataFrame:
     """Groups of one batch's training table (columns of `filter_groups` plus rollouts and
     generated tokens of its policy rows), judged by the trainer's own assembly."""
-    from pipelines.training.train import assemble_frame
+    from pipelines.training.inputs import assemble_frame
     from scope_data.shards import read_arrow, read_manifest
 
     df = pl.from_arrow(read_arrow(table))
