@@ -43,6 +43,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -60,6 +61,9 @@ from scope_data.algos import get_algo
 from scope_data.hashing import config_hash
 
 METRICS_FILE = "metrics.parquet"
+# what a run folder holds (anything else is someone else's: `scope run` refuses the folder)
+RUN_ENTRY = re.compile(r"recipe\.json|metrics\.parquet|\.metrics\.parquet\.tmp|problems|"
+                       r"round-\d{4}|logs|tracking|\.train\.lock")
 
 
 @dataclass
@@ -283,6 +287,15 @@ def _check_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
         raise FileExistsError(
             f"{run_dir} already holds a run; pass --resume to continue it, or choose a new --out"
         )
+    foreign = sorted(p.name for p in run_dir.iterdir()
+                     if not RUN_ENTRY.fullmatch(p.name)) if run_dir.is_dir() else []
+    if foreign:
+        from pipelines.console import printable
+
+        raise FileExistsError(
+            f"{run_dir} holds files `scope run` did not write ({printable(', '.join(foreign[:3]))}"
+            f"{', ...' if len(foreign) > 3 else ''}); a run writes only into a new folder or its "
+            "own run folder: choose a new --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
 

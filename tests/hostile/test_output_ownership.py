@@ -187,3 +187,17 @@ def test_commit_refuses_when_another_config_claimed_meanwhile(tmp_path):
     with pytest.raises(OutputRefused, match="written with another config"):
         store.finalize(1, {"seed": 1})
     assert snapshot(tmp_path) == before and not (tmp_path / "t" / MANIFEST).exists()
+
+
+def test_run_refuses_a_folder_holding_files_it_did_not_write(tmp_path):
+    from pipelines.loop.recipe import recipe_from_dict
+    from pipelines.loop.round_loop import RunConfig, run
+    from tests.test_run import _recipe
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    with pytest.raises(FileExistsError, match=r"did not write \(notes.txt\)"):
+        run(RunConfig(recipe=recipe_from_dict(_recipe("hf:/models/p")), out=str(out)))
+    assert snapshot(out) == before
