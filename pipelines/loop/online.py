@@ -26,7 +26,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +132,6 @@ class _Worker:
     proc: subprocess.Popen | None = None
     restarts: int = 0
     done: bool = False
-    lines: list[str] = field(default_factory=list)
 
     def start(self, env: dict[str, str]) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
