@@ -63,28 +63,31 @@ def test_online_k0_equals_offline_and_survives_a_killed_worker(tmp_path, tiny_po
     assert set(online.workers) == {"generate", "score", "correct", "train", "eval"}
     assert all(w["restarts"] == 0 for w in online.workers.values())
 
-    # SIGKILL the train worker while it trains round 1: the launcher restarts it, the run
-    # completes with the same tables and weights
+    # SIGKILL the train worker while it trains round 1, then the generate worker once round 1
+    # is trained (it is loading round 2's policy or generating): the launcher restarts each,
+    # and the run completes with the same tables and weights
     out = tmp_path / "killed"
-    killed: list[int] = []
+    killed: dict[str, int] = {}
+    when = {"train": out / "round-0001" / "_stages" / "correct.json",
+            "generate": out / "round-0001" / "_stages" / "train.json"}
 
-    def kill_trainer() -> None:
-        deadline = time.time() + 600
-        log = out / "logs" / "train.log"
-        while time.time() < deadline and not killed:
-            if (out / "round-0001" / "_stages" / "correct.json").exists() and log.exists():
-                for pid in _worker_pids("train", out):
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
+    def kill_workers() -> None:
+        deadline = time.time() + 900
+        while time.time() < deadline and len(killed) < len(when):
+            for role, marker in when.items():
+                if role not in killed and marker.exists():
+                    for pid in _worker_pids(role, out):
+                        os.kill(pid, signal.SIGKILL)
+                        killed[role] = pid
             time.sleep(0.05)
 
-    t = threading.Thread(target=kill_trainer, daemon=True)
+    t = threading.Thread(target=kill_workers, daemon=True)
     t.start()
     again = run(RunConfig(recipe=str(recipe), out=str(out), verbose=False, online=True))
     t.join(5)
-    assert killed, "the train worker was never seen running"
-    assert again.workers["train"]["restarts"] == 1
-    assert "restart" in (out / "logs" / "train.log").read_text()
+    assert set(killed) == {"train", "generate"}, f"workers seen running: {killed}"
+    assert again.workers["train"]["restarts"] == again.workers["generate"]["restarts"] == 1
+    assert "restart 1" in (out / "logs" / "train.log").read_text()
     _same_run(tmp_path / "offline", out, 2)
 
 
