@@ -14,6 +14,7 @@ compute <= 5% of a round online.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -42,8 +43,8 @@ def recipe(engine: str, problems: int, rounds: int) -> dict:
     if engine == "vllm":
         vllm = {"dtype": "float32", "gpu_memory_utilization": 0.1, "max_model_len": 256,
                 "engine_kwargs": {"enforce_eager": True}}
-        body["generate"].update(vllm)
-        body["evaluate"].update(vllm)
+        for stage in ("generate", "evaluate"):  # copies: a shared dict would dump as a YAML alias
+            body[stage].update(copy.deepcopy(vllm))
     return body
 
 
