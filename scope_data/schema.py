@@ -141,19 +141,24 @@ def conform(table_name: str, table: pa.Table, where: str = "") -> pa.Table:
             raise SchemaError(f"{table_name}{place}: missing column {f.name!r} ({f.type})")
     try:
         return table.select(schema.names).cast(schema)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, ValueError) as e:
-        error = e
-    for f in schema:  # name the first column at fault
+    except CAST_ERRORS as e:
+        raise SchemaError(f"{table_name}{place}: {_cast_fault(schema, table, e)}") from None
+
+
+CAST_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, ValueError)
+
+
+def _cast_fault(schema: pa.Schema, table: pa.Table, error: Exception) -> str:
+    """Why `table` does not cast to `schema`, naming the first column at fault."""
+    for f in schema:
         column = table.column(f.name)
         if not f.nullable and column.null_count:
-            raise SchemaError(f"{table_name}{place}: column {f.name!r} has {column.null_count} "
-                              "null values but may not be null")
+            return f"column {f.name!r} has {column.null_count} null values but may not be null"
         try:
             column.cast(f.type)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
-            raise SchemaError(f"{table_name}{place}: cannot cast column {f.name!r} "
-                              f"({column.type}) to {f.type}: {e}") from None
-    raise SchemaError(f"{table_name}{place}: cannot cast to the schema: {error}")
+        except CAST_ERRORS as e:
+            return f"cannot cast column {f.name!r} ({column.type}) to {f.type}: {e}"
+    return f"cannot cast to the schema: {error}"
 
 
 def empty_table(table_name: str) -> pa.Table:
