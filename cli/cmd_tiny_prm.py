@@ -1,4 +1,4 @@
-"""`scope tiny-prm`: train (or reuse) the tiny hf-tag PRM of the arith task."""
+"""`scope tiny-prm`: train (or reuse) a tiny learned PRM: hf-tag for arith, hf-cls for countdown."""
 
 from __future__ import annotations
 
@@ -18,26 +18,42 @@ def register(app: typer.Typer) -> None:
 def tiny_prm(
     out: Annotated[str | None, typer.Option(
         help="model folder to write (default: the cache, $SCOPE_CACHE/tiny-prm/<hash>)")] = None,
-    max_steps: Annotated[int, typer.Option(help="training steps")] = 400,
+    task: Annotated[str, typer.Option(
+        help="arith (hf-tag, synthetic slips) | countdown (hf-cls, the tiny countdown policy's "
+        "own rollouts labelled by the process oracle)")] = "arith",
+    max_steps: Annotated[int | None, typer.Option(
+        help="training steps (default: 400 arith, 800 countdown)")] = None,
     seed: Annotated[int, typer.Option(help="data and init seed")] = 0,
     modulus: Annotated[int, typer.Option(help="arith modulus")] = 10,
     num_threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
     force: Annotated[bool, typer.Option(help="rebuild even if cached")] = False,
     verbose: Annotated[bool, typer.Option(help="print the training loss")] = False,
 ) -> None:
-    """Train a tiny Math-Shepherd-style PRM on arith responses labelled by the exact checker."""
+    """Train a tiny PRM on responses labelled by the task's exact process oracle."""
     from pipelines.console import print_summary
     from pipelines.tiny.policy import load_meta
-    from pipelines.tiny.prm import build_tiny_prm
 
-    path = build_tiny_prm(out, max_steps=max_steps, seed=seed, modulus=modulus,
-                          num_threads=num_threads, force=force, verbose=verbose)
+    steps = {} if max_steps is None else {"max_steps": max_steps}
+    if task == "countdown":
+        from pipelines.tiny.countdown_prm import build_countdown_prm
+
+        path = build_countdown_prm(out, seed=seed, num_threads=num_threads, force=force,
+                                   verbose=verbose, **steps)
+        family = "hf-cls"
+    elif task == "arith":
+        from pipelines.tiny.prm import build_tiny_prm
+
+        path = build_tiny_prm(out, seed=seed, modulus=modulus, num_threads=num_threads,
+                              force=force, verbose=verbose, **steps)
+        family = "hf-tag"
+    else:
+        raise typer.BadParameter(f"--task must be arith or countdown, got {task!r}")
     meta = load_meta(path)
     ev = meta["eval"]
     print_summary("scope tiny-prm", [
-        ("model", str(path)), ("spec", f"hf-tag:{path}"),
+        ("model", str(path)), ("spec", f"{family}:{path}"),
         ("train steps / seconds", f"{meta['train']['steps']} / {meta['train']['seconds']}"),
-        ("held-out arith F1", ev["f1"]), ("acc. erroneous", ev["acc_erroneous"]),
+        (f"held-out {task} F1", ev["f1"]), ("acc. erroneous", ev["acc_erroneous"]),
         ("acc. correct", ev["acc_correct"]),
     ])
     if verbose:

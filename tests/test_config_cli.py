@@ -108,7 +108,7 @@ def test_dry_run_words_parse_back_to_the_same_config(name: str) -> None:
 
 
 def test_problems_config_words_are_scope_problems_arith_options() -> None:
-    from pipelines.loop.round_stages import ProblemsConfig
+    from pipelines.loop.round_inputs import ProblemsConfig
 
     cfg = ProblemsConfig(out="o", count=5, seed=2, steps=(2, 4), modulus=7, exclude_from="t")
     words, notes = command_args(cfg)

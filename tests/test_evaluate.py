@@ -62,7 +62,7 @@ def test_scope_eval_end_to_end(tmp_path, tiny_policy) -> None:
     from typer.testing import CliRunner
 
     from cli.main import app
-    from pipelines.loop.round_stages import ProblemsConfig, write_problems
+    from pipelines.loop.round_inputs import ProblemsConfig, write_problems
     from scope_data.shards import scan
 
     problems = tmp_path / "problems"

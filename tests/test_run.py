@@ -244,3 +244,23 @@ def _assert_carried(run_dir: Path) -> None:
     assert m2["trainer_state"]["global_step"] == steps1 + m2["summary"]["steps"]
     logged = pl.read_parquet(r2 / "train_metrics.parquet")["step"].to_list()
     assert logged == list(range(steps1 + 1, steps1 + 1 + len(logged)))
+
+
+def test_eval_every_skips_rounds_in_the_plan(tmp_path) -> None:
+    """`every: K` evaluates a set at round 0, every K-th round and the last; `every: 0` only at
+    the ends. Unknown eval keys and negative values are refused."""
+    evals = [{"name": "heldout", "arith": {"count": 4, "seed": 12}, "every": 2},
+             {"name": "hard", "arith": {"count": 4, "seed": 13, "steps": [7, 8]}, "every": 0}]
+    recipe = recipe_from_dict(_recipe("hf:/models/p", rounds=5, eval=evals))
+    result = run(RunConfig(recipe=recipe, out=str(tmp_path / "r"), dry_run=True,
+                           verbose=False))
+    evaluated = [c.out.split("/")[-3:] for kind, c in result.plan if kind == "eval"]
+    rounds = {name: [int(rd.split("-")[1]) for rd, _, n in evaluated if n == name]
+              for name in ("heldout", "hard")}
+    assert rounds == {"heldout": [0, 2, 4, 5], "hard": [0, 5]}
+    with pytest.raises(ValueError, match=r"eval\[0\]: unknown key\(s\) \['evry'\]"):
+        recipe_from_dict(_recipe("hf:/p", eval=[{"name": "h", "arith": {"count": 1},
+                                                 "evry": 2}]))
+    with pytest.raises(ValueError, match="every must be >= 0"):
+        recipe_from_dict(_recipe("hf:/p", eval=[{"name": "h", "arith": {"count": 1},
+                                                 "every": -1}]))

@@ -123,7 +123,7 @@ def run(cfg: DemoConfig) -> DemoResult:
 def _tiny(recipe: Any) -> None:
     """Build (or reuse) the tiny policy up front, so its one-off cost is visible."""
     from pipelines.console import console
-    from pipelines.loop.round_stages import initial_policy
+    from pipelines.loop.round_inputs import initial_policy
 
     t = time.time()
     path = initial_policy(recipe)

@@ -6,13 +6,16 @@ algo: scope                 # grpo | luffy | prm_dense | scope (scope_data.algos
 seed: 0
 rounds: 3
 policy: tiny                # an engine spec (hf:/path, vllm:...) or `tiny` (built and cached)
-tiny: {max_steps: 1000}     # options of pipelines.tiny.policy.build_tiny_policy when policy is tiny
+tiny: {max_steps: 1000}     # build options when policy is tiny (TinyConfig fields; with
+                            # task: countdown, CountdownTinyConfig fields)
 prm: rule:arith
 teacher: oracle:arith
-problems:                   # training problems: {path: TABLE} or {arith: {count, seed, ...}}
+problems:                   # training problems: {path: TABLE}, {arith: {count, seed, ...}}
+                            # or {countdown: {count, seed, min_solutions, max_solutions, ...}}
   arith: {count: 64, seed: 1}
-eval:                       # held-out sets, same forms plus a name
-  - {name: heldout, arith: {count: 128, seed: 2}}
+eval:                       # held-out sets, same forms plus a name; `every: K` evaluates a set
+  - {name: heldout, arith: {count: 128, seed: 2}}   # at round 0, every K-th round and the
+                                                      # last (default 1; 0: first and last only)
 generate: {n: 4, temperature: 1.0, max_new_tokens: 64}   # per-stage options: the fields of
 score: {}                                                 # each stage's config dataclass
 correct: {}
@@ -43,6 +46,7 @@ from scope_data.algos import ALGO_NAMES
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 STAGE_KEYS = ("generate", "score", "correct", "train", "evaluate")
+GENERATED_TASKS = ("arith", "countdown")  # problem sets a recipe may generate by name
 
 
 @dataclass
@@ -218,6 +222,13 @@ def recipe_from_dict(body: dict[str, Any], source: str | None = None) -> Recipe:
     for i, entry in enumerate(evals):
         entry = _problem_source(entry, base, f"{where}: eval[{i}]")
         entry.setdefault("name", f"eval{i}")
+        extra = sorted(set(entry) - {"name", "path", *GENERATED_TASKS, "every"})
+        if extra:
+            raise ValueError(f"{where}: eval[{i}]: unknown key(s) {extra}; valid: name, path, "
+                             f"{', '.join(GENERATED_TASKS)}, every")
+        every = _typed(f"{where}: eval[{i}]", "every", entry.get("every", 1), int)
+        if every < 0:
+            raise ValueError(f"{where}: eval[{i}]: every must be >= 0, got {every}")
         body["eval"].append(entry)
     names = [e["name"] for e in body["eval"]]
     if len(set(names)) != len(names):
@@ -261,8 +272,10 @@ def _dynamic_sampling(body: dict[str, Any], where: str) -> dict[str, Any]:
 def _problem_source(entry: Any, base: Path, where: str) -> dict[str, Any]:
     if isinstance(entry, str):
         entry = {"path": entry}
-    if not isinstance(entry, dict) or ("path" in entry) == ("arith" in entry):
-        raise ValueError(f"{where}: give exactly one of `path: TABLE` or `arith: {{count, seed}}`")
+    kinds = [k for k in ("path", *GENERATED_TASKS) if isinstance(entry, dict) and k in entry]
+    if len(kinds) != 1:
+        raise ValueError(f"{where}: give exactly one of `path: TABLE`, `arith: {{count, seed}}` "
+                         "or `countdown: {count, seed}`")
     entry = dict(entry)
     for key in ("path", "name"):
         if key in entry and not isinstance(entry[key], str):
@@ -270,11 +283,12 @@ def _problem_source(entry: Any, base: Path, where: str) -> dict[str, Any]:
                              f"{entry[key]!r:.60}")
     if "path" in entry and "://" not in str(entry["path"]):
         entry["path"] = str((base / str(entry["path"])).expanduser())
-    if "arith" in entry:
-        if not isinstance(entry["arith"] or {}, dict):
-            raise ValueError(f"{where}: arith must be a mapping of options (count, seed, ...)")
-        opts = dict(entry["arith"] or {})
+    task = kinds[0]
+    if task in GENERATED_TASKS:
+        if not isinstance(entry[task] or {}, dict):
+            raise ValueError(f"{where}: {task} must be a mapping of options (count, seed, ...)")
+        opts = dict(entry[task] or {})
         if "count" not in opts:
-            raise ValueError(f"{where}: arith problems need a count")
-        entry["arith"] = opts
+            raise ValueError(f"{where}: {task} problems need a count")
+        entry[task] = opts
     return entry

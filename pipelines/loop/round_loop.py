@@ -54,6 +54,7 @@ import polars as pl
 
 from pipelines.config import identity, option
 from pipelines.executors.base import EXECUTION_HELP, LoopExecutorOptions
+from pipelines.loop import round_inputs as inputs
 from pipelines.loop import round_stages as stages
 from pipelines.loop.recipe import Recipe, load_recipe
 from pipelines.loop.round_tracking import log_round
@@ -211,7 +212,7 @@ def run(cfg: RunConfig, runner: _Runner | None = None, max_staleness: int = 0) -
             _check_run_dir(run_dir, recipe, cfg.resume)
             stages.tracker(recipe, run_dir)  # an unknown or missing tracker fails before a stage
         runner = _Runner(run_dir, cfg.resume, cfg.dry_run, cfg.verbose)
-    policy = stages.initial_policy(recipe, dry_run=cfg.dry_run)
+    policy = inputs.initial_policy(recipe, dry_run=cfg.dry_run)
 
     # problems
     problem_hashes: dict[str, str] = {}
@@ -227,7 +228,8 @@ def run(cfg: RunConfig, runner: _Runner | None = None, max_staleness: int = 0) -
     policy_hash = config_hash({"policy": policy})
     history = [(policy, policy_hash)]  # the policy after each round
     writes_metrics = not cfg.dry_run and runner.role in (None, "eval")
-    _evaluate(runner, recipe, run_dir, 0, policy, policy_hash, eval_sets, problem_hashes)
+    _evaluate(runner, recipe, run_dir, (0, rounds), policy, policy_hash, eval_sets,
+              problem_hashes)
     if writes_metrics:
         _write_metrics(run_dir, recipe, 0)
     carried: str | None = None  # the train folder whose state the next round continues
@@ -237,7 +239,8 @@ def run(cfg: RunConfig, runner: _Runner | None = None, max_staleness: int = 0) -
         policy, policy_hash, carried = _round(runner, recipe, run_dir, r, history[-1], behaviour,
                                               train_problems, problem_hashes, carried, rounds)
         history.append((policy, policy_hash))
-        _evaluate(runner, recipe, run_dir, r, policy, policy_hash, eval_sets, problem_hashes)
+        _evaluate(runner, recipe, run_dir, (r, rounds), policy, policy_hash, eval_sets,
+                  problem_hashes)
         if writes_metrics:
             _write_metrics(run_dir, recipe, r)
     if cfg.dry_run:
@@ -265,7 +268,7 @@ def resolve_rounds(cfg: RunConfig) -> tuple[Recipe, int]:
 def _problems(runner: _Runner, entry: dict[str, Any], out: Path, exclude_from: str | None,
               upstream: list[str]) -> tuple[str, str]:
     """(table url, hash) of a problem set: an existing table, or generated arith problems."""
-    pcfg = stages.problems_config(entry, str(out), exclude_from=exclude_from)
+    pcfg = inputs.problems_config(entry, str(out), exclude_from=exclude_from)
     if isinstance(pcfg, str):
         if runner.dry_run:
             return pcfg, config_hash({"path": pcfg})
@@ -273,7 +276,7 @@ def _problems(runner: _Runner, entry: dict[str, Any], out: Path, exclude_from: s
 
         return pcfg, config_hash({"path": pcfg, "content": read_manifest(pcfg).content_hash})
     digest = runner.stage("problems", out.name, pcfg, upstream,
-                          lambda: stages.write_problems(pcfg))
+                          lambda: inputs.write_problems(pcfg))
     return pcfg.out, digest
 
 
@@ -341,13 +344,18 @@ def _train(runner: _Runner, recipe: Recipe, rd: Path, where: str, r: int, table:
     return stages.trained_policy(tcfg), h, stages.carried_from(tcfg)
 
 
-def _evaluate(runner: _Runner, recipe: Recipe, run_dir: Path, r: int, policy: str,
-              policy_hash: str, eval_sets: dict[str, str], problem_hashes: dict[str, str]
-              ) -> None:
+def _evaluate(runner: _Runner, recipe: Recipe, run_dir: Path, at: tuple[int, int],
+              policy: str, policy_hash: str, eval_sets: dict[str, str],
+              problem_hashes: dict[str, str]) -> None:
+    """Evaluate the policy after round r of `rounds` (at = (r, rounds)) on each due set."""
     from pipelines.stages import evaluate
 
+    r, rounds = at
     where = f"round-{r:04d}"
+    every = {e["name"]: e.get("every", 1) for e in recipe.eval}
     for name, url in eval_sets.items():
+        if not stages.eval_due(every[name], r, rounds):
+            continue
         ecfg = stages.eval_config(recipe, policy, url, str(round_dir(run_dir, r) / "eval" / name),
                                   r)
         runner.stage(where, f"eval-{name}", ecfg, [problem_hashes[name], policy_hash],

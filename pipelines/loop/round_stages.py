@@ -10,13 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-from pipelines.config import identity, option
 from pipelines.loop.recipe import Recipe, typed_options
 from scope_data.algos import get_algo
 
@@ -36,61 +34,6 @@ def make_config(cls: type, options: dict[str, Any], where: str, loop_keys: tuple
         raise ValueError(f"recipe {where}: option(s) {clash} are set by the round loop")
     options = typed_options(cls, options, f"recipe {where}")
     return cls(**{k: v for k, v in fixed.items() if k in names}, **options)
-
-
-# -- policy ---------------------------------------------------------------------------------
-def initial_policy(recipe: Recipe, dry_run: bool = False) -> str:
-    """The round-1 policy spec; `tiny` builds (or reuses) the cached warm-started tiny model."""
-    if recipe.policy != "tiny":
-        return recipe.policy
-    from pipelines.tiny import policy as tiny
-
-    options = typed_options(tiny.build_tiny_policy, recipe.tiny, "recipe tiny")
-    if dry_run:
-        return "hf:TINY_POLICY"  # `scope tiny-policy --out TINY_POLICY` builds it
-    return f"hf:{tiny.build_tiny_policy(**options)}"
-
-
-# -- problems -------------------------------------------------------------------------------
-@dataclass
-class ProblemsConfig:
-    """Generated arith problems (the `scope problems arith` options)."""
-
-    out: str = option(help="output table folder (path or URL)", identity=False)
-    count: int = option(help="arith: number of problems")
-    seed: int = option(help="arith: generator seed")
-    steps: tuple[int, int] = option((3, 6), sep="-",
-                                    help="arith: operations per problem, e.g. 3-6")
-    modulus: int = option(10, help="arith: modulus")
-    max_operand: int | None = option(None, cli=False, help="largest operand")
-    exclude_from: str | None = option(None, cli=False,
-                                      help="a problems table whose prompts must not appear")
-
-
-def problems_config(entry: dict[str, Any], out: str, exclude_from: str | None = None
-                    ) -> ProblemsConfig | str:
-    """A ProblemsConfig for an `arith:` entry, or the table path of a `path:` entry."""
-    if "path" in entry:
-        return entry["path"]
-    opts = dict(entry["arith"])
-    return make_config(ProblemsConfig, opts, "problems", out=out, exclude_from=exclude_from)
-
-
-def write_problems(cfg: ProblemsConfig) -> None:
-    """Write `count` seeded arith problems, skipping prompts of `exclude_from` (held-out sets).
-
-    Same rows as `scope problems arith` (`scope_data.problems.arith_table`) plus the exclusion.
-    """
-    from scope_data.problems import arith_table
-    from scope_data.shards import TableStore, scan
-
-    seen: list[str] = []
-    if cfg.exclude_from:
-        seen = scan(cfg.exclude_from).select("prompt").collect()["prompt"].to_list()
-    table = arith_table(cfg.count, cfg.seed, tuple(cfg.steps), cfg.modulus, cfg.max_operand,
-                        exclude_prompts=seen)
-    TableStore(cfg.out, "problems").write(table, identity(cfg),
-                                          stats={"status": {"ok": len(table)}})
 
 
 # -- stages ---------------------------------------------------------------------------------
@@ -296,6 +239,12 @@ def carried_from(cfg: Any) -> str | None:
     return cfg.output_dir
 
 
+def eval_due(every: int, r: int, rounds: int) -> bool:
+    """Whether an eval set with `every: K` is evaluated after round r of `rounds`: round 0, the
+    last round, and every K-th round (K = 0: only the first and the last)."""
+    return r in (0, rounds) or (every > 0 and r % every == 0)
+
+
 def eval_config(recipe: Recipe, policy: str, problems: str, out: str, r: int) -> Any:
     from pipelines.stages.evaluate import EvalConfig
 
@@ -322,6 +271,8 @@ def round_metrics(recipe: Recipe, rd: Path, r: int) -> list[dict[str, Any]]:
         base.update(training_figures(rd))
     rows = []
     for entry in recipe.eval:
+        if not (rd / "eval" / entry["name"]).is_dir():
+            continue  # not due this round (`every`); a due set's stage ran before this
         m = read_metrics(str(rd / "eval" / entry["name"]))
         m.pop("config", None)
         rows.append({**base, "eval_set": entry["name"], **m})

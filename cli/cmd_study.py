@@ -1,0 +1,25 @@
+"""`scope study`: algorithms x seeds x PRM settings on countdown and arith, with paired CIs."""
+
+from __future__ import annotations
+
+import typer
+
+from cli.common import user_errors
+from cli.options import config_command
+from pipelines.loop.study import StudyConfig
+
+
+def register(app: typer.Typer) -> None:
+    app.command("study")(study)
+
+
+@user_errors
+@config_command(StudyConfig)
+def study(cfg: StudyConfig) -> None:
+    """Run the comparison study (same budgets), then write study.md, CSVs and plots."""
+    import os
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from pipelines.loop.study import run
+
+    run(cfg)
