@@ -321,10 +321,14 @@ def training_figures(rd: Path) -> dict[str, Any]:
     out["failed"] = failed
     by_problem = roll.group_by("problem_id").agg(pl.col("correct").any().alias("any"))
     out["all_failed_groups"] = int((~by_problem["any"]).sum())
-    corr = stacked("correct", ["problem_id", "kind", "correct", "correct_status"])
+    corr = stacked("correct", ["problem_id", "kind", "correct", "correct_status",
+                               "prefix_steps"])
     if corr is not None:
         corrected = corr.filter(pl.col("kind") == "corrected")
         out["corrections"] = corrected.height
+        # steps of the policy's own response kept before the teacher's suffix (luffy: 0)
+        out["kept_prefix_steps"] = (float(corrected["prefix_steps"].mean())
+                                    if corrected.height else None)
         verified = corrected.filter(pl.col("correct_status").is_in(VERIFIED_STATUSES)).height
         out["salvage_rate"] = salvage_rate(verified, failed)
         out["rescued_groups"] = rescue_counts(corr)["groups_rescued"]

@@ -55,6 +55,8 @@ class StudyConfig:
     workers: int = option(2, help="runs at once, one process each")
     resamples: int = option(2000, help="bootstrap resamples of the confidence intervals")
     target: str = option("scope", help="the algorithm compared with every other")
+    overrides: dict[str, Any] = option(default_factory=dict, cli=False,
+                                       help="recipe keys set in every run (smaller tests)")
 
     def resolved(self) -> StudyConfig:
         """The config with --quick applied (its values replace tasks/seeds/rounds/noisy_f1)."""
@@ -135,8 +137,9 @@ ARITH_HARD = {"name": "hard", "arith": {"count": 128, "seed": 20261, "steps": [7
                                         "modulus": 10}, "every": 0}
 
 
-def study_recipe(run: StudyRun) -> Any:
-    """The recipe of one study run: the world's recipe with the run's algo, seed and PRM."""
+def study_recipe(run: StudyRun, extra: dict[str, Any] | None = None) -> Any:
+    """The recipe of one study run: the world's recipe with the run's algo, seed and PRM (and
+    `extra` recipe keys last)."""
     from pipelines.loop.recipe import load_recipe
 
     base = load_recipe(RECIPES[run.task])
@@ -146,10 +149,11 @@ def study_recipe(run: StudyRun) -> Any:
         overrides["train"] = {**base.train, "fixed_steps_per_round": 6}
         overrides["eval"] = [{**base.eval[0], "every": 2}, ARITH_HARD]
         overrides["evaluate"] = {**base.evaluate, "max_new_tokens": 128}
-    return load_recipe(RECIPES[run.task], overrides)
+    return load_recipe(RECIPES[run.task], {**overrides, **(extra or {})})
 
 
-def run_one(run: StudyRun, out: str, rounds: int | None, first: str | None) -> dict[str, Any]:
+def run_one(run: StudyRun, out: str, rounds: int | None, first: str | None,
+            extra: dict[str, Any]) -> dict[str, Any]:
     """One study run in this (worker) process; its console output goes to a log file."""
     import contextlib
     import shutil
@@ -166,7 +170,7 @@ def run_one(run: StudyRun, out: str, rounds: int | None, first: str | None) -> d
             if src.is_dir() and not dst.exists():
                 folder.mkdir(parents=True, exist_ok=True)
                 shutil.copytree(src, dst)
-    recipe = study_recipe(run)
+    recipe = study_recipe(run, extra)
     log = Path(out) / "logs" / run.task / f"{run.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     t = time.time()
@@ -187,12 +191,18 @@ def execute(cfg: StudyConfig, cells: list[list[StudyRun]]) -> list[dict[str, Any
     t0 = time.time()
     ctx = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=max(1, cfg.workers), mp_context=ctx) as pool:
-        pending = {pool.submit(run_one, c[0], cfg.out, cfg.rounds, None): (c, 0) for c in cells}
+        pending = {pool.submit(run_one, c[0], cfg.out, cfg.rounds, None, cfg.overrides): (c, 0)
+                   for c in cells}
         while pending:
             finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
             for fut in finished:
                 cell, k = pending.pop(fut)
-                result = fut.result()  # a failed run stops the study with its error
+                try:
+                    result = fut.result()
+                except Exception as e:  # a failed run stops the study (finished runs are kept)
+                    log = out / "logs" / cell[k].task / f"{cell[k].name}.log"
+                    raise RuntimeError(f"study run {cell[k].task}/{cell[k].name} failed: {e} "
+                                       f"(log: {log}; rerun the study to resume)") from e
                 done.append(result)
                 elapsed = time.time() - t0
                 eta = elapsed / len(done) * (total - len(done))
@@ -202,8 +212,9 @@ def execute(cfg: StudyConfig, cells: list[list[StudyRun]]) -> list[dict[str, Any
                 if k == 0:
                     first = str(cell[0].folder(out))
                     for j in range(1, len(cell)):
-                        pending[pool.submit(run_one, cell[j], cfg.out, cfg.rounds, first)] = \
-                            (cell, j)
+                        job = pool.submit(run_one, cell[j], cfg.out, cfg.rounds, first,
+                                          cfg.overrides)
+                        pending[job] = (cell, j)
     return done
 
 
@@ -217,6 +228,8 @@ def run(cfg: StudyConfig) -> Any:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     cfg = cfg.resolved()
     t0 = time.time()
+    if cfg.learned_prm:
+        console.print("learned PRMs: building or reusing (cached)", highlight=False)
     cells = plan(cfg)  # builds the learned PRMs (cached) while checking the options
     for task in cfg.tasks:  # build (or reuse) each world's tiny policy once, visibly
         t = time.time()

@@ -24,8 +24,8 @@ from pipelines.loop.report import load_runs, make_plots
 
 METRICS = ("accuracy", "pass@max", "distinct_paths", "path_entropy", "self_bleu_div")
 COSTS = ("rollouts", "train_steps", "teacher_tokens", "prm_tokens")
-PROBES = ("train_accuracy", "salvage_rate", "groups_zero_advantage", "mean_entropy",
-          "off_policy_share")
+PROBES = ("train_accuracy", "salvage_rate", "kept_prefix_steps", "groups_zero_advantage",
+          "mean_entropy", "off_policy_share")
 
 
 @dataclass
@@ -280,7 +280,8 @@ def _setting_plot(df: pl.DataFrame, path: Path, eval_set: str, settings: list[st
     for ax, metric in zip(axes[0], metrics, strict=True):
         agg = last.group_by("config").agg(pl.col(metric).mean().alias("m"),
                                           pl.col(metric).std().alias("s"))
-        values = {r["config"]: (r["m"], r["s"] or 0.0) for r in agg.iter_rows(named=True)}
+        values = {r["config"]: (_num(r["m"]), _num(r["s"], 0.0))
+                  for r in agg.iter_rows(named=True)}
         xs = list(range(len(settings)))
         for algo in sorted({c.split(".")[0] for c in values if "." in c}):
             pts = [values.get(f"{algo}.{s}", (float("nan"), 0.0)) for s in settings]
@@ -298,6 +299,10 @@ def _setting_plot(df: pl.DataFrame, path: Path, eval_set: str, settings: list[st
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
+
+
+def _num(x: Any, missing: float = float("nan")) -> float:
+    return missing if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
 def print_summary(comp: pl.DataFrame, final: pl.DataFrame, out: Path, seconds: float) -> None:
