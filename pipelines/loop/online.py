@@ -119,8 +119,11 @@ def run_worker(cfg: WorkerConfig) -> round_loop.RunResult:
                                    resume=True, verbose=False)
     runner = round_loop._Runner(run_dir, True, False, False, role=cfg.role,
                                 wait=_waiter(cfg.timeout))
-    lock = _sole_trainer(run_dir) if cfg.role == "train" else contextlib.nullcontext()
-    with lock, warm_engines():
+    from pipelines.training.session import training_session
+
+    train = cfg.role == "train"  # the trainer keeps its model and states between rounds
+    lock = _sole_trainer(run_dir) if train else contextlib.nullcontext()
+    with lock, warm_engines(), training_session() if train else contextlib.nullcontext():
         return round_loop.run(run_cfg, runner=runner, max_staleness=cfg.max_staleness)
 
 
