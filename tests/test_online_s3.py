@@ -76,6 +76,9 @@ def test_s3_run_folder_with_killed_workers_equals_offline(tmp_path, tiny_policy,
     assert res.workers["train"]["restarts"] == res.workers["generate"]["restarts"] == 1
     assert res.workers["eval"]["restarts"] == 0
     assert sorted(set(res.metrics["round"].to_list())) == [0, 1, 2]
+    # the restarted train worker trained round 1 from disk and round 2 on the kept trainer
+    log = Path(res.workers["train"]["log"]).read_text()
+    assert "trainer continued in memory 1, loaded from disk 1" in log, log[-2000:]
 
     copy = tmp_path / "from-s3"
     keys = _download(fs, url, copy)

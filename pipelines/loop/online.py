@@ -141,8 +141,14 @@ def run_worker(cfg: WorkerConfig) -> round_loop.RunResult:
     train = cfg.role == "train"  # the trainer keeps its model and states between rounds
     lock = contextlib.nullcontext() if not train else (
         TrainLock(store) if store else _sole_trainer(run_dir))
-    with lock, warm_engines(), training_session() if train else contextlib.nullcontext():
+    with (lock, warm_engines(),
+          training_session() if train else contextlib.nullcontext() as session):
         result = round_loop.run(run_cfg, runner=runner, max_staleness=cfg.max_staleness)
+    if session is not None:
+        from pipelines.console import console
+
+        console.print(f"train: trainer continued in memory {session.stats['reuses']}, loaded "
+                      f"from disk {session.stats['loads']}", highlight=False)
     if store is not None and cfg.role == "eval":
         store.push_file(round_loop.METRICS_FILE)
     return result
