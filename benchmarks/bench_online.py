@@ -101,6 +101,8 @@ def one(body: dict, out: Path, online: bool, staleness: int) -> dict:
 
 def train_calls(body: dict, run_dir: Path, calls: int, tmp: Path) -> dict:
     """Median seconds per chained train call (after the first) from disk vs from memory."""
+    import contextlib
+    import io
     import statistics
     import time
 
@@ -118,7 +120,8 @@ def train_calls(body: dict, run_dir: Path, calls: int, tmp: Path) -> dict:
             cfg = stages.train_config(recipe, table, policy, str(tmp / f"{tag}-{i}" / "train"),
                                       1, carried, calls)
             t0 = time.perf_counter()
-            train.run(cfg)
+            with contextlib.redirect_stdout(io.StringIO()):  # the summary tables
+                train.run(cfg)
             times.append(time.perf_counter() - t0)
             policy, carried = stages.trained_policy(cfg), stages.carried_from(cfg)
         return times[1:]
