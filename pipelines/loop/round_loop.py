@@ -52,7 +52,7 @@ from typing import Any
 
 import polars as pl
 
-from pipelines.config import identity, option
+from pipelines.config import identity, option, storage_options_field
 from pipelines.executors.base import EXECUTION_HELP, LoopExecutorOptions
 from pipelines.loop import round_inputs as inputs
 from pipelines.loop import round_stages as stages
@@ -88,6 +88,7 @@ class RunConfig:
                                 "r-1-K (0: strictly on-policy, the offline loop's tables)")
     execution: dict[str, Any] = option(default_factory=dict, expand=LoopExecutorOptions,
                                        identity=False, help=EXECUTION_HELP)
+    storage_options: dict[str, Any] | None = storage_options_field()  # --online, --out s3://...
 
 
 @dataclass
@@ -112,12 +113,18 @@ class _Runner:
     """Runs (or prints) the stages of one run folder, skipping those already done.
 
     With `role` set (an online worker, `pipelines.loop.online`) it runs only the stages of that
-    role and, before each, waits for the markers of the stages it reads (`wait`)."""
+    role and, before each, waits for the markers of the stages it reads (`wait`); with `store`
+    (a `run_store.RunStore`: `run_dir` mirrors a run folder on an object store) it takes a stage
+    of its role done there, and publishes each stage of its role it finds or completes;
+    `mirror_all`: before each of its stages it also waits for every earlier stage of the plan
+    (the eval worker: metrics read every table of a round)."""
 
     def __init__(self, run_dir: Path, resume: bool, dry_run: bool, verbose: bool,
-                 role: str | None = None, wait: Any = None):
+                 role: str | None = None, wait: Any = None, store: Any = None,
+                 mirror_all: bool = False):
         self.run_dir, self.resume, self.dry_run, self.verbose = run_dir, resume, dry_run, verbose
-        self.role, self.wait = role, wait
+        self.role, self.wait, self.store = role, wait, store
+        self.mirror_all, self.pending = mirror_all, []
         self.markers: dict[str, Path] = {}  # stage hash -> its completion marker
         self.plan: list[tuple[str, Any]] = []
         self.ran: list[str] = []
@@ -146,14 +153,23 @@ class _Runner:
         self.markers[digest] = marker
         if self.role is not None:
             if stage_role(where, name) != self.role:
+                if self.mirror_all:
+                    self.pending.append((marker, digest))
                 return digest  # another worker's stage, waited for when one of ours reads it
             for up in upstream:
                 if up in self.markers:
                     self.wait(self.markers[up], up)
+            for earlier in self.pending:
+                self.wait(*earlier)
+            self.pending.clear()
+            if self.store is not None:
+                self.store.pull(marker, digest)
         if marker.is_file():
             old = json.loads(marker.read_text())
             if old.get("config_hash") == digest and self.resume:
                 self.skipped.append(label)
+                if self.store is not None:
+                    self.store.push(marker)  # a worker killed before it published
                 return digest
             if old.get("config_hash") == digest:
                 raise FileExistsError(
@@ -172,9 +188,13 @@ class _Runner:
                 action()
         marker.parent.mkdir(parents=True, exist_ok=True)
         tmp = marker.with_suffix(".tmp")
+        out = getattr(cfg, "out", None) or getattr(cfg, "output_dir", None)  # not in the hash
         tmp.write_text(json.dumps({**body, "config_hash": digest,
-                                   "seconds": round(time.time() - t0, 2)}, default=str))
+                                   "seconds": round(time.time() - t0, 2),
+                                   "output": self.relative({"o": f"{out}"})["o"]}, default=str))
         tmp.replace(marker)
+        if self.store is not None:
+            self.store.push(marker)
         self.ran.append(label)
         return digest
 

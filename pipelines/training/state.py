@@ -68,7 +68,7 @@ class Carried:
     def restore(self, optimizer: Any, scheduler: Any) -> None:
         """Load the optimizer and scheduler states; the LR is then the schedule's at the carried
         step (the schedule functions are rebuilt from this call's options, not pickled)."""
-        optimizer.load_state_dict(self._load(OPTIMIZER))
+        optimizer.load_state_dict(self._load(OPTIMIZER))  # in memory (Kept): no tensor copied
         scheduler.load_state_dict(self._load(SCHEDULER))
         lambdas = getattr(scheduler, "lr_lambdas", None)
         if lambdas is not None:
@@ -80,6 +80,18 @@ class Carried:
 
     def restore_rng(self) -> None:
         set_rng_state(self._load(RNG))
+
+
+@dataclass
+class Kept(Carried):
+    """The state a call left in memory (`pipelines.training.session`): the same files' content
+    as `trainer_state/` of `folder.parent`, plus the trained model itself."""
+
+    states: dict[str, Any]
+    model: Any
+
+    def _load(self, name: str) -> Any:
+        return self.states[name]
 
 
 def has_state(train_dir: str) -> bool:
@@ -97,6 +109,12 @@ def load_carried(resume_from: str, cfg: Any) -> Carried:
                          "output, or one written without carried state); train without it "
                          "(in a recipe: train: {carry_state: false})")
     meta = json.loads(meta_path.read_text())
+    check_meta(resume_from, meta, cfg)
+    return Carried(folder, meta)
+
+
+def check_meta(resume_from: str, meta: dict[str, Any], cfg: Any) -> None:
+    """ValueError naming the first schedule setting of `meta` that differs from `cfg`'s."""
     if meta.get("format") != FORMAT:
         raise ValueError(f"resume_from {resume_from}: {STATE_DIR} format {meta.get('format')!r}"
                          f", this version reads {FORMAT}")
@@ -107,7 +125,6 @@ def load_carried(resume_from: str, cfg: Any) -> Carried:
                 f"resume_from {resume_from}: {key} is {value!r} here but "
                 f"{meta['schedule'].get(key)!r} in its {STATE_DIR} (the carried optimizer and "
                 "schedule continue only with the same value)")
-    return Carried(folder, meta)
 
 
 def save_state(folder: Path, optimizer: Any, scheduler: Any, global_step: int, cfg: Any,
@@ -117,9 +134,13 @@ def save_state(folder: Path, optimizer: Any, scheduler: Any, global_step: int, c
     torch.save(optimizer.state_dict(), folder / OPTIMIZER)
     torch.save(scheduler.state_dict(), folder / SCHEDULER)
     torch.save(get_rng_state(), folder / RNG)
-    meta = {"format": FORMAT, "global_step": global_step, "schedule": schedule_identity(cfg),
+    (folder / META).write_text(json.dumps(state_meta(global_step, cfg, model), indent=1))
+
+
+def state_meta(global_step: int, cfg: Any, model: Any) -> dict[str, Any]:
+    """`state.json`: the step, the schedule settings and the trainable parameters' signature."""
+    return {"format": FORMAT, "global_step": global_step, "schedule": schedule_identity(cfg),
             "params": param_signature(model)}
-    (folder / META).write_text(json.dumps(meta, indent=1))
 
 
 def get_rng_state() -> dict[str, Any]:

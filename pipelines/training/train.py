@@ -15,6 +15,7 @@ Output folder: a normal Hugging Face model folder (safetensors + tokenizer), plu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -273,9 +274,12 @@ def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = Non
     _check_output(out)
     if rows.height == 0:
         raise ValueError("no training rows: nothing to train, no checkpoint written")
+    from pipelines.training.session import active
     from pipelines.training.state import load_carried
 
-    carried = load_carried(cfg.resume_from, cfg) if cfg.resume_from else None
+    session = active()  # the online train worker: the previous call's model and states
+    kept = session.take(cfg) if session else None
+    carried = kept or (load_carried(cfg.resume_from, cfg) if cfg.resume_from else None)
     transformers.set_seed(cfg.seed)
     if shuffle:
         rows = rows.sample(fraction=1.0, shuffle=True, seed=cfg.seed)
@@ -289,7 +293,7 @@ def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = Non
     check_remote_code(path, trust)
     tok = load_tokenizer(path, trust)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    model = _load_weights(path, trust)
+    model = kept.model if kept else _load_weights(path, trust)
     from scope_data.validate import check_token_range
 
     check_token_range(rows, model.get_input_embeddings().num_embeddings,
@@ -331,7 +335,8 @@ def fit(cfg: TrainConfig, rows: pl.DataFrame, stats: dict[str, Any] | None = Non
         metrics = pl.DataFrame(trainer.metric_rows)
         summary = _summary(metrics, dataset, stats or {}, cfg.old_logprobs == "recompute")
         summary["train_seconds"] = round(float(seconds), 3)  # the optimizer steps' wall time
-        _save(trainer, cfg, out, metrics, summary, inputs or [], versions())
+        with session.keeping(cfg, trainer) if session else contextlib.nullcontext():
+            _save(trainer, cfg, out, metrics, summary, inputs or [], versions())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if trainer.accelerator.is_main_process:
