@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,27 @@ def test_hf_update_weights_refuses_another_architecture(versions, tmp_path: Path
     with pytest.raises(FileNotFoundError, match="safetensors"):
         engine.update_weights(str(tmp_path))
     assert engine.generate(reqs)[0][0].token_ids == before[0][0].token_ids
+
+
+def test_warm_engine_takes_each_round_version_in_place(versions, tmp_path: Path) -> None:
+    """Online workers: one engine across rounds. The stage's per-output `cache_dir` (an option
+    the hf/vllm engines ignore) and v1's tokenizer.json as rewritten by `save_pretrained` (the
+    trainer's) do not start another engine; a tokenizer with another vocabulary does."""
+    from pipelines.engines.warm import warm_engines
+
+    v0, v1 = versions
+    other = tmp_path / "other"
+    shutil.copytree(v1, other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    tok["added_tokens"].append({**tok["added_tokens"][-1], "id": 10_000, "content": "<|x|>"})
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    with warm_engines() as kept:
+        first = load_generation_engine(f"hf:{v0}", cache_dir=str(tmp_path / "r1"))
+        second = load_generation_engine(f"hf:{v1}", cache_dir=str(tmp_path / "r2"))
+        assert second._engine is first._engine
+        assert kept.stats == {"loads": 1, "reuses": 0, "weight_updates": 1}
+        load_generation_engine(f"hf:{other}", cache_dir=str(tmp_path / "r3"))
+        assert kept.stats == {"loads": 2, "reuses": 0, "weight_updates": 1}
 
 
 @pytest.mark.vllm
