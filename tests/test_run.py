@@ -264,3 +264,22 @@ def test_eval_every_skips_rounds_in_the_plan(tmp_path) -> None:
     with pytest.raises(ValueError, match="every must be >= 0"):
         recipe_from_dict(_recipe("hf:/p", eval=[{"name": "h", "arith": {"count": 1},
                                                  "every": -1}]))
+
+
+def test_rounds_without_evaluation_keep_their_training_row(tmp_path, tiny_policy) -> None:
+    """With `every: 0` round 1 is not evaluated: metrics.parquet still has its training figures
+    (a row with a null eval_set), so budgets and the tracker's step count include it."""
+    from pipelines.loop.report import budget_table, load_runs, round_rows
+
+    evals = [{"name": "heldout", "arith": {"count": 4, "seed": 12}, "every": 0}]
+    out = tmp_path / "r"
+    result = run(RunConfig(recipe=recipe_from_dict(_recipe(f"hf:{tiny_policy}", eval=evals)),
+                           out=str(out), verbose=False))
+    m = result.metrics.sort("round")
+    assert m.select("round", "eval_set").rows() == [(0, "heldout"), (1, None), (2, "heldout")]
+    assert not (out / "round-0001" / "eval").exists()
+    steps = m.filter(pl.col("round") > 0)["train_steps"].to_list()
+    assert all(s >= 1 for s in steps)
+    df = load_runs([str(out)])
+    assert round_rows(df)["round"].to_list() == [0, 1, 2]
+    assert f"| scope | {sum(steps):,.0f} |" in budget_table(df)

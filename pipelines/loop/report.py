@@ -50,6 +50,18 @@ def load_runs(run_dirs: list[str]) -> pl.DataFrame:
     return pl.concat(frames, how="diagonal_relaxed")
 
 
+def round_rows(df: pl.DataFrame) -> pl.DataFrame:
+    """One row per (run, round), for the training figures every eval row of a round repeats:
+    the first eval set's rows plus the rows of rounds without evaluation (null eval_set)."""
+    first = df["eval_set"].drop_nulls()[0]
+    return df.filter(pl.col("eval_set").is_null() | (pl.col("eval_set") == first))
+
+
+def eval_sets(df: pl.DataFrame) -> list[str]:
+    """The eval sets of stacked metrics, in order."""
+    return df["eval_set"].drop_nulls().unique(maintain_order=True).to_list()
+
+
 def _label_order(labels: list[str]) -> list[str]:
     return sorted(set(labels), key=lambda x: (ALGO_NAMES.index(x) if x in ALGO_NAMES else 99, x))
 
@@ -57,7 +69,7 @@ def _label_order(labels: list[str]) -> list[str]:
 def final_table(df: pl.DataFrame, eval_set: str | None = None, label: str = "algo"
                 ) -> pl.DataFrame:
     """Mean and std over runs (seeds) of each label's last round, on one eval set."""
-    eval_set = eval_set or df["eval_set"][0]
+    eval_set = eval_set or eval_sets(df)[0]
     sub = df.filter(pl.col("eval_set") == eval_set)
     last = sub.filter(pl.col("round") == pl.col("round").max().over("run"))
     cols = [c for c in TABLE_COLUMNS if c in last.columns]
@@ -75,8 +87,8 @@ def budget_table(df: pl.DataFrame, label: str = "algo") -> str:
     cols = [c for c in BUDGET_COLUMNS if c in df.columns]
     if not cols:
         return ""
-    per_run = (df.filter(pl.col("eval_set") == df["eval_set"][0])
-               .group_by(label, "run").agg(pl.col(c).fill_null(0).sum() for c in cols))
+    per_run = round_rows(df).group_by(label, "run").agg(pl.col(c).fill_null(0).sum()
+                                                        for c in cols)
     table = per_run.group_by(label).agg(pl.col(c).mean() for c in cols)
     order = _label_order(table[label].to_list())
     lines = [f"| {label} | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
@@ -147,8 +159,10 @@ def make_plots(df: pl.DataFrame, out: Path, eval_set: str, label: str = "algo") 
         ("salvage_rate.png", ["salvage_rate"], f"salvage rate ({SALVAGE_RATE})"),
         ("train_loss.png", ["train_loss"], "training loss (mean per round)"),
     ]
+    trained = round_rows(df)  # training figures: every round, evaluated or not
     for name, cols, title in per_round:
-        if not any(c in ev.columns and ev[c].drop_nulls().len() for c in cols):
+        src = trained if name in ("salvage_rate.png", "train_loss.png") else ev
+        if not any(c in src.columns and src[c].drop_nulls().len() for c in cols):
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
         for lab in labels:
@@ -156,7 +170,7 @@ def make_plots(df: pl.DataFrame, out: Path, eval_set: str, label: str = "algo") 
                 if c not in ev.columns:
                     continue
                 before = len(ax.lines)
-                _band(ax, ev.filter(pl.col(label) == lab), c, lab if j == 0 else "_", label)
+                _band(ax, src.filter(pl.col(label) == lab), c, lab if j == 0 else "_", label)
                 if j and len(ax.lines) > before:
                     ax.lines[-1].set_linestyle("--")
                     ax.lines[-1].set_color(ax.lines[-1 - j].get_color())
@@ -216,7 +230,7 @@ def report(run_dirs: list[str], out: str | None = None, label: str = "algo",
     df = load_runs(run_dirs)
     out_dir = Path(out or run_dirs[0]) / ("" if out else "report")
     out_dir.mkdir(parents=True, exist_ok=True)
-    sets = df["eval_set"].unique(maintain_order=True).to_list()
+    sets = eval_sets(df)
     plots: list[str] = []
     sections = [f"# {title}\n"]
     if notes:

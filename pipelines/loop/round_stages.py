@@ -262,7 +262,8 @@ def _finished(result: Any, out: str) -> None:
 
 # -- metrics --------------------------------------------------------------------------------
 def round_metrics(recipe: Recipe, rd: Path, r: int) -> list[dict[str, Any]]:
-    """One row per eval set of round r: eval metrics plus this round's training figures."""
+    """One row per eval set of round r: eval metrics plus this round's training figures (one
+    row with a null eval_set when no set is evaluated this round)."""
     from pipelines.stages.evaluate import read_metrics
 
     base: dict[str, Any] = {"run_name": recipe.name, "algo": recipe.algo, "seed": recipe.seed,
@@ -276,6 +277,8 @@ def round_metrics(recipe: Recipe, rd: Path, r: int) -> list[dict[str, Any]]:
         m = read_metrics(str(rd / "eval" / entry["name"]))
         m.pop("config", None)
         rows.append({**base, "eval_set": entry["name"], **m})
+    if not rows:  # no set due this round (`every`): its training figures still get a row
+        rows.append({**base, "eval_set": None})
     return rows
 
 

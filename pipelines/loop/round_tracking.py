@@ -45,6 +45,8 @@ def round_values(metrics: pl.DataFrame, r: int, rd: Path) -> dict[str, Any]:
     values: dict[str, Any] = {"round/round": r}
     eval_keys: set[str] = set()
     for row in rows:
+        if row["eval_set"] is None:  # a round without evaluation
+            continue
         keys = set(read_metrics(str(rd / "eval" / row["eval_set"]))) - {"config"}
         eval_keys |= keys
         values.update({f"eval/{row['eval_set']}/{k}": row[k] for k in sorted(keys) if k in row})

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipelines.loop.report import load_runs, make_plots
+from pipelines.loop.report import eval_sets, load_runs, make_plots, round_rows
 
 METRICS = ("accuracy", "pass@max", "distinct_paths", "path_entropy", "self_bleu_div")
 COSTS = ("rollouts", "train_steps", "teacher_tokens", "prm_tokens")
@@ -115,7 +115,7 @@ def analyse(cfg: Any, runs: list[Any], timings: list[dict[str, Any]], seconds: f
         df = df.with_columns(pl.col("run").replace_strict(config).alias("config"))
         frames.append(df)
         settings = list(dict.fromkeys(r.setting for r in mine if r.setting != "-"))
-        for eval_set in df["eval_set"].unique(maintain_order=True).to_list():
+        for eval_set in eval_sets(df):
             for setting in settings or ["-"]:
                 target = cfg.target if setting == "-" else f"{cfg.target}.{setting}"
                 for other in dict.fromkeys(config.values()):
@@ -141,14 +141,15 @@ def analyse(cfg: Any, runs: list[Any], timings: list[dict[str, Any]], seconds: f
 def final_table(metrics: pl.DataFrame) -> pl.DataFrame:
     """Mean and std over seeds of the last round, per (task, eval set, config); costs summed
     over rounds per run, then averaged."""
-    last = metrics.filter(pl.col("round") == pl.col("round").max().over("run"))
+    last = metrics.filter((pl.col("round") == pl.col("round").max().over("run"))
+                          & pl.col("eval_set").is_not_null())
     cols = [c for c in METRICS if c in last.columns]
     aggs: list[Any] = [pl.len().alias("seeds")]
     for c in cols:
         aggs += [pl.col(c).mean().alias(c), pl.col(c).std().alias(f"{c}_std")]
     table = last.group_by("task", "eval_set", "config", maintain_order=True).agg(aggs)
     cost_cols = [c for c in COSTS if c in metrics.columns]
-    costs = (metrics.filter(pl.col("eval_set") == pl.col("eval_set").first().over("run"))
+    costs = (pl.concat([round_rows(t) for _, t in metrics.group_by("task")])
              .group_by("task", "config", "run").agg(pl.col(c).fill_null(0).sum() for c in cost_cols)
              .group_by("task", "config").agg(pl.col(c).mean() for c in cost_cols))
     return table.join(costs, on=["task", "config"], how="left")
@@ -232,8 +233,9 @@ def markdown(cfg: Any, final: pl.DataFrame, comp: pl.DataFrame, metrics: pl.Data
         lines.append("")
     probes = [c for c in PROBES if c in metrics.columns]
     if probes:
-        first_set = metrics.filter(pl.col("eval_set") == pl.col("eval_set").first().over("run"))
-        per_round = (first_set.filter(pl.col("round") > 0)
+        trained = pl.concat([round_rows(t) for _, t in metrics.group_by("task",
+                                                                         maintain_order=True)])
+        per_round = (trained.filter(pl.col("round") > 0)
                      .group_by("task", "config", "round", maintain_order=True)
                      .agg(pl.col(c).mean() for c in probes).sort("task", "config", "round"))
         lines += ["## What training saw, per round (mean over seeds)", "",
@@ -252,7 +254,7 @@ def _plots(df: pl.DataFrame, out: Path, settings: list[str]) -> list[str]:
     """Per eval set: the report's per-round plots of every config (exact and baselines), and
     the target's accuracy and path diversity against PRM setting."""
     written = []
-    for eval_set in df["eval_set"].unique(maintain_order=True).to_list():
+    for eval_set in eval_sets(df):
         folder = out / eval_set
         folder.mkdir(parents=True, exist_ok=True)
         keep = df.filter(~pl.col("config").str.contains(r"\.") |

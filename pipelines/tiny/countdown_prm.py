@@ -4,8 +4,10 @@ countdown policy's own rollouts; cached like the other tiny builds.
 Data: the tiny countdown policy (:mod:`pipelines.tiny.countdown`, default build) samples
 ``samples`` responses at temperature 1 to each of ``problems`` generated training problems, and
 ``countdown.check_steps`` labels every line: the exact "can this prefix still succeed" label a
-Math-Shepherd-style PRM estimates. The model is a small Qwen2 token classifier (Qwen2.5-Math-PRM
-style, 2 labels); its inputs are built by the scoring engine's own encoder
+Math-Shepherd-style PRM estimates. The model is a Qwen2 token classifier (Qwen2.5-Math-PRM
+style, 2 labels) started from the policy's own weights (a new head; random init with
+``init_from_policy=False`` learned only each position's base rate: F1 0); its inputs are built
+by the scoring engine's own encoder
 (:class:`pipelines.engines.prm_inputs.PRMInput`, family ``cls``), so training and
 ``hf-cls:<folder>`` scoring read the same positions::
 
@@ -56,6 +58,9 @@ class CountdownPRMConfig:
     learning_rate: float = 2e-3
     eval_problems: int = 400
     policy: tuple[tuple[str, Any], ...] = ()  # CountdownTinyConfig fields of the policy
+    # start from the policy's weights (its vocabulary plus the separator; a new 2-label head),
+    # as Qwen2.5-Math-PRM starts from its instruct model; False: random init of the sizes above
+    init_from_policy: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "policy": dict(self.policy)}
@@ -69,17 +74,24 @@ class CountdownPRMConfig:
                             **self.to_dict(), "policy": policy})
 
 
+def policy_folder(cfg: CountdownPRMConfig) -> Path:
+    """The tiny countdown policy the PRM learns from (built or reused from the cache)."""
+    from pipelines.tiny.countdown import build_tiny_countdown_policy
+
+    return build_tiny_countdown_policy(**dict(cfg.policy))
+
+
 def labelled_rollouts(cfg: CountdownPRMConfig, count: int, seed: int
                       ) -> list[tuple[str, list[str], list[bool]]]:
     """(prompt, response lines, oracle verdicts): ``cfg.samples`` policy responses at T=1 to
     each of ``count`` problems drawn with ``seed``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipelines.tiny.countdown import CountdownTinyConfig, build_tiny_countdown_policy
+    from pipelines.tiny.countdown import CountdownTinyConfig
     from pipelines.tiny.policy import sample_responses
 
     policy_cfg = CountdownTinyConfig(**dict(cfg.policy))
-    path = build_tiny_countdown_policy(**dict(cfg.policy))
+    path = policy_folder(cfg)
     tok = AutoTokenizer.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
     problems = cd.generate_problems(count, seed=seed, numbers=policy_cfg.numbers,
@@ -130,12 +142,18 @@ def _fit(cfg: CountdownPRMConfig, out: Path, verbose: bool) -> None:
     tok = prm_tokenizer((SEPARATOR,), cfg.max_position_embeddings)
     encoder = PRMInput(tok, "cls")
     torch.manual_seed(cfg.seed)
-    qcfg = _qwen2_config(tok, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-                         num_heads=cfg.num_heads, head_dim=cfg.head_dim,
-                         intermediate_size=cfg.intermediate_size,
-                         max_position_embeddings=cfg.max_position_embeddings)
-    qcfg.num_labels = 2
-    model = Qwen2ForTokenClassification(qcfg)
+    if cfg.init_from_policy:  # the policy's char vocabulary is the PRM's minus the separator
+        model = Qwen2ForTokenClassification.from_pretrained(
+            str(policy_folder(cfg)), num_labels=2,
+            max_position_embeddings=cfg.max_position_embeddings)
+        model.resize_token_embeddings(len(tok))
+    else:
+        qcfg = _qwen2_config(tok, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                             num_heads=cfg.num_heads, head_dim=cfg.head_dim,
+                             intermediate_size=cfg.intermediate_size,
+                             max_position_embeddings=cfg.max_position_embeddings)
+        qcfg.num_labels = 2
+        model = Qwen2ForTokenClassification(qcfg)
     encoded, counts = [], [0, 0]  # counts: wrong, right labels
     for prompt, lines, verdicts in rows:
         ids, positions = encoder.encode(prompt, lines)
