@@ -22,7 +22,7 @@ def tiny_prm(
         help="arith (hf-tag, synthetic slips) | countdown (hf-cls, the tiny countdown policy's "
         "own rollouts labelled by the process oracle)")] = "arith",
     max_steps: Annotated[int | None, typer.Option(
-        help="training steps (default: 400 arith, 800 countdown)")] = None,
+        help="training steps (default: 400 arith, 1200 countdown)")] = None,
     seed: Annotated[int, typer.Option(help="data and init seed")] = 0,
     modulus: Annotated[int, typer.Option(help="arith modulus")] = 10,
     num_threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,

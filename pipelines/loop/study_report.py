@@ -206,8 +206,8 @@ def markdown(cfg: Any, final: pl.DataFrame, comp: pl.DataFrame, metrics: pl.Data
              f"algorithms {', '.join(cfg.algos)}; bootstrap resamples {cfg.resamples}.", ""]
     if prm_f1:
         lines += ["## PRM settings: first-error F1 on the initial policy's rollouts", "",
-                  "| task | setting | F1 |", "|---|---|---|"]
-        lines += [f"| {t} | {s} | {v:.3f} |" for (t, s), v in prm_f1.items()]
+                  "| task | setting | F1 (%, ProcessBench protocol) |", "|---|---|---|"]
+        lines += [f"| {t} | {s} | {v:.1f} |" for (t, s), v in prm_f1.items()]
         lines.append("")
     cols = [c for c in METRICS if c in final.columns]
     costs = [c for c in COSTS if c in final.columns]
@@ -325,13 +325,13 @@ def print_summary(comp: pl.DataFrame, final: pl.DataFrame, out: Path, seconds: f
         console.print(t)
     if comp.height:
         acc = comp.filter(pl.col("metric") == "accuracy")
-        t = Table(title="accuracy: target - baseline, paired bootstrap 95% CI",
-                  title_justify="left")
+        t = Table(title="accuracy: target - baseline (same PRM setting), paired bootstrap 95% "
+                  "CI; * excludes 0", title_justify="left")
         for c in ("task", "set", "PRM", "baseline", "diff", "CI"):
             t.add_column(c)
         for r in acc.iter_rows(named=True):
-            t.add_row(r["task"], r["eval_set"], r["setting"], r["baseline"],
+            t.add_row(r["task"], r["eval_set"], r["setting"], r["baseline"].split(".")[0],
                       f"{r['mean_diff']:+.3f}{' *' if r['excludes_zero'] else ''}",
-                      f"[{r['ci_lo']:+.3f}, {r['ci_hi']:+.3f}]")
+                      f"[{r['ci_lo']:+.3f},{r['ci_hi']:+.3f}]")
         console.print(t)
     console.print(f"study: {out}/study.md ({seconds / 60:.1f} min)", highlight=False)

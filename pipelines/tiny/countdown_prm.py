@@ -5,8 +5,8 @@ Data: the tiny countdown policy (:mod:`pipelines.tiny.countdown`, default build)
 ``samples`` responses at temperature 1 to each of ``problems`` generated training problems, and
 ``countdown.check_steps`` labels every line: the exact "can this prefix still succeed" label a
 Math-Shepherd-style PRM estimates. The model is a Qwen2 token classifier (Qwen2.5-Math-PRM
-style, 2 labels) started from the policy's own weights (a new head; random init with
-``init_from_policy=False`` learned only each position's base rate: F1 0); its inputs are built
+style, 2 labels) started from the policy's own weights (a new head), as Qwen2.5-Math-PRM starts
+from its instruct model; its inputs are built
 by the scoring engine's own encoder
 (:class:`pipelines.engines.prm_inputs.PRMInput`, family ``cls``), so training and
 ``hf-cls:<folder>`` scoring read the same positions::
@@ -36,7 +36,7 @@ from scope_data.first_error import locate, subset_metrics
 from scope_data.tasks import countdown as cd
 from scope_data.tasks.arith import first_error_of
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: a right response labels every line (1 dropped them)
 EVAL_SEED_OFFSET = 7_000_001  # held-out problems come from another seed range
 
 
@@ -53,13 +53,13 @@ class CountdownPRMConfig:
     head_dim: int = 32
     intermediate_size: int = 512
     max_position_embeddings: int = 320
-    max_steps: int = 800
+    max_steps: int = 1200
     batch_size: int = 32
-    learning_rate: float = 2e-3
+    learning_rate: float = 3e-4  # 2e-3 (800 steps) learned only each position's base rate
     eval_problems: int = 400
     policy: tuple[tuple[str, Any], ...] = ()  # CountdownTinyConfig fields of the policy
-    # start from the policy's weights (its vocabulary plus the separator; a new 2-label head),
-    # as Qwen2.5-Math-PRM starts from its instruct model; False: random init of the sizes above
+    # start from the policy's weights (its vocabulary plus the separator; a new 2-label head);
+    # False: random init of the sizes above
     init_from_policy: bool = True
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,8 +157,8 @@ def _fit(cfg: CountdownPRMConfig, out: Path, verbose: bool) -> None:
     encoded, counts = [], [0, 0]  # counts: wrong, right labels
     for prompt, lines, verdicts in rows:
         ids, positions = encoder.encode(prompt, lines)
-        first = first_error_of(verdicts, len(verdicts))
-        labels = [int(ok) for ok in verdicts[: first + 1]]
+        first = next((k for k, ok in enumerate(verdicts) if not ok), len(verdicts))
+        labels = [int(ok) for ok in verdicts[: first + 1]]  # a right response: every line
         if len(ids) > cfg.max_position_embeddings:
             continue  # a runaway response; scoring would truncate it too
         for y in labels:
