@@ -105,12 +105,13 @@ def initial_row(df: pl.DataFrame, eval_set: str) -> dict[str, Any] | None:
     return {c: sub[c].mean() for c in TABLE_COLUMNS if c in sub.columns and c != "salvage_rate"}
 
 
-def _fmt(mean: Any, std: Any = None) -> str:
+def fmt(mean: Any, std: Any = None, digits: int = 3) -> str:
+    """``mean ± std`` with ``digits`` decimals; "-" for a missing mean, no std when missing."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "-"
-    text = f"{mean:.3f}"
+    text = f"{mean:.{digits}f}"
     if std is not None and not (isinstance(std, float) and math.isnan(std)):
-        text += f" ± {std:.3f}"
+        text += f" ± {std:.{digits}f}"
     return text
 
 
@@ -120,10 +121,10 @@ def markdown_table(final: pl.DataFrame, initial: dict[str, Any] | None, label: s
     head = f"| {label} | runs | " + " | ".join(cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
     if initial is not None:
-        lines.append("| initial policy | - | " + " | ".join(_fmt(initial.get(c)) for c in cols)
+        lines.append("| initial policy | - | " + " | ".join(fmt(initial.get(c)) for c in cols)
                      + " |")
     for row in final.iter_rows(named=True):
-        cells = [_fmt(row[c], row.get(f"{c}_std") if row["runs"] > 1 else None) for c in cols]
+        cells = [fmt(row[c], row.get(f"{c}_std") if row["runs"] > 1 else None) for c in cols]
         lines.append(f"| {row[label]} | {row['runs']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

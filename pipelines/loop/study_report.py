@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipelines.loop.report import eval_sets, load_runs, make_plots, round_rows
+from pipelines.loop.report import eval_sets, fmt, load_runs, make_plots, round_rows
 
 METRICS = ("accuracy", "pass@max", "distinct_paths", "path_entropy", "self_bleu_div")
 COSTS = ("rollouts", "train_steps", "teacher_tokens", "prm_tokens")
@@ -182,15 +182,6 @@ def _prm_of(cfg: Any, r: _Run) -> str:
     return prm_settings(cfg, r.task)[r.setting].replace("{seed}", str(r.seed))
 
 
-def _fmt(m: Any, s: Any = None, digits: int = 3) -> str:
-    if m is None or (isinstance(m, float) and math.isnan(m)):
-        return "-"
-    text = f"{m:.{digits}f}"
-    if s is not None and not (isinstance(s, float) and math.isnan(s)):
-        text += f" ± {s:.{digits}f}"
-    return text
-
-
 def markdown(cfg: Any, final: pl.DataFrame, comp: pl.DataFrame, metrics: pl.DataFrame,
              prm_f1: dict[tuple[str, str], float], timings: list[dict[str, Any]],
              seconds: float, plots: list[str]) -> str:
@@ -217,8 +208,8 @@ def markdown(cfg: Any, final: pl.DataFrame, comp: pl.DataFrame, metrics: pl.Data
                   "|" + "---|" * (len(cols) + len(costs) + 2)]
         for row in sub.iter_rows(named=True):
             lines.append(f"| {row['config']} | {row['seeds']} | "
-                         + " | ".join(_fmt(row[c], row[f"{c}_std"]) for c in cols) + " | "
-                         + " | ".join(_fmt(row[c], digits=0) for c in costs) + " |")
+                         + " | ".join(fmt(row[c], row[f"{c}_std"]) for c in cols) + " | "
+                         + " | ".join(fmt(row[c], digits=0) for c in costs) + " |")
         lines.append("")
     if comp.height:
         lines += [f"## Paired differences, {cfg.target} - baseline (95% bootstrap CI)", "",
@@ -243,7 +234,7 @@ def markdown(cfg: Any, final: pl.DataFrame, comp: pl.DataFrame, metrics: pl.Data
                   "|" + "---|" * (len(probes) + 3)]
         for row in per_round.iter_rows(named=True):
             lines.append(f"| {row['task']} | {row['config']} | {row['round']} | "
-                         + " | ".join(_fmt(row[c]) for c in probes) + " |")
+                         + " | ".join(fmt(row[c]) for c in probes) + " |")
         lines.append("")
     lines += ["## Plots", ""]
     lines += [f"![{Path(p).stem}]({Path(p).relative_to(out)})" for p in plots]
@@ -319,9 +310,9 @@ def print_summary(comp: pl.DataFrame, final: pl.DataFrame, out: Path, seconds: f
         for c in ("config", "acc", "pass@n", "paths H"):
             t.add_column(c, justify="left" if c == "config" else "right")
         for r in sub.iter_rows(named=True):
-            t.add_row(r["config"], _fmt(r["accuracy"], r["accuracy_std"]),
-                      _fmt(r["pass@max"], r["pass@max_std"]),
-                      _fmt(r.get("path_entropy"), r.get("path_entropy_std")))
+            t.add_row(r["config"], fmt(r["accuracy"], r["accuracy_std"]),
+                      fmt(r["pass@max"], r["pass@max_std"]),
+                      fmt(r.get("path_entropy"), r.get("path_entropy_std")))
         console.print(t)
     if comp.height:
         acc = comp.filter(pl.col("metric") == "accuracy")

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.tiny.cache import META_FILE, cache_root, cached_build, quiet, torch_threads
-from pipelines.tiny.prm import SEPARATOR, _qwen2_config, prm_tokenizer
+from pipelines.tiny.prm import SEPARATOR, _qwen2_config, optimizer_step, prm_tokenizer
 from scope_data.first_error import locate, subset_metrics
 from scope_data.tasks import countdown as cd
 from scope_data.tasks.arith import first_error_of
@@ -165,9 +165,7 @@ def _fit(cfg: CountdownPRMConfig, out: Path, verbose: bool) -> None:
             counts[y] += 1
         encoded.append((ids, positions[: len(labels)], labels))
     weight = torch.tensor([min(5.0, counts[1] / max(1, counts[0])), 1.0])
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 30) * max(0.05, 1 - s / cfg.max_steps))
+    step_fn = optimizer_step(model, cfg.learning_rate, cfg.max_steps)
     rng = random.Random(cfg.seed)
     model.train()
     losses = []
@@ -184,14 +182,9 @@ def _fit(cfg: CountdownPRMConfig, out: Path, verbose: bool) -> None:
         # right padding never changes a causal decoder's outputs at real positions
         logits = model(input_ids=input_ids).logits[rows_idx, cols]
         loss = F.cross_entropy(logits, torch.tensor(targets), weight=weight)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(step_fn(loss))
         if verbose and step % 50 == 0:
-            print(f"step {step} loss {loss.item():.4f}", flush=True)
+            print(f"step {step} loss {losses[-1]:.4f}", flush=True)
     model.eval()
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))

@@ -96,6 +96,26 @@ def init_tiny_prm(
     return out
 
 
+def optimizer_step(model: Any, lr: float, max_steps: int) -> Any:
+    """The tiny PRMs' update: AdamW, 30 warmup steps then a linear decay to 5% of ``lr``,
+    gradients clipped at norm 1. Returns ``step(loss) -> float`` (one update; the loss value)."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 30) * max(0.05, 1 - s / max_steps))
+
+    def step(loss: Any) -> float:
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        return float(loss.item())
+
+    return step
+
+
 # -- training data ---------------------------------------------------------------------------
 def slipped_solution(problem: arith.ArithProblem, rng: random.Random) -> str:
     """A solution with one slip at a random step, continued consistently from it."""
@@ -223,10 +243,7 @@ def _fit(cfg: TinyPRMConfig, out: Path, verbose: bool) -> None:
         encoded.append((enc["input_ids"], labels, lm))
     bad_weight = min(5.0, n_labels[0] / max(1, n_labels[1])) if cfg.balance else 1.0
     class_weight = torch.tensor([1.0, bad_weight])
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 30) * max(0.05, 1 - s / cfg.max_steps)
-    )
+    step_fn = optimizer_step(model, cfg.learning_rate, cfg.max_steps)
     rng = random.Random(cfg.seed)
     model.train()
     losses = []
@@ -254,14 +271,9 @@ def _fit(cfg: TinyPRMConfig, out: Path, verbose: bool) -> None:
             loss = loss + cfg.lm_weight * F.cross_entropy(
                 logits, input_ids[torch.tensor(lm_rows), torch.tensor(lm_cols)]
             )
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(step_fn(loss))
         if verbose and step % 50 == 0:
-            print(f"step {step} loss {loss.item():.4f}", flush=True)
+            print(f"step {step} loss {losses[-1]:.4f}", flush=True)
     train_seconds = time.time() - t0
     model.eval()
     model.save_pretrained(str(out))
