@@ -17,9 +17,6 @@ def register(app: typer.Typer) -> None:
 @config_command(StudyConfig)
 def study(cfg: StudyConfig) -> None:
     """Run the comparison study (same budgets), then write study.md, CSVs and plots."""
-    import os
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     from pipelines.loop.study import run
 
     run(cfg)

@@ -124,12 +124,16 @@ def test_worker_errors(tmp_path) -> None:
 
 
 def test_online_k1_generates_one_round_ahead(tmp_path, tiny_policy) -> None:
-    body = _recipe(f"hf:{tiny_policy}", algo="grpo", rounds=3)
+    """K = 1, and rounds 1-2 without evaluation (`every: 0`): the eval worker still waits for
+    each round's tables before writing its metrics row."""
+    evals = [{"name": "heldout", "arith": {"count": 4, "seed": 12}, "every": 0}]
+    body = _recipe(f"hf:{tiny_policy}", algo="grpo", rounds=3, eval=evals)
     recipe = _write(tmp_path / "r.yaml", body)
     out = tmp_path / "k1"
     res = run(RunConfig(recipe=str(recipe), out=str(out), verbose=False, online=True,
                         max_staleness=1))
-    assert sorted(set(res.metrics["round"].to_list())) == [0, 1, 2, 3]
+    assert res.metrics.select("round", "eval_set").rows() == [
+        (0, "heldout"), (1, None), (2, None), (3, "heldout")]
     lag = dict(res.metrics.filter(res.metrics["round"] > 0).select("round", "staleness").rows())
     assert lag == {1: 0, 2: 1, 3: 1}  # round r trains on samples of the policy of round r-2
     from scope_data.shards import scan

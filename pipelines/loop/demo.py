@@ -14,7 +14,6 @@ is computed once and copied into the other runs of that seed (their stage hashes
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +64,7 @@ def run(cfg: DemoConfig) -> DemoResult:
     from pipelines.console import console
     from pipelines.loop import round_loop as run_loop
     from pipelines.loop.report import load_runs, report
+    from pipelines.loop.round_inputs import share_round0
 
     t0, cpu0 = time.time(), time.process_time()
     import os
@@ -96,7 +96,7 @@ def run(cfg: DemoConfig) -> DemoResult:
                                               "name": name})
             run_dir = out / "runs" / name
             if first is not None:
-                _share_round0(first, run_dir)
+                share_round0(first, run_dir)
             t = time.time()
             console.print(f"[bold magenta]== {name}[/]", highlight=False)
             run_loop.run(run_loop.RunConfig(recipe=recipe, out=str(run_dir), rounds=rounds,
@@ -128,13 +128,6 @@ def _tiny(recipe: Any) -> None:
     t = time.time()
     path = initial_policy(recipe)
     console.print(f"policy {path} ready in {time.time() - t:.0f} s", highlight=False)
-
-
-def _share_round0(src: Path, dst: Path) -> None:
-    """Copy problems/ and round-0000/ (same config hashes for every algo of a seed)."""
-    for name in ("problems", "round-0000"):
-        if (src / name).is_dir() and not (dst / name).exists():
-            shutil.copytree(src / name, dst / name)
 
 
 def paired_differences(df: pl.DataFrame, target: str = "scope",

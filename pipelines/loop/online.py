@@ -276,7 +276,7 @@ def launch(cfg: round_loop.RunConfig, max_restarts: int = 2) -> round_loop.RunRe
     if store is not None:  # the eval worker's (it read every round's eval and train folders)
         store.pull_file(round_loop.METRICS_FILE)
     else:
-        round_loop._write_metrics(run_dir, recipe, rounds)
+        round_loop._write_metrics(run_dir, recipe, rounds, rounds)
     import polars as pl
 
     metrics = pl.read_parquet(run_dir / round_loop.METRICS_FILE)

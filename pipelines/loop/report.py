@@ -51,10 +51,9 @@ def load_runs(run_dirs: list[str]) -> pl.DataFrame:
 
 
 def round_rows(df: pl.DataFrame) -> pl.DataFrame:
-    """One row per (run, round), for the training figures every eval row of a round repeats:
-    the first eval set's rows plus the rows of rounds without evaluation (null eval_set)."""
-    first = df["eval_set"].drop_nulls()[0]
-    return df.filter(pl.col("eval_set").is_null() | (pl.col("eval_set") == first))
+    """One row per (run, round), for the training figures every row of a round repeats
+    (rounds without evaluation have one row, with a null eval_set)."""
+    return df.unique(subset=["run", "round"], keep="first", maintain_order=True)
 
 
 def eval_sets(df: pl.DataFrame) -> list[str]:

@@ -9,6 +9,7 @@ a recipe problem entry (`path:`, `arith:` or `countdown:`) into a table, with th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipelines.config import identity, option
@@ -100,3 +101,14 @@ def write_problems(cfg: ProblemsConfig | CountdownProblemsConfig) -> None:
                             cfg.max_operand, exclude_prompts=seen)
     TableStore(cfg.out, "problems").write(table, identity(cfg),
                                           stats={"status": {"ok": len(table)}})
+
+
+def share_round0(src: Path, dst: Path) -> None:
+    """Copy `problems/` and `round-0000/` of run `src` into run `dst` (runs that differ only
+    after round 0, e.g. the algorithms of one seed: same stage hashes, so `dst` resumes them)."""
+    import shutil
+
+    for name in ("problems", "round-0000"):
+        if (src / name).is_dir() and not (dst / name).exists():
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(src / name, dst / name)

@@ -130,6 +130,17 @@ class _Runner:
         self.ran: list[str] = []
         self.skipped: list[str] = []
 
+    def settle(self, digest: str) -> None:
+        """An online worker about to read a whole round (its metrics) waits for the stage
+        `digest` (the round's training) and every stage still pending; offline: nothing."""
+        if self.role is None or self.dry_run:
+            return
+        if digest in self.markers:
+            self.wait(self.markers[digest], digest)
+        for earlier in self.pending:
+            self.wait(*earlier)
+        self.pending.clear()
+
     def relative(self, config: dict[str, Any]) -> dict[str, Any]:
         """Paths inside the run folder written as $RUN_DIR/...: a moved run still resumes."""
         text = json.dumps(config, default=str)
@@ -251,7 +262,7 @@ def run(cfg: RunConfig, runner: _Runner | None = None, max_staleness: int = 0) -
     _evaluate(runner, recipe, run_dir, (0, rounds), policy, policy_hash, eval_sets,
               problem_hashes)
     if writes_metrics:
-        _write_metrics(run_dir, recipe, 0)
+        _write_metrics(run_dir, recipe, 0, rounds)
     carried: str | None = None  # the train folder whose state the next round continues
     for r in range(1, rounds + 1):
         version = max(0, r - 1 - max_staleness)  # rounds trained into the sampling policy
@@ -262,7 +273,8 @@ def run(cfg: RunConfig, runner: _Runner | None = None, max_staleness: int = 0) -
         _evaluate(runner, recipe, run_dir, (r, rounds), policy, policy_hash, eval_sets,
                   problem_hashes)
         if writes_metrics:
-            _write_metrics(run_dir, recipe, r)
+            runner.settle(policy_hash)  # a round without evaluation has no stage that waited
+            _write_metrics(run_dir, recipe, r, rounds)
     if cfg.dry_run:
         return RunResult(str(run_dir), pl.DataFrame(), runner.plan, [], [], recipe.launch)
     if not writes_metrics:  # an online worker of another role
@@ -382,12 +394,12 @@ def _evaluate(runner: _Runner, recipe: Recipe, run_dir: Path, at: tuple[int, int
                      lambda ecfg=ecfg: evaluate.run(ecfg))
 
 
-def _write_metrics(run_dir: Path, recipe: Recipe, last_round: int) -> None:
-    """Rebuild RUN_DIR/metrics.parquet from every finished round (idempotent on resume) and
-    log the last round into the run's tracker (`round_tracking`)."""
+def _write_metrics(run_dir: Path, recipe: Recipe, last_round: int, rounds: int) -> None:
+    """Rebuild RUN_DIR/metrics.parquet from every finished round of a `rounds`-round run
+    (idempotent on resume) and log the last round into the run's tracker (`round_tracking`)."""
     rows: list[dict[str, Any]] = []
     for r in range(0, last_round + 1):
-        rows.extend(stages.round_metrics(recipe, round_dir(run_dir, r), r))
+        rows.extend(stages.round_metrics(recipe, round_dir(run_dir, r), r, rounds))
     frame = pl.DataFrame(rows, infer_schema_length=None)
     tmp = run_dir / f".{METRICS_FILE}.tmp"
     frame.write_parquet(tmp)

@@ -261,7 +261,7 @@ def _finished(result: Any, out: str) -> None:
 
 
 # -- metrics --------------------------------------------------------------------------------
-def round_metrics(recipe: Recipe, rd: Path, r: int) -> list[dict[str, Any]]:
+def round_metrics(recipe: Recipe, rd: Path, r: int, rounds: int) -> list[dict[str, Any]]:
     """One row per eval set of round r: eval metrics plus this round's training figures (one
     row with a null eval_set when no set is evaluated this round)."""
     from pipelines.stages.evaluate import read_metrics
@@ -272,8 +272,8 @@ def round_metrics(recipe: Recipe, rd: Path, r: int) -> list[dict[str, Any]]:
         base.update(training_figures(rd))
     rows = []
     for entry in recipe.eval:
-        if not (rd / "eval" / entry["name"]).is_dir():
-            continue  # not due this round (`every`); a due set's stage ran before this
+        if not eval_due(entry.get("every", 1), r, rounds):
+            continue  # not evaluated this round (an older, longer run's folder is ignored)
         m = read_metrics(str(rd / "eval" / entry["name"]))
         m.pop("config", None)
         rows.append({**base, "eval_set": entry["name"], **m})

@@ -44,7 +44,7 @@ class StudyConfig:
 
     out: str = option("scope-study", help="output folder (runs, plots, study.md)")
     quick: bool = option(False, help="countdown only, 2 seeds, 2 rounds, PRMs exact, noisy "
-                         "F1 0.5 and learned (about 10 minutes on 2 cores)")
+                         "F1 0.5 and learned (about 3 minutes on 2 cores)")
     tasks: tuple[str, ...] = option(STUDY_TASKS, sep=",", help="worlds: countdown,arith")
     algos: tuple[str, ...] = option(ALGO_NAMES, sep=",", help="algorithms to compare")
     seeds: int = option(5, help="seeds per configuration")
@@ -76,9 +76,13 @@ class StudyRun:
     prm: str
 
     @property
+    def config(self) -> str:
+        """The configuration a run is a seed of: `algo` or `algo.setting`."""
+        return self.algo if self.setting == "-" else f"{self.algo}.{self.setting}"
+
+    @property
     def name(self) -> str:
-        tag = "" if self.setting == "-" else f".{self.setting}"
-        return f"{self.algo}{tag}-s{self.seed}"
+        return f"{self.config}-s{self.seed}"
 
     def folder(self, out: Path) -> Path:
         return out / self.task / "runs" / self.name
@@ -114,6 +118,8 @@ def plan(cfg: StudyConfig) -> list[list[StudyRun]]:
             raise ValueError(f"unknown study task {task!r}; use {', '.join(STUDY_TASKS)}")
     for algo in cfg.algos:
         get_algo(algo)
+    if cfg.target not in cfg.algos:
+        raise ValueError(f"--target {cfg.target!r} is not among --algos ({', '.join(cfg.algos)})")
     if cfg.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {cfg.seeds}")
     cells = []
@@ -158,20 +164,16 @@ def run_one(run: StudyRun, out: str, rounds: int | None, first: str | None,
             extra: dict[str, Any]) -> dict[str, Any]:
     """One study run in this (worker) process; its console output goes to a log file."""
     import contextlib
-    import shutil
 
     import torch
 
     from pipelines.loop import round_loop
+    from pipelines.loop.round_inputs import share_round0
 
     torch.set_num_threads(1)
     folder = run.folder(Path(out))
     if first is not None:  # round 0 and the problems are the same for the whole cell
-        for name in ("problems", "round-0000"):
-            src, dst = Path(first) / name, folder / name
-            if src.is_dir() and not dst.exists():
-                folder.mkdir(parents=True, exist_ok=True)
-                shutil.copytree(src, dst)
+        share_round0(Path(first), folder)
     recipe = study_recipe(run, extra)
     log = Path(out) / "logs" / run.task / f"{run.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -202,6 +204,7 @@ def execute(cfg: StudyConfig, cells: list[list[StudyRun]]) -> list[dict[str, Any
                 try:
                     result = fut.result()
                 except Exception as e:  # a failed run stops the study (finished runs are kept)
+                    pool.shutdown(wait=False, cancel_futures=True)
                     log = out / "logs" / cell[k].task / f"{cell[k].name}.log"
                     raise RuntimeError(f"study run {cell[k].task}/{cell[k].name} failed: {e} "
                                        f"(log: {log}; rerun the study to resume)") from e

@@ -50,37 +50,46 @@ def paired_bootstrap(diff: np.ndarray, resamples: int, seed: int = 0
     return float(diff.mean()), float(lo), float(hi)
 
 
-def per_problem(folder: str, eval_set: str) -> pl.DataFrame:
-    """The last round's per-problem values of a run on an eval set (METRICS columns)."""
-    last = max(int(p.name.split("-")[1]) for p in Path(folder).glob("round-[0-9]*"))
-    df = pl.read_parquet(Path(folder) / f"round-{last:04d}" / "eval" / eval_set /
-                         "per_problem.parquet")
+def per_problem(folder: str, eval_set: str, last: int) -> pl.DataFrame:
+    """A run's per-problem values (METRICS columns) on an eval set after round `last`."""
+    path = Path(folder) / f"round-{last:04d}" / "eval" / eval_set / "per_problem.parquet"
+    df = pl.read_parquet(path)
     n = int(df["n"].max())
     cols = [(pl.col("c") / pl.col("n")).alias("accuracy"), pl.col(f"pass@{n}").alias("pass@max")]
-    for c in ("distinct_paths", "path_entropy"):
+    for c in ("distinct_paths", "path_entropy"):  # no right answer: no right paths
         if c in df.columns:
             cols.append(pl.col(c).cast(pl.Float64).fill_null(0.0).alias(c))
     if "self_bleu_div" in df.columns:
         cols.append(pl.col("self_bleu_div"))
-    return df.sort("problem_id").select("problem_id", *cols)
+    return df.select("problem_id", *cols).with_columns(pl.lit(str(path)).alias("file"))
 
 
-def compare(runs: list[Any], eval_set: str, target: str, baseline: str,
+def compare(runs: list[Any], out: Path, last: int, eval_set: str, target: str, baseline: str,
             resamples: int) -> list[dict[str, Any]]:
-    """Paired CIs of target - baseline (two lists of runs of one task, matched by seed)."""
-    by_seed = {r.seed: r for r in runs if f"{r.algo}{_tag(r)}" == target}
-    base = {r.seed: r for r in runs if f"{r.algo}{_tag(r)}" == baseline}
-    seeds = sorted(set(by_seed) & set(base))
+    """Paired CIs of target - baseline (configs of one task's runs, matched by seed and
+    problem_id) on the per-problem tables after round `last`."""
+    mine = {r.seed: r for r in runs if r.config == target}
+    base = {r.seed: r for r in runs if r.config == baseline}
+    seeds = sorted(set(mine) & set(base))
     if not seeds:
         return []
-    mine = [per_problem(by_seed[s].folder_path, eval_set) for s in seeds]
-    theirs = [per_problem(base[s].folder_path, eval_set) for s in seeds]
+    pairs = []
+    for s in seeds:
+        a = per_problem(str(mine[s].folder(out)), eval_set, last)
+        b = per_problem(str(base[s].folder(out)), eval_set, last)
+        joined = a.join(b, on="problem_id", how="full", suffix="_b", coalesce=True)
+        if joined.height != a.height or joined.height != b.height:
+            raise ValueError(f"{a['file'][0]} and {b['file'][0]}: different problems; a "
+                             "paired comparison needs the same held-out set")
+        pairs.append(joined.sort("problem_id"))
     rows = []
     for metric in METRICS:
-        if metric not in mine[0].columns:
+        if metric not in pairs[0].columns:
             continue
-        diff = np.stack([(a[metric] - b[metric]).to_numpy() for a, b in
-                         zip(mine, theirs, strict=True)])
+        diff = np.stack([(j[metric] - j[f"{metric}_b"]).fill_null(float("nan")).to_numpy()
+                         for j in pairs])
+        if np.isnan(diff).any():
+            raise ValueError(f"{pairs[0]['file'][0]}: {metric} is missing for some problems")
         mean, lo, hi = paired_bootstrap(diff, resamples)
         rows.append({"eval_set": eval_set, "target": target, "baseline": baseline,
                      "metric": metric, "seeds": len(seeds), "problems": diff.shape[1],
@@ -89,31 +98,19 @@ def compare(runs: list[Any], eval_set: str, target: str, baseline: str,
     return rows
 
 
-def _tag(r: Any) -> str:
-    return "" if r.setting == "-" else f".{r.setting}"
-
-
-@dataclass(frozen=True)
-class _Run:
-    task: str
-    algo: str
-    setting: str
-    seed: int
-    folder_path: str
-
-
 def analyse(cfg: Any, runs: list[Any], timings: list[dict[str, Any]], seconds: float
             ) -> StudyResult:
     """Tables, CIs, plots and `study.md` for the finished runs of a study."""
     out = Path(cfg.out)
-    located = [_Run(r.task, r.algo, r.setting, r.seed, str(r.folder(out))) for r in runs]
     frames, comparisons, plots = [], [], []
-    for task in dict.fromkeys(r.task for r in located):
-        mine = [r for r in located if r.task == task]
-        df = load_runs([r.folder_path for r in mine]).with_columns(pl.lit(task).alias("task"))
-        config = {r.folder_path: f"{r.algo}{_tag(r)}" for r in mine}
+    for task in dict.fromkeys(r.task for r in runs):
+        mine = [r for r in runs if r.task == task]
+        df = load_runs([str(r.folder(out)) for r in mine]).with_columns(
+            pl.lit(task).alias("task"))
+        config = {str(r.folder(out)): r.config for r in mine}
         df = df.with_columns(pl.col("run").replace_strict(config).alias("config"))
         frames.append(df)
+        last = int(df.filter(pl.col("eval_set").is_not_null())["round"].max())
         settings = list(dict.fromkeys(r.setting for r in mine if r.setting != "-"))
         for eval_set in eval_sets(df):
             for setting in settings or ["-"]:
@@ -122,13 +119,14 @@ def analyse(cfg: Any, runs: list[Any], timings: list[dict[str, Any]], seconds: f
                     algo, _, other_setting = other.partition(".")
                     if algo == cfg.target or (other_setting and other_setting != setting):
                         continue
-                    for row in compare(mine, eval_set, target, other, cfg.resamples):
+                    for row in compare(mine, out, last, eval_set, target, other,
+                                       cfg.resamples):
                         comparisons.append({"task": task, "setting": setting, **row})
         plots += _plots(df, out / task, settings)
     metrics = pl.concat(frames, how="diagonal_relaxed")
     comp = pl.DataFrame(comparisons) if comparisons else pl.DataFrame()
     final = final_table(metrics)
-    prm_f1 = prm_quality(cfg, located)
+    prm_f1 = prm_quality(runs, out)
     text = markdown(cfg, final, comp, metrics, prm_f1, timings, seconds, plots)
     (out / "study.md").write_text(text)
     metrics.drop("first_error_hist", strict=False).write_csv(out / "metrics.csv")
@@ -155,31 +153,23 @@ def final_table(metrics: pl.DataFrame) -> pl.DataFrame:
     return table.join(costs, on=["task", "config"], how="left")
 
 
-def prm_quality(cfg: Any, runs: list[_Run]) -> dict[tuple[str, str], float]:
-    """(task, setting) -> first-error F1 of that setting's PRM (seed 0's spec) on the round-1
-    training rollouts of the first seed's first run (the initial policy's own responses; gold:
-    the task's process oracle)."""
+def prm_quality(runs: list[Any], out: Path) -> dict[tuple[str, str], float]:
+    """(task, setting) -> first-error F1 of that setting's PRM (the first seed's spec) on the
+    round-1 training rollouts of the task's first run (the initial policy's own responses;
+    gold: the task's process oracle)."""
     from pipelines.stages.prm_eval import PRMEvalConfig
     from pipelines.stages.prm_eval import run as prm_eval
 
     f1: dict[tuple[str, str], float] = {}
     for task in dict.fromkeys(r.task for r in runs):
         first = next(r for r in runs if r.task == task)
-        table = str(Path(first.folder_path) / "round-0001" / "generate")
-        seen = {}
+        table = str(first.folder(out) / "round-0001" / "generate")
         for r in runs:
-            if r.task != task or r.setting == "-" or r.setting in seen or r.seed != first.seed:
-                continue
-            spec = _prm_of(cfg, r)
-            seen[r.setting] = prm_eval(PRMEvalConfig(benchmarks=[table], prm=spec)).average_f1
-        f1.update({(task, s): v for s, v in seen.items()})
+            if (r.task == task and r.setting != "-" and r.seed == first.seed
+                    and (task, r.setting) not in f1):
+                f1[(task, r.setting)] = prm_eval(PRMEvalConfig(benchmarks=[table],
+                                                               prm=r.prm)).average_f1
     return f1
-
-
-def _prm_of(cfg: Any, r: _Run) -> str:
-    from pipelines.loop.study import prm_settings
-
-    return prm_settings(cfg, r.task)[r.setting].replace("{seed}", str(r.seed))
 
 
 def markdown(cfg: Any, final: pl.DataFrame, comp: pl.DataFrame, metrics: pl.DataFrame,

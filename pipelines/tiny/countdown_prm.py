@@ -16,7 +16,8 @@ by the scoring engine's own encoder
 
 over the steps up to and including the first error (later steps carry no first-error signal),
 "wrong" labels weighted by n(right)/n(wrong), at most 5. Held-out: the same policy's responses
-to other problems; the ProcessBench first-error metrics (threshold 0.5) go to
+to problems of another seed (about 1% of them may repeat a training prompt); the ProcessBench
+first-error metrics (threshold 0.5) go to
 ``scope_tiny.json`` (``eval``), and ``scope prm-eval`` measures the same on any table.
 """
 
@@ -164,6 +165,9 @@ def _fit(cfg: CountdownPRMConfig, out: Path, verbose: bool) -> None:
         for y in labels:
             counts[y] += 1
         encoded.append((ids, positions[: len(labels)], labels))
+    if not encoded:
+        raise ValueError(f"countdown PRM: none of the {len(rows)} sampled responses fits "
+                         f"max_position_embeddings={cfg.max_position_embeddings}")
     weight = torch.tensor([min(5.0, counts[1] / max(1, counts[0])), 1.0])
     step_fn = optimizer_step(model, cfg.learning_rate, cfg.max_steps)
     rng = random.Random(cfg.seed)
