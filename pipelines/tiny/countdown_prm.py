@@ -32,7 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.tiny.cache import META_FILE, cache_root, cached_build, quiet, torch_threads
-from pipelines.tiny.prm import SEPARATOR, _qwen2_config, optimizer_step, prm_tokenizer
+from pipelines.tiny.prm import (
+    SEPARATOR,
+    _qwen2_config,
+    optimizer_step,
+    padded_batch,
+    prm_tokenizer,
+)
 from scope_data.first_error import locate, subset_metrics
 from scope_data.tasks import countdown as cd
 from scope_data.tasks.arith import first_error_of
@@ -174,12 +180,9 @@ def _fit(cfg: CountdownPRMConfig, out: Path, verbose: bool) -> None:
     model.train()
     losses = []
     for step in range(cfg.max_steps):
-        batch = [encoded[rng.randrange(len(encoded))] for _ in range(cfg.batch_size)]
-        longest = max(len(ids) for ids, _, _ in batch)
-        input_ids = torch.full((len(batch), longest), tok.pad_token_id, dtype=torch.long)
+        batch, input_ids = padded_batch(encoded, rng, cfg.batch_size, tok.pad_token_id)
         rows_idx, cols, targets = [], [], []
-        for r, (ids, positions, labels) in enumerate(batch):
-            input_ids[r, : len(ids)] = torch.tensor(ids)
+        for r, (_, positions, labels) in enumerate(batch):
             rows_idx += [r] * len(positions)
             cols += positions
             targets += labels

@@ -116,6 +116,19 @@ def optimizer_step(model: Any, lr: float, max_steps: int) -> Any:
     return step
 
 
+def padded_batch(encoded: list[tuple[Any, ...]], rng: random.Random, size: int, pad_id: int
+                 ) -> tuple[list[tuple[Any, ...]], Any]:
+    """``size`` examples drawn with replacement (token ids first) and their ids right-padded
+    to the longest."""
+    import torch
+
+    batch = [encoded[rng.randrange(len(encoded))] for _ in range(size)]
+    input_ids = torch.full((size, max(len(x[0]) for x in batch)), pad_id, dtype=torch.long)
+    for r, x in enumerate(batch):
+        input_ids[r, : len(x[0])] = torch.tensor(x[0])
+    return batch, input_ids
+
+
 # -- training data ---------------------------------------------------------------------------
 def slipped_solution(problem: arith.ArithProblem, rng: random.Random) -> str:
     """A solution with one slip at a random step, continued consistently from it."""
@@ -248,13 +261,10 @@ def _fit(cfg: TinyPRMConfig, out: Path, verbose: bool) -> None:
     model.train()
     losses = []
     for step in range(cfg.max_steps):
-        batch = [encoded[rng.randrange(len(encoded))] for _ in range(cfg.batch_size)]
-        longest = max(len(ids) for ids, _, _ in batch)
-        input_ids = torch.full((len(batch), longest), tok.pad_token_id, dtype=torch.long)
+        batch, input_ids = padded_batch(encoded, rng, cfg.batch_size, tok.pad_token_id)
         mask = torch.zeros_like(input_ids)
         rows, cols, targets, lm_rows, lm_cols = [], [], [], [], []
         for r, (ids, ys, lm) in enumerate(batch):
-            input_ids[r, : len(ids)] = torch.tensor(ids)
             mask[r, : len(ids)] = 1
             tags = [t for t, x in enumerate(ids) if x == tag_id][: len(ys)]
             rows += [r] * len(tags)
