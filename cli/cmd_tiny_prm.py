@@ -24,7 +24,7 @@ def tiny_prm(
     max_steps: Annotated[int | None, typer.Option(
         help="training steps (default: 400 arith, 1200 countdown)")] = None,
     seed: Annotated[int, typer.Option(help="data and init seed")] = 0,
-    modulus: Annotated[int, typer.Option(help="arith modulus")] = 10,
+    modulus: Annotated[int, typer.Option(help="arith modulus (countdown: 10 only)")] = 10,
     num_threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
     force: Annotated[bool, typer.Option(help="rebuild even if cached")] = False,
     verbose: Annotated[bool, typer.Option(help="print the training loss")] = False,
@@ -37,6 +37,9 @@ def tiny_prm(
     if task == "countdown":
         from pipelines.tiny.countdown_prm import build_countdown_prm
 
+        if modulus != 10:
+            raise typer.BadParameter("--modulus applies to arith; the countdown PRM learns "
+                                     "from the default tiny countdown policy (modulus 10)")
         path = build_countdown_prm(out, seed=seed, num_threads=num_threads, force=force,
                                    verbose=verbose, **steps)
         family = "hf-cls"

@@ -48,6 +48,8 @@ def test_recipe_errors(tmp_path) -> None:
         recipe_from_dict(_recipe("hf:x", algo="ppo"))
     with pytest.raises(ValueError, match="exactly one of"):
         recipe_from_dict(_recipe("hf:x", problems={"count": 3}))
+    with pytest.raises(ValueError, match=r"problems: unknown key\(s\) \['every'\]"):
+        recipe_from_dict(_recipe("hf:x", problems={"arith": {"count": 3}, "every": 2}))
     with pytest.raises(FileNotFoundError, match="arith-tiny"):
         load_recipe(str(tmp_path / "missing.yaml"))
     bundled = load_recipe("arith-tiny")

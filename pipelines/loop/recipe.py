@@ -213,6 +213,10 @@ def recipe_from_dict(body: dict[str, Any], source: str | None = None) -> Recipe:
         raise ValueError(f"{where}: rounds must be >= 1, got {body['rounds']}")
     base = Path(source).parent if source else Path.cwd()
     body["problems"] = _problem_source(body["problems"], base, f"{where}: problems")
+    extra = sorted(set(body["problems"]) - {"path", *GENERATED_TASKS})
+    if extra:
+        raise ValueError(f"{where}: problems: unknown key(s) {extra}; valid: path, "
+                         f"{', '.join(GENERATED_TASKS)}")
     evals = body["eval"]
     if isinstance(evals, dict):
         evals = [evals]
