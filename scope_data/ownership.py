@@ -93,7 +93,12 @@ def _names(folder: Folder, name: str) -> list[str] | None:
     folder.fs.invalidate_cache(path)
     try:
         if not folder.fs.isdir(path):
-            return None if not folder.fs.exists(path) else [""]
+            if not folder.fs.exists(path):
+                return None
+            if folder.fs.isfile(path):
+                return [""]
+            # an object-store prefix a stale cached listing of its parent did not show as a
+            # folder (a concurrent shard has just written into it): list it
         return [posixpath.basename(p.rstrip("/")) for p in folder.fs.ls(path, detail=False)
                 if p.rstrip("/") != path.rstrip("/")]
     except FileNotFoundError:
