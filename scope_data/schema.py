@@ -125,6 +125,12 @@ def validate(table_name: str, table: pa.Table, where: str = "") -> None:
             )
 
 
+# what a failed cast raises: ValueError (pyarrow's own checks, and its ArrowInvalid subclass: a
+# value that does not convert), ArrowTypeError and ArrowNotImplementedError (no cast between the
+# two types)
+CAST_ERRORS = (ValueError, pa.ArrowTypeError, pa.ArrowNotImplementedError)
+
+
 def conform(table_name: str, table: pa.Table, where: str = "") -> pa.Table:
     """Select and cast `table` to the table's schema (column order and types).
 
@@ -143,9 +149,6 @@ def conform(table_name: str, table: pa.Table, where: str = "") -> pa.Table:
         return table.select(schema.names).cast(schema)
     except CAST_ERRORS as e:
         raise SchemaError(f"{table_name}{place}: {_cast_fault(schema, table, e)}") from None
-
-
-CAST_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, ValueError)
 
 
 def _cast_fault(schema: pa.Schema, table: pa.Table, error: Exception) -> str:
