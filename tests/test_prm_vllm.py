@@ -32,12 +32,13 @@ def build_qwen_prm(out: Path, seed: int = 4) -> Path:
     from safetensors.torch import save_file
     from transformers import Qwen2Model
 
-    from pipelines.tiny.prm import SEPARATOR, _qwen2_config, prm_tokenizer
+    from pipelines.tiny.architecture import ModelSize, qwen2_config
+    from pipelines.tiny.prm import SEPARATOR, prm_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     tok = prm_tokenizer((SEPARATOR,), 256)
-    cfg = _qwen2_config(tok, hidden_size=64, num_hidden_layers=2, num_heads=2, head_dim=32,
-                        intermediate_size=128, max_position_embeddings=256)
+    cfg = qwen2_config(tok, ModelSize(num_layers=2, hidden_size=64, num_heads=2, head_dim=32,
+                                      intermediate_size=128), 256)
     cfg.architectures = ["Qwen2ForProcessRewardModel"]
     cfg.num_labels = 2
     torch.manual_seed(seed)

@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pipelines.tiny.architecture import ModelSize
 from pipelines.tiny.policy import EVAL_SEED_OFFSET, RECIPE_VERSION, build_policy
 from scope_data.tasks import countdown as cd
 
 
 @dataclass(frozen=True)
-class CountdownTinyConfig:
+class CountdownTinyConfig(ModelSize):
     """Everything that determines a tiny countdown build (hashed into its cache key)."""
 
     numbers: int = 4
@@ -34,11 +35,6 @@ class CountdownTinyConfig:
     max_solutions: int | None = None
     error_rate: float = 0.3
     seed: int = 0
-    num_layers: int = 2
-    hidden_size: int = 128
-    num_heads: int = 4
-    head_dim: int = 32
-    intermediate_size: int = 512
     max_position_embeddings: int = 128
     max_steps: int = 5000
     batch_size: int = 32

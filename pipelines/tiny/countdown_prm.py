@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.tiny.architecture import ModelSize, qwen2_config
 from pipelines.tiny.cache import META_FILE, cache_root, cached_build, quiet, torch_threads
 from pipelines.tiny.prm import (
     SEPARATOR,
-    _qwen2_config,
     optimizer_step,
     padded_batch,
     prm_tokenizer,
@@ -48,17 +48,12 @@ EVAL_SEED_OFFSET = 7_000_001  # held-out problems come from another seed range
 
 
 @dataclass(frozen=True)
-class CountdownPRMConfig:
+class CountdownPRMConfig(ModelSize):
     """Everything that determines a tiny countdown PRM build (hashed into its cache key)."""
 
     problems: int = 3000
     samples: int = 4
     seed: int = 0
-    num_layers: int = 2
-    hidden_size: int = 128
-    num_heads: int = 4
-    head_dim: int = 32
-    intermediate_size: int = 512
     max_position_embeddings: int = 320
     max_steps: int = 1200
     batch_size: int = 32
@@ -155,10 +150,7 @@ def _fit(cfg: CountdownPRMConfig, out: Path, verbose: bool) -> None:
             max_position_embeddings=cfg.max_position_embeddings)
         model.resize_token_embeddings(len(tok))
     else:
-        qcfg = _qwen2_config(tok, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-                             num_heads=cfg.num_heads, head_dim=cfg.head_dim,
-                             intermediate_size=cfg.intermediate_size,
-                             max_position_embeddings=cfg.max_position_embeddings)
+        qcfg = qwen2_config(tok, cfg, cfg.max_position_embeddings)
         qcfg.num_labels = 2
         model = Qwen2ForTokenClassification(qcfg)
     encoded, counts = [], [0, 0]  # counts: wrong, right labels

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pipelines.tiny.architecture import ModelSize, qwen2_config
 from pipelines.tiny.cache import META_FILE, cache_root, cached_build, torch_threads
 from pipelines.tiny.cache import quiet as _quiet
 from scope_data.tasks import arith, exact_task
@@ -37,7 +38,7 @@ EVAL_SEED_OFFSET = 1_000_003  # evaluation problems come from another seed range
 
 
 @dataclass(frozen=True)
-class TinyConfig:
+class TinyConfig(ModelSize):
     """Everything that determines a tiny build (hashed into its cache key)."""
 
     steps: tuple[int, int] = (3, 6)
@@ -45,11 +46,6 @@ class TinyConfig:
     max_operand: int | None = None
     error_rate: float = 0.3
     seed: int = 0
-    num_layers: int = 2
-    hidden_size: int = 128
-    num_heads: int = 4
-    head_dim: int = 32
-    intermediate_size: int = 512
     max_position_embeddings: int = 256
     max_steps: int = 1600
     batch_size: int = 32
@@ -222,7 +218,7 @@ def _train(cfg: Any, out: Path, verbose: bool) -> dict[str, Any]:
     """SFT the model from scratch with TRL, save model + tokenizer to ``out``, return figures."""
     import torch
     from datasets import Dataset
-    from transformers import GenerationConfig, PrinterCallback, Qwen2Config, Qwen2ForCausalLM
+    from transformers import GenerationConfig, PrinterCallback, Qwen2ForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     from pipelines.tiny.tokenizer import save_char_tokenizer
@@ -230,22 +226,7 @@ def _train(cfg: Any, out: Path, verbose: bool) -> dict[str, Any]:
 
     tok = save_char_tokenizer(out, model_max_length=cfg.max_position_embeddings)
     torch.manual_seed(cfg.seed)
-    model = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=len(tok),
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            num_key_value_heads=cfg.num_heads,
-            head_dim=cfg.head_dim,
-            max_position_embeddings=cfg.max_position_embeddings,
-            tie_word_embeddings=True,
-            bos_token_id=None,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-    )
+    model = Qwen2ForCausalLM(qwen2_config(tok, cfg, cfg.max_position_embeddings))
     # prompt-completion rows; the prompt is the rendered chat template, so the completion-only
     # loss covers exactly the response and its <|eos|> (TRL appends the EOS)
     gen_prompt = tok.apply_chat_template(

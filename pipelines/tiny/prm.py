@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.tiny.architecture import ModelSize, qwen2_config
 from pipelines.tiny.cache import META_FILE, cache_root, cached_build, torch_threads
 from scope_data.first_error import locate, subset_metrics
 from scope_data.tasks import arith
@@ -46,17 +47,6 @@ def prm_tokenizer(extra_tokens: tuple[str, ...] = (TAG,), model_max_length: int 
     tok.add_tokens(list(extra_tokens))
     tok.padding_side = "right"
     return tok
-
-
-def _qwen2_config(tok: Any, **kw: Any) -> Any:
-    from transformers import Qwen2Config
-
-    heads = kw.pop("num_heads", 2)
-    return Qwen2Config(
-        vocab_size=len(tok), num_attention_heads=heads, num_key_value_heads=heads,
-        bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True, **kw,
-    )
 
 
 def init_tiny_prm(
@@ -80,11 +70,8 @@ def init_tiny_prm(
         raise ValueError(f"kind must be 'tag' or 'cls', got {kind!r}")
     out = Path(out_dir)
     tok = prm_tokenizer((TAG,) if kind == "tag" else (SEPARATOR,), max_position_embeddings)
-    cfg = _qwen2_config(
-        tok, hidden_size=hidden_size, num_hidden_layers=num_layers, num_heads=num_heads,
-        head_dim=head_dim, intermediate_size=intermediate_size,
-        max_position_embeddings=max_position_embeddings,
-    )
+    size = ModelSize(num_layers, hidden_size, num_heads, head_dim, intermediate_size)
+    cfg = qwen2_config(tok, size, max_position_embeddings)
     torch.manual_seed(seed)
     if kind == "cls":
         cfg.num_labels = 2
@@ -164,7 +151,7 @@ def labelled_responses(
 
 
 @dataclass(frozen=True)
-class TinyPRMConfig:
+class TinyPRMConfig(ModelSize):
     """Everything that determines a tiny PRM build (hashed into its cache key)."""
 
     steps: tuple[int, int] = (3, 6)
@@ -172,11 +159,6 @@ class TinyPRMConfig:
     error_share: float = 0.5
     seed: int = 0
     num_examples: int = 20_000
-    num_layers: int = 2
-    hidden_size: int = 128
-    num_heads: int = 4
-    head_dim: int = 32
-    intermediate_size: int = 512
     max_position_embeddings: int = 320
     max_steps: int = 400
     batch_size: int = 32
@@ -226,11 +208,7 @@ def _fit(cfg: TinyPRMConfig, out: Path, verbose: bool) -> None:
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     tok = prm_tokenizer((TAG,), cfg.max_position_embeddings)
-    model = Qwen2ForCausalLM(_qwen2_config(
-        tok, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-        num_heads=cfg.num_heads, head_dim=cfg.head_dim, intermediate_size=cfg.intermediate_size,
-        max_position_embeddings=cfg.max_position_embeddings,
-    ))
+    model = Qwen2ForCausalLM(qwen2_config(tok, cfg, cfg.max_position_embeddings))
     tag_id = tok.convert_tokens_to_ids(TAG)
     good_bad = torch.tensor([tok.convert_tokens_to_ids("+"), tok.convert_tokens_to_ids("-")])
     rows = labelled_responses(cfg.num_examples, cfg.seed, cfg.steps, cfg.modulus, cfg.error_share)
