@@ -3,6 +3,7 @@ versions of the packages that shape the data."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 _SECRET_WORDS = {"secret", "password", "token", "credential", "credentials", "key", "apikey"}
@@ -28,23 +29,31 @@ def redact(config: Any) -> Any:
     return config
 
 
-
 def versions() -> dict[str, str]:
     """Versions of the packages that shape the data, recorded in every manifest.
 
     Where torch is loaded, its CPU thread count is recorded too: float results (and so sampled
     tokens) are bit-reproducible only at the same count.
     """
-    import importlib.metadata as md
-    import platform
     import sys
 
-    found = {"python": platform.python_version()}
-    for pkg in ("scope-rlvr", "pyarrow", "polars", "torch", "transformers", "trl", "vllm"):
-        try:
-            found[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            continue
+    found = dict(_package_versions())
     if "torch" in sys.modules:
         found["torch_threads"] = str(sys.modules["torch"].get_num_threads())
     return found
+
+
+@functools.cache
+def _package_versions() -> tuple[tuple[str, str], ...]:
+    """Read once per process: each lookup parses a package's metadata (~7 ms), and a
+    long-lived online worker records them for every stage of every round."""
+    import importlib.metadata as md
+    import platform
+
+    found = [("python", platform.python_version())]
+    for pkg in ("scope-rlvr", "pyarrow", "polars", "torch", "transformers", "trl", "vllm"):
+        try:
+            found.append((pkg, md.version(pkg)))
+        except md.PackageNotFoundError:
+            continue
+    return tuple(found)
