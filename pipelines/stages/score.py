@@ -23,6 +23,7 @@ their last step are left out).
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -214,6 +215,7 @@ class _Scorer:
                 todo.append(i)
         scores: dict[int, list[float]] = {}
         task = part_task(self.bar, f"scoring part {shard_index}", len(todo))
+        t0 = time.perf_counter()
         for start in range(0, len(todo), self.cfg.batch_size):
             chunk = todo[start : start + self.cfg.batch_size]
             items = [(cols["prompt"][i], [s["text"] for s in steps_col[i]]) for i in chunk]
@@ -221,6 +223,7 @@ class _Scorer:
                 scores[i] = res.scores
                 status[i] = res.status
             self.bar.advance(task, len(chunk))
+        seconds = time.perf_counter() - t0
         tau = self.threshold
         stats: dict[str, Any] = {}
         if tau is None:  # auto without --tune-on: rows labelled by the task's exact checker
@@ -262,7 +265,7 @@ class _Scorer:
             "steps_scored": sum(len(s) for s in scores.values()),
             # the budget measure of PRM compute: response tokens of the rows it scored
             "prm_tokens": sum(len(cols["response_token_ids"][i]) for i in todo),
-            "first_error_position": dict(hist), "disagree": disagree,
+            "first_error_position": dict(hist), "disagree": disagree, "score_seconds": seconds,
         })
         return conform("scored", out, f"part {shard_index}"), stats
 
