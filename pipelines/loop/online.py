@@ -35,7 +35,7 @@ from pipelines.loop import round_loop
 from scope_data.algos import get_algo
 
 ROLES = ("generate", "score", "correct", "train", "eval")
-POLL_SECONDS = 0.05  # a worker's marker check is one small read: a hand-off costs ~POLL/2
+POLL_SECONDS = 0.01  # a worker's marker check is one small read: a hand-off costs ~POLL/2
 REMOTE_POLL_SECONDS = 0.5  # on an object store a check is a request: poll less often
 LAUNCHER_POLL_SECONDS = 0.2  # the launcher only prints progress and watches its workers
 # imported before a worker first waits: else round 1 pays them after generate (5-10 s each)
@@ -80,16 +80,33 @@ def check_online(recipe: Any) -> None:
 def _waiter(timeout: float, store: Any = None) -> Any:
     def wait(marker: Path, digest: str) -> None:
         t0 = time.monotonic()
+        tidied = False
         while True:
             if store is not None and store.pull(marker, digest):
                 return
             with contextlib.suppress(OSError, ValueError):
                 if json.loads(marker.read_text()).get("config_hash") == digest:
                     return
+            if not tidied:
+                tidy_heap()
+                tidied = True
             if timeout and time.monotonic() - t0 > timeout:
                 raise TimeoutError(f"waited {timeout:g} s for {marker} (hash {digest[:12]})")
             time.sleep(POLL_SECONDS if store is None else REMOTE_POLL_SECONDS)
     return wait
+
+
+def tidy_heap() -> None:
+    """A full garbage collection while a worker waits for its input, then the survivors frozen
+    (`gc.freeze`): a collection inside the next stage (the Trainer's `free_memory` runs one at
+    every `train()`, 0.25 s in a worker holding torch, transformers and a model) then scans only
+    what that stage allocated. Frozen objects freed by reference counts are freed as usual;
+    cycles among them wait for the next tidy."""
+    import gc
+
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 @contextlib.contextmanager
@@ -204,7 +221,8 @@ class _Worker:
 
 def launch(cfg: round_loop.RunConfig, max_restarts: int = 2) -> round_loop.RunResult:
     """`scope run --online`: problem sets here, then one worker process per role."""
-    from pipelines.console import console, printable
+    from pipelines.console import console
+    from pipelines.loop.online_progress import OnlineProgress, read_local
     from pipelines.loop.run_store import RunStore, default_mirror, is_remote
 
     recipe, rounds = round_loop.resolve_rounds(cfg)
@@ -243,19 +261,15 @@ def launch(cfg: round_loop.RunConfig, max_restarts: int = 2) -> round_loop.RunRe
         workers.append(_Worker(role, cmd, run_dir / "logs" / f"{role}.log"))
     for w in workers:
         w.start(env)
-    seen: set[str] = set()
+    progress = OnlineProgress(run_dir, cfg.max_staleness, roles_of(recipe),
+                              store.read_json if store else read_local(run_dir), t0=t0)
     try:
         while not all(w.done for w in workers):
-            markers = store.markers() if store else sorted(
+            progress.update(store.markers() if store else sorted(
                 m.relative_to(run_dir).as_posix()
-                for m in run_dir.glob("round-*/_stages/*.json"))
-            for marker in markers:
-                if marker not in seen:
-                    seen.add(marker)
-                    where, _, name = marker.partition("/_stages/")
-                    console.print(f"[{time.monotonic() - t0:7.1f}s] {printable(where)}/"
-                                  f"{printable(name.removesuffix('.json'))} done",
-                                  highlight=False)
+                for m in run_dir.glob("round-*/_stages/*.json")),
+                lambda line: console.print(line, highlight=False, markup=False,
+                                           soft_wrap=True))
             for w in workers:
                 code = None if w.done or w.proc is None else w.proc.poll()
                 if code == 0:
@@ -280,7 +294,11 @@ def launch(cfg: round_loop.RunConfig, max_restarts: int = 2) -> round_loop.RunRe
     import polars as pl
 
     metrics = pl.read_parquet(run_dir / round_loop.METRICS_FILE)
-    ran = [m.removesuffix(".json").replace("/_stages/", "/") for m in sorted(seen)]
+    from pipelines.console import print_summary
+
+    print_summary("online workers", progress.summary_rows(
+        {w.role: {"restarts": w.restarts} for w in workers}))
+    ran = [m.removesuffix(".json").replace("/_stages/", "/") for m in sorted(progress.seen)]
     return round_loop.RunResult(
         str(run_dir), metrics, [], ran, [], recipe.launch,
         workers={w.role: {"restarts": w.restarts, "log": str(w.log)} for w in workers},

@@ -1,0 +1,142 @@
+"""The launcher's view of an online run (`scope run --online`), read off the stage markers.
+
+Each finished stage prints one line (a terminal or a log file alike) with where every worker
+role stands: the last round it finished, the policy version that sampled the generate worker's
+round, how many rounds each later role lags the generate worker (eval: the trainer), the
+trainer's period (seconds per round) and the generate worker's throughput. At the end,
+`summary_rows` gives one row per role for the closing summary.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.console import printable
+from pipelines.loop.round_loop import stage_role
+
+ROLES = ("generate", "score", "correct", "train", "eval")
+
+
+@dataclass
+class _Done:
+    seconds: float  # the stage's own wall time (its marker)
+    at: float       # when the launcher saw it, since the launch
+    rows: int | None = None  # generate: rollouts written
+
+
+@dataclass
+class OnlineProgress:
+    """Stage markers seen so far, by (round, role); `update` prints a line per new one."""
+
+    run_dir: Path
+    max_staleness: int
+    roles: list[str]
+    read_marker: Callable[[str], dict[str, Any] | None]  # relative name -> its JSON body
+    t0: float = field(default_factory=time.monotonic)
+    clock: Callable[[], float] = time.monotonic
+    done: dict[tuple[int, str], list[_Done]] = field(default_factory=dict)
+    seen: set[str] = field(default_factory=set)
+
+    def update(self, markers: list[str], echo: Any) -> None:
+        """Record markers (`round-XXXX/_stages/<stage>.json`, relative to the run folder) not
+        seen before and `echo` a status line for each."""
+        for marker in markers:
+            if marker in self.seen:
+                continue
+            self.seen.add(marker)
+            where, _, name = marker.partition("/_stages/")
+            name = name.removesuffix(".json")
+            if where.startswith("round-"):
+                body = self.read_marker(marker) or {}
+                role = stage_role(where, name)
+                rows = _rows(self.run_dir, body) if role == "generate" else None
+                self.done.setdefault((int(where[len("round-"):]), role), []).append(
+                    _Done(float(body.get("seconds", 0.0)), self.elapsed(), rows))
+            echo(f"[{self.elapsed():7.1f}s] {printable(where)}/{printable(name)} done | "
+                 f"{self.status()}")
+
+    def elapsed(self) -> float:
+        return self.clock() - self.t0
+
+    def last_round(self, role: str) -> int | None:
+        rounds = [r for r, rr in self.done if rr == role]
+        return max(rounds) if rounds else None
+
+    def status(self) -> str:
+        """generate r3 (v2) · score r3 · correct r2 (lag 1) · train r2 · eval r2 | 2.4 s/round,
+        51 rollouts/s: each role's last finished round, the version that sampled generate's,
+        rounds behind generate (eval: behind train), trainer period, generation throughput."""
+        gen, trained = self.last_round("generate"), self.last_round("train") or 0
+        parts = []
+        for role in self.roles:
+            r = self.last_round(role)
+            if r is None:
+                parts.append(f"{role} -")
+            elif role == "generate":  # the policy version that sampled round r
+                parts.append(f"generate r{r} (v{max(0, r - 1 - self.max_staleness)})")
+            else:
+                lag = (gen or 0) - r if role != "eval" else trained - r
+                parts.append(f"{role} r{r}" + (f" (lag {lag})" if lag > 0 else ""))
+        figures = []
+        if (period := self.period()) is not None:
+            figures.append(f"{period:.1f} s/round")
+        if (rate := self.rollouts_per_second()) is not None:
+            figures.append(f"{rate:.0f} rollouts/s")
+        return " · ".join(parts) + (" | " + ", ".join(figures) if figures else "")
+
+    def period(self, last: int = 3) -> float | None:
+        """The trainer's seconds per round over its last `last` rounds."""
+        ends = sorted(d.at for (r, role), ds in self.done.items() if role == "train" for d in ds)
+        if len(ends) < 2:
+            return None
+        ends = ends[-(last + 1):]
+        return (ends[-1] - ends[0]) / (len(ends) - 1)
+
+    def rollouts_per_second(self) -> float | None:
+        """Rollouts the generate stages wrote per second of their wall time."""
+        gens = [d for (_, role), ds in self.done.items() if role == "generate" for d in ds
+                if d.rows is not None]
+        seconds = sum(d.seconds for d in gens)
+        return sum(d.rows or 0 for d in gens) / seconds if seconds > 0 else None
+
+    def summary_rows(self, workers: dict[str, Any]) -> list[tuple[str, Any]]:
+        """One row per role: rounds finished, busy share of the run's wall time, restarts."""
+        wall = max(self.elapsed(), 1e-9)
+        rows = []
+        for role in self.roles:
+            mine = [d for (_, rr), ds in self.done.items() if rr == role for d in ds]
+            restarts = sum(w.get("restarts", 0) for name, w in workers.items()
+                           if name.split("-")[0] == role)
+            rows.append((f"{role} worker", f"{len({r for r, rr in self.done if rr == role})} "
+                         f"rounds, busy {100 * sum(d.seconds for d in mine) / wall:.0f}%, "
+                         f"{restarts} restarts"))
+        if (period := self.period(last=10**6)) is not None:
+            rows.append(("seconds per round (trainer)", round(period, 2)))
+        return rows
+
+
+def read_local(run_dir: Path) -> Callable[[str], dict[str, Any] | None]:
+    """A marker reader for a run folder on this machine."""
+    def read(name: str) -> dict[str, Any] | None:
+        try:
+            return json.loads((run_dir / name).read_text())
+        except (OSError, ValueError):
+            return None
+    return read
+
+
+def _rows(run_dir: Path, marker: dict[str, Any]) -> int | None:
+    """Rows of the table a generate marker names, when it is readable here (a launcher on an
+    object store mirrors only the markers)."""
+    from scope_data.shards import ShardError, read_manifest
+
+    out = str(marker.get("output", "")).replace("$RUN_DIR", str(run_dir))
+    try:
+        return read_manifest(out).rows if out else None
+    except (ShardError, OSError):
+        return None
