@@ -18,9 +18,9 @@ whose shard completes the table (the shard store's `finalize`) writes the stage'
 
 `scope run RECIPE --online` is the launcher: it writes the problem sets, starts one worker
 process per role (`--online-workers`: N for a role; logs in RUN_DIR/logs/<role>.log, or
-<role>-<i>.log), shows each stage as it completes, restarts
-a worker that dies (a rerun resumes: finished parts and stages are kept), reports a worker that
-keeps failing with the tail of its log, and rebuilds metrics.parquet at the end.
+<role>-<i>.log), shows each stage as it completes, restarts a worker that dies (a rerun
+resumes: finished parts and stages are kept), reports a worker that keeps failing with the tail
+of its log, and rebuilds metrics.parquet at the end.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ from scope_data.algos import get_algo
 
 ROLES = ("generate", "score", "correct", "train", "eval")
 SPLIT_ROLES = ("generate", "score", "correct")  # roles whose stages several workers may split
+REMOTE_SPLIT = ("several workers per role need the run folder on a shared file system: on an "
+                "object store each worker runs in its own mirror, where the others' parts of a "
+                "stage never appear")
 POLL_SECONDS = 0.05  # a worker's marker check is one small read: a hand-off costs ~POLL/2
 REMOTE_POLL_SECONDS = 0.5  # on an object store a check is a request: poll less often
 LAUNCHER_POLL_SECONDS = 0.2  # the launcher only prints progress and watches its workers
@@ -135,11 +138,6 @@ def worker_counts(counts: dict[str, Any], remote: bool) -> dict[str, int]:
     return dict(counts)
 
 
-REMOTE_SPLIT = ("several workers per role need the run folder on a shared file system: on an "
-                "object store each worker runs in its own mirror, where the others' parts of a "
-                "stage never appear")
-
-
 def roles_of(recipe: Any) -> list[str]:
     """The worker roles a recipe's algorithm needs."""
     algo = get_algo(recipe.algo)
@@ -198,7 +196,6 @@ def run_worker(cfg: WorkerConfig) -> round_loop.RunResult:
 
     if cfg.num_workers > 1 and is_remote(cfg.run):
         raise ValueError(REMOTE_SPLIT)
-
     store = None
     if is_remote(cfg.run):  # the stages run in a local mirror (pipelines.loop.run_store)
         store = RunStore(cfg.run, cfg.storage_options,
