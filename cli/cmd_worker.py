@@ -17,7 +17,9 @@ def register(app: typer.Typer) -> None:
 @config_command(WorkerConfig)
 def worker(cfg: WorkerConfig) -> None:
     """Run one role's stages (generate, score, correct, train, eval) of an online run, round
-    after round, waiting for their inputs; engines stay loaded."""
+    after round, waiting for their inputs; engines stay loaded. Generate, score and correct may
+    run as N workers (same --run, --worker-index 0..N-1 --num-workers N) that split each stage
+    by shard (the stage's num_shards >= N)."""
     from pipelines.console import print_summary
     from pipelines.loop.online import run_worker
 

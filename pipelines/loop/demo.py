@@ -45,6 +45,9 @@ class DemoConfig:
     online: bool = option(False, help="run each (algo, seed) as warm worker processes "
                           "(`scope run --online`; K = 0 prints the same table)")
     max_staleness: int = option(0, help="online: generate with the policy of round r-1-K")
+    online_workers: dict[str, int] = option(
+        default_factory=dict, help="online: worker processes of a role as JSON (`scope run "
+        "--online-workers`); roles an algorithm does not run are ignored")
     only_seeds: tuple[int, ...] | None = option(
         None, cli=False, help="run just these seeds (parallel workers), no report")
 
@@ -102,7 +105,8 @@ def run(cfg: DemoConfig) -> DemoResult:
             run_loop.run(run_loop.RunConfig(recipe=recipe, out=str(run_dir), rounds=rounds,
                                             resume=True, verbose=cfg.verbose,
                                             online=cfg.online,
-                                            max_staleness=cfg.max_staleness))
+                                            max_staleness=cfg.max_staleness,
+                                            online_workers=cfg.online_workers))
             console.print(f"[magenta]{name} done in {time.time() - t:.0f} s[/]", highlight=False)
             first = first or run_dir
             run_dirs.append(str(run_dir))

@@ -12,10 +12,15 @@ running engine in place.
 loop exactly (same tables, same weights); K >= 1 lets the generate worker run K rounds ahead of
 the trainer (one-step-off and beyond); rows record which policy sampled them (`policy` column).
 
+`--worker-index I --num-workers N` (generate, score, correct): N workers of one role split
+each of its stages by shard; worker I runs the shards k with k % N == I (`Share`), and the one
+whose shard completes the table (the shard store's `finalize`) writes the stage's marker.
+
 `scope run RECIPE --online` is the launcher: it writes the problem sets, starts one worker
-process per role (logs in RUN_DIR/logs/<role>.log), shows each stage as it completes, restarts
-a worker that dies (a rerun resumes: finished parts and stages are kept), reports a worker that
-keeps failing with the tail of its log, and rebuilds metrics.parquet at the end.
+process per role (`--online-workers`: N for a role; logs in RUN_DIR/logs/<role>.log, or
+<role>-<i>.log), shows each stage as it completes, restarts a worker that dies (a rerun
+resumes: finished parts and stages are kept), reports a worker that keeps failing with the tail
+of its log, and rebuilds metrics.parquet at the end.
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ from pipelines.loop import round_loop
 from scope_data.algos import get_algo
 
 ROLES = ("generate", "score", "correct", "train", "eval")
+SPLIT_ROLES = ("generate", "score", "correct")  # roles whose stages several workers may split
+REMOTE_SPLIT = ("several workers per role need the run folder on a shared file system: on an "
+                "object store each worker runs in its own mirror, where the others' parts of a "
+                "stage never appear")
 POLL_SECONDS = 0.01  # a worker's marker check is one small read: a hand-off costs ~POLL/2
 REMOTE_POLL_SECONDS = 0.5  # on an object store a check is a request: poll less often
 LAUNCHER_POLL_SECONDS = 0.2  # the launcher only prints progress and watches its workers
@@ -59,7 +68,74 @@ class WorkerConfig:
     mirror: str | None = option(
         None, help="--run on an object store: the local working copy of the run folder "
         "(default: $SCOPE_CACHE/online/<hash of --run>/<role>)")
+    worker_index: int = option(0, help="this worker's index I among the --num-workers N of its "
+                               "role: it runs the shards k with k % N == I of each stage")
+    num_workers: int = option(1, help="workers splitting each stage of this role by shard "
+                              "(generate, score, correct; the stage's num_shards >= N)")
     storage_options: dict[str, Any] | None = storage_options_field()
+
+
+@dataclass(frozen=True)
+class Share:
+    """Worker `index` of `count` splitting each stage of its role by shard (`_Runner(share=)`)."""
+
+    index: int
+    count: int
+
+    def run(self, action: Any, cfg: Any) -> bool:
+        """Run our shards of the stage, each as shard jobs do (`action` on the config with
+        `shard_index=k`); True when the table is finished: it has its manifest, which the
+        shard store's `finalize` writes once every part is done (by whichever shard finished
+        last; by any of ours when an earlier run had finished every part)."""
+        from scope_data.shards import is_table
+
+        for k in range(self.index, cfg.num_shards, self.count):
+            action(replace(cfg, shard_index=k))
+        return is_table(cfg.out, cfg.storage_options)
+
+    def clears(self, marker: Path, digest: str) -> bool:
+        """Whether this worker removes a stage's output that `marker` shows done with another
+        config: worker 0 does (then removes the marker); the others wait until it has."""
+        if self.index == 0:
+            return True
+        while True:
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads(marker.read_text()).get("config_hash") != digest:
+                    time.sleep(POLL_SECONDS)
+                    continue
+            return False
+
+
+def check_share(role: str, index: int, count: int) -> None:
+    """Refuse a worker index outside [0, count) and a split of a role that runs alone."""
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"--worker-index {index} is not in [0, --num-workers {count})")
+    if count > 1 and role not in SPLIT_ROLES:
+        raise ValueError(f"the {role} worker runs alone (--num-workers 1); several workers "
+                         f"split only {', '.join(SPLIT_ROLES)}")
+
+
+def check_shards(plan: list[tuple[str, Any]], counts: dict[str, int]) -> None:
+    """Refuse a split stage with fewer shards than its workers (`plan`: the loop's dry run)."""
+    for kind, cfg in plan:
+        n = counts.get(kind, 1)
+        if n > 1 and cfg.num_shards < n:
+            raise ValueError(f"recipe {kind}: num_shards {cfg.num_shards} is less than its {n} "
+                             f"workers; set `{kind}: {{num_shards: {n}}}` (or more) in the recipe")
+
+
+def worker_counts(counts: dict[str, Any], remote: bool) -> dict[str, int]:
+    """The checked `--online-workers` (role -> worker processes)."""
+    for role, n in counts.items():
+        if role not in ROLES:
+            raise ValueError(f"--online-workers: unknown role {role!r}; use one of "
+                             f"{', '.join(ROLES)}")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"--online-workers: {role} needs a whole number >= 1, got {n!r}")
+        check_share(role, 0, n)
+        if n > 1 and remote:
+            raise ValueError(REMOTE_SPLIT)
+    return dict(counts)
 
 
 def roles_of(recipe: Any) -> list[str]:
@@ -132,8 +208,11 @@ def run_worker(cfg: WorkerConfig) -> round_loop.RunResult:
         raise ValueError(f"unknown worker role {cfg.role!r}; use one of {', '.join(ROLES)}")
     if cfg.max_staleness < 0:
         raise ValueError(f"--max-staleness must be >= 0, got {cfg.max_staleness}")
+    check_share(cfg.role, cfg.worker_index, cfg.num_workers)
     from pipelines.loop.run_store import RunStore, TrainLock, default_mirror, is_remote
 
+    if cfg.num_workers > 1 and is_remote(cfg.run):
+        raise ValueError(REMOTE_SPLIT)
     store = None
     if is_remote(cfg.run):  # the stages run in a local mirror (pipelines.loop.run_store)
         store = RunStore(cfg.run, cfg.storage_options,
@@ -155,9 +234,14 @@ def run_worker(cfg: WorkerConfig) -> round_loop.RunResult:
     recipe = replace(recipe, executor={})
     run_cfg = round_loop.RunConfig(recipe=recipe, out=str(run_dir), rounds=cfg.rounds,
                                    resume=True, verbose=False)
+    share = None
+    if cfg.num_workers > 1:
+        share = Share(cfg.worker_index, cfg.num_workers)
+        check_shards(round_loop.run(replace(run_cfg, dry_run=True)).plan,
+                     {cfg.role: cfg.num_workers})
     runner = round_loop._Runner(run_dir, True, False, False, role=cfg.role,
                                 wait=_waiter(cfg.timeout, store), store=store,
-                                mirror_all=store is not None and cfg.role == "eval")
+                                mirror_all=store is not None and cfg.role == "eval", share=share)
     from pipelines.training.session import training_session
 
     train = cfg.role == "train"  # the trainer keeps its model and states between rounds
@@ -189,7 +273,7 @@ def _preload(role: str) -> None:
 
 @dataclass
 class _Worker:
-    role: str
+    role: str  # its name: the role, or <role>-<i> for worker i of a split role
     cmd: list[str]
     log: Path
     proc: subprocess.Popen | None = None
@@ -220,13 +304,15 @@ class _Worker:
 
 
 def launch(cfg: round_loop.RunConfig, max_restarts: int = 2) -> round_loop.RunResult:
-    """`scope run --online`: problem sets here, then one worker process per role."""
+    """`scope run --online`: problem sets here, then one worker process per role (N for a role
+    of `--online-workers`)."""
     from pipelines.console import console
     from pipelines.loop.online_progress import OnlineProgress, read_local
     from pipelines.loop.run_store import RunStore, default_mirror, is_remote
 
     recipe, rounds = round_loop.resolve_rounds(cfg)
     check_online(recipe)
+    counts = worker_counts(cfg.online_workers, is_remote(cfg.out))
     store = None
     if is_remote(cfg.out):  # run folder on an object store: this process works in a mirror
         store = RunStore(cfg.out, cfg.storage_options, default_mirror(cfg.out, "launcher"))
@@ -235,7 +321,8 @@ def launch(cfg: round_loop.RunConfig, max_restarts: int = 2) -> round_loop.RunRe
                                   "it, or choose a new --out")
     run_dir = store.local if store else Path(cfg.out).expanduser().resolve()
     cfg = replace(cfg, out=str(run_dir))
-    round_loop.run(replace(cfg, recipe=recipe, dry_run=True))  # every stage config checked first
+    # every stage config checked first
+    check_shards(round_loop.run(replace(cfg, recipe=recipe, dry_run=True)).plan, counts)
     round_loop._check_run_dir(run_dir, recipe, cfg.resume or store is not None)
     t0 = time.monotonic()
     # the problem sets (and the plan's hashes) first, in this process
@@ -258,7 +345,11 @@ def launch(cfg: round_loop.RunConfig, max_restarts: int = 2) -> round_loop.RunRe
                "--run", store.url if store else str(run_dir),
                "--rounds", str(rounds), "--max-staleness", str(cfg.max_staleness),
                "--recipe", str(run_dir / "recipe.json")]
-        workers.append(_Worker(role, cmd, run_dir / "logs" / f"{role}.log"))
+        n = counts.get(role, 1)
+        for i in range(n):
+            name, share = (role, []) if n == 1 else (
+                f"{role}-{i}", ["--worker-index", str(i), "--num-workers", str(n)])
+            workers.append(_Worker(name, cmd + share, run_dir / "logs" / f"{name}.log"))
     for w in workers:
         w.start(env)
     progress = OnlineProgress(run_dir, cfg.max_staleness, roles_of(recipe),

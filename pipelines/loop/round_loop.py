@@ -46,6 +46,7 @@ import json
 import re
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,10 @@ class RunConfig:
                           "see `scope worker`)")
     max_staleness: int = option(0, help="online: round r generates with the policy of round "
                                 "r-1-K (0: strictly on-policy, the offline loop's tables)")
+    online_workers: dict[str, int] = option(
+        default_factory=dict, identity=False, help="online: worker processes of a role as JSON, "
+        "e.g. '{\"generate\": 2}': they split each of its stages by shard (generate, score, "
+        "correct; each stage's num_shards >= the count)")
     execution: dict[str, Any] = option(default_factory=dict, expand=LoopExecutorOptions,
                                        identity=False, help=EXECUTION_HELP)
     storage_options: dict[str, Any] | None = storage_options_field()  # --online, --out s3://...
@@ -117,13 +122,15 @@ class _Runner:
     (a `run_store.RunStore`: `run_dir` mirrors a run folder on an object store) it takes a stage
     of its role done there, and publishes each stage of its role it finds or completes;
     `mirror_all`: before each of its stages it also waits for every earlier stage of the plan
-    (the eval worker: metrics read every table of a round)."""
+    (the eval worker: metrics read every table of a round); `share`: one of several workers
+    splitting its role's stages by shard (`online.Share`: runs its shards; only one clears a
+    stale output)."""
 
     def __init__(self, run_dir: Path, resume: bool, dry_run: bool, verbose: bool,
                  role: str | None = None, wait: Any = None, store: Any = None,
-                 mirror_all: bool = False):
+                 mirror_all: bool = False, share: Any = None):
         self.run_dir, self.resume, self.dry_run, self.verbose = run_dir, resume, dry_run, verbose
-        self.role, self.wait, self.store = role, wait, store
+        self.role, self.wait, self.store, self.share = role, wait, store, share
         self.mirror_all, self.pending = mirror_all, []
         self.markers: dict[str, Path] = {}  # stage hash -> its completion marker
         self.plan: list[tuple[str, Any]] = []
@@ -148,7 +155,7 @@ class _Runner:
 
     def stage(self, where: str, name: str, cfg: Any, upstream: list[str], action: Any,
               plan: bool = True) -> str:
-        """Run `action()` unless the marker `where/_stages/name.json` has this config's hash;
+        """Run `action(cfg)` unless the marker `where/_stages/name.json` has this config's hash;
         `plan`: list it in the `--dry-run` plan (False: the loop's own steps, no command)."""
         body = {"stage": name, "config": self.relative(identity(cfg)),
                 "upstream": upstream}
@@ -187,18 +194,22 @@ class _Runner:
                     f"{self.run_dir}: {label} is already done; pass --resume to continue this "
                     "run, or choose a new --out"
                 )
-            _clear_stale_output(self.run_dir, cfg)  # done with another config: rerun afresh
+            if self.share is None or self.share.clears(marker, digest):
+                _clear_stale_output(self.run_dir, cfg)  # done with another config: rerun afresh
+                marker.unlink(missing_ok=True)
         t0 = time.time()
         from pipelines.console import console
 
         console.print(f"[bold cyan]>> {label}[/]", highlight=False)
-        if self.verbose:
-            action()
-        else:  # stage summaries (stdout) silenced; progress and errors (stderr) still show
-            with contextlib.redirect_stdout(io.StringIO()):
-                action()
+        with (contextlib.nullcontext() if self.verbose  # else stage summaries (stdout) silenced
+              else contextlib.redirect_stdout(io.StringIO())):
+            if self.share is None:
+                action(cfg)
+            elif not self.share.run(action, cfg):
+                return digest  # our shards are done; the worker finishing the last one marks it
         marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_suffix(".tmp")
+        # a unique temporary: two workers of a split stage may both mark it (same content)
+        tmp = marker.with_name(f".{marker.name}.{uuid.uuid4().hex}.tmp")
         out = getattr(cfg, "out", None) or getattr(cfg, "output_dir", None)  # not in the hash
         tmp.write_text(json.dumps({**body, "config_hash": digest,
                                    "seconds": round(time.time() - t0, 2),
@@ -229,6 +240,8 @@ def run(cfg: RunConfig, runner: _Runner | None = None, max_staleness: int = 0) -
     `runner`: an online worker's role-filtered runner (`pipelines.loop.online`), which also
     sets `max_staleness` K: round r then generates with the policy of round r-1-K (K = 0: the
     offline loop, strictly on-policy)."""
+    if cfg.online_workers and not cfg.online:
+        raise ValueError("--online-workers needs --online")
     if cfg.online and runner is None and not cfg.dry_run:
         from pipelines.loop.online import launch
 
@@ -308,7 +321,7 @@ def _problems(runner: _Runner, entry: dict[str, Any], out: Path, exclude_from: s
 
         return pcfg, config_hash({"path": pcfg, "content": read_manifest(pcfg).content_hash})
     digest = runner.stage("problems", out.name, pcfg, upstream,
-                          lambda: inputs.write_problems(pcfg))
+                          inputs.write_problems)
     return pcfg.out, digest
 
 
@@ -353,16 +366,16 @@ def _round(runner: _Runner, recipe: Recipe, run_dir: Path, r: int, latest: tuple
     gcfg = stages.generate_config(recipe, train_problems, behaviour[0], str(rd / "generate"), r,
                                   policy_version=behaviour[2])
     h = runner.stage(where, "generate", gcfg, [problem_hashes["train"], behaviour[1]],
-                     lambda: stages.run_generate(gcfg))
+                     stages.run_generate)
     table = gcfg.out
     algo = get_algo(recipe.algo)
     if algo.uses_prm:
         scfg = stages.score_config(recipe, table, str(rd / "score"))
-        h = runner.stage(where, "score", scfg, [h], lambda: stages.run_score(scfg))
+        h = runner.stage(where, "score", scfg, [h], stages.run_score)
         table = scfg.out
     if algo.uses_corrections:
         ccfg = stages.correct_config(recipe, table, str(rd / "correct"), r)
-        h = runner.stage(where, "correct", ccfg, [h], lambda: stages.run_correct(ccfg))
+        h = runner.stage(where, "correct", ccfg, [h], stages.run_correct)
         table = ccfg.out
     return _train(runner, recipe, rd, where, r, table, h, latest, carried, rounds)
 
@@ -372,7 +385,7 @@ def _train(runner: _Runner, recipe: Recipe, rd: Path, where: str, r: int, table:
            ) -> tuple[str, str, str | None]:
     policy, policy_hash = latest
     tcfg = stages.train_config(recipe, table, policy, str(rd / "train"), r, carried, rounds)
-    h = runner.stage(where, "train", tcfg, [h, policy_hash], lambda: stages.run_train(tcfg))
+    h = runner.stage(where, "train", tcfg, [h, policy_hash], stages.run_train)
     return stages.trained_policy(tcfg), h, stages.carried_from(tcfg)
 
 
@@ -391,7 +404,7 @@ def _evaluate(runner: _Runner, recipe: Recipe, run_dir: Path, at: tuple[int, int
         ecfg = stages.eval_config(recipe, policy, url, str(round_dir(run_dir, r) / "eval" / name),
                                   r)
         runner.stage(where, f"eval-{name}", ecfg, [problem_hashes[name], policy_hash],
-                     lambda ecfg=ecfg: evaluate.run(ecfg))
+                     evaluate.run)
 
 
 def _write_metrics(run_dir: Path, recipe: Recipe, last_round: int, rounds: int) -> None:

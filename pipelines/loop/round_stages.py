@@ -70,14 +70,14 @@ def generate_config(recipe: Recipe, problems: str, policy: str, out: str, r: int
     if opts.get("prompts_per_round") is not None:
         opts.setdefault("prompt_seed", recipe.seed)
     return make_config(GenerateConfig, opts, "generate", problems=problems, policy=policy,
-                       out=out, round=r,
+                       out=out, round=r, shard_index=None,
                        policy_version=r - 1 if policy_version is None else policy_version)
 
 
 def run_generate(cfg: Any) -> None:
     from pipelines.stages import generate
 
-    _finished(generate.run(cfg), cfg.out)
+    _finished(generate.run(cfg), cfg)
 
 
 def score_config(recipe: Recipe, rollouts: str, out: str) -> Any:
@@ -85,13 +85,14 @@ def score_config(recipe: Recipe, rollouts: str, out: str) -> Any:
 
     opts = _executed(recipe, recipe.score, "score")
     opts.setdefault("only_failed", get_algo(recipe.algo).prm_scores == "failed")
-    return make_config(ScoreConfig, opts, "score", rollouts=rollouts, out=out, prm=recipe.prm)
+    return make_config(ScoreConfig, opts, "score", rollouts=rollouts, out=out, prm=recipe.prm,
+                       shard_index=None)
 
 
 def run_score(cfg: Any) -> None:
     from pipelines.stages import score
 
-    _finished(score.run(cfg), cfg.out)
+    _finished(score.run(cfg), cfg)
 
 
 def correct_config(recipe: Recipe, table: str, out: str, r: int) -> Any:
@@ -101,13 +102,14 @@ def correct_config(recipe: Recipe, table: str, out: str, r: int) -> Any:
     opts = _executed(recipe, recipe.correct, "correct")
     opts.setdefault("seed", _seed(recipe, "correct", r))
     return make_config(CorrectConfig, opts, "correct", scored=table, out=out,
-                       teacher=recipe.teacher, mode=get_algo(recipe.algo).correction_mode)
+                       teacher=recipe.teacher, mode=get_algo(recipe.algo).correction_mode,
+                       shard_index=None)
 
 
 def run_correct(cfg: Any) -> None:
     from pipelines.stages import correct
 
-    _finished(correct.run(cfg), cfg.out)
+    _finished(correct.run(cfg), cfg)
 
 
 LOOP_TRAIN_KEYS = ("carry_state", "fixed_steps_per_round")  # recipe train keys of the loop
@@ -254,10 +256,12 @@ def eval_config(recipe: Recipe, policy: str, problems: str, out: str, r: int) ->
                        round=r)
 
 
-def _finished(result: Any, out: str) -> None:
-    if getattr(result, "manifest", None) is None:
+def _finished(result: Any, cfg: Any) -> None:
+    """A whole stage ends with its table; one shard of it (an online worker's share of a split
+    stage; the recipe cannot set `shard_index`) may leave other parts to other workers."""
+    if getattr(result, "manifest", None) is None and cfg.shard_index is None:
         missing = getattr(result, "missing", [])
-        raise RuntimeError(f"{out}: stage did not finish ({len(missing)} parts missing)")
+        raise RuntimeError(f"{cfg.out}: stage did not finish ({len(missing)} parts missing)")
 
 
 # -- metrics --------------------------------------------------------------------------------

@@ -118,16 +118,15 @@ def dynamic_round(runner: Any, recipe: Recipe, run_dir: Path, r: int, policy: st
         gcfg = dataclasses.replace(gcfg, prompt_batch=first + k - 1,
                                    seed=gcfg.seed if k == 1 else derive_seed(gcfg.seed, "batch", k))
         h = runner.stage(where, f"generate{tag}", gcfg, [problem_hashes["train"], policy_hash],
-                         lambda c=gcfg: stages.run_generate(c))
+                         stages.run_generate)
         table = gcfg.out
         if algo.uses_prm:
             scfg = stages.score_config(recipe, table, str(folder / "score"))
-            h = runner.stage(where, f"score{tag}", scfg, [h], lambda c=scfg: stages.run_score(c))
+            h = runner.stage(where, f"score{tag}", scfg, [h], stages.run_score)
             table = scfg.out
         if algo.uses_corrections:
             ccfg = stages.correct_config(recipe, table, str(folder / "correct"), r)
-            h = runner.stage(where, f"correct{tag}", ccfg, [h],
-                             lambda c=ccfg: stages.run_correct(c))
+            h = runner.stage(where, f"correct{tag}", ccfg, [h], stages.run_correct)
             table = ccfg.out
         tables.append(table)
         hashes.append(h)
@@ -145,5 +144,5 @@ def dynamic_round(runner: Any, recipe: Recipe, run_dir: Path, r: int, policy: st
                        groups=[list(t) for t in chosen.select("batch", "problem_id").iter_rows()],
                        stats={**sampling_stats(groups, target), "sampling_batches": len(tables)}
                        if frames else {})
-    h = runner.stage(where, SELECT_DIR, sel, hashes, lambda: write_select(sel), plan=False)
+    h = runner.stage(where, SELECT_DIR, sel, hashes, write_select, plan=False)
     return sel.out, h
