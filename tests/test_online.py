@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 from pipelines.loop.online import Share, WorkerConfig, _sole_trainer, roles_of, run_worker
 from pipelines.loop.recipe import recipe_from_dict
-from pipelines.loop.round_loop import RunConfig, _Runner, run
+from pipelines.loop.round_loop import RunConfig, run
+from pipelines.loop.runner import StageRunner
 from tests.test_run import _recipe, _stage_tables, _write
 
 
@@ -193,8 +194,8 @@ def _score_stage(tmp_path: Path, num_shards: int):
                        prm="rule:arith", num_shards=num_shards)
 
 
-def _worker(tmp_path: Path, index: int, count: int) -> _Runner:
-    return _Runner(tmp_path / "run", True, False, True, role="score", share=Share(index, count))
+def _worker(tmp_path: Path, index: int, count: int) -> StageRunner:
+    return StageRunner(tmp_path / "run", True, False, True, role="score", share=Share(index, count))
 
 
 def test_a_split_stage_is_marked_by_the_worker_that_completes_it(tmp_path) -> None:

@@ -37,6 +37,7 @@ from typing import Any
 
 from pipelines.config import option, storage_options_field
 from pipelines.loop import round_loop
+from pipelines.loop.runner import StageRunner
 from scope_data.algos import get_algo
 
 ROLES = ("generate", "score", "correct", "train", "eval")
@@ -77,7 +78,7 @@ class WorkerConfig:
 
 @dataclass(frozen=True)
 class Share:
-    """Worker `index` of `count` splitting each stage of its role by shard (`_Runner(share=)`)."""
+    """Worker `index` of `count` splitting each stage of its role by shard (`StageRunner`)."""
 
     index: int
     count: int
@@ -239,7 +240,7 @@ def run_worker(cfg: WorkerConfig) -> round_loop.RunResult:
         share = Share(cfg.worker_index, cfg.num_workers)
         check_shards(round_loop.run(replace(run_cfg, dry_run=True)).plan,
                      {cfg.role: cfg.num_workers})
-    runner = round_loop._Runner(run_dir, True, False, False, role=cfg.role,
+    runner = StageRunner(run_dir, True, False, False, role=cfg.role,
                                 wait=_waiter(cfg.timeout, store), store=store,
                                 mirror_all=store is not None and cfg.role == "eval", share=share)
     from pipelines.training.session import training_session
@@ -326,7 +327,7 @@ def launch(cfg: round_loop.RunConfig, max_restarts: int = 2) -> round_loop.RunRe
     round_loop._check_run_dir(run_dir, recipe, cfg.resume or store is not None)
     t0 = time.monotonic()
     # the problem sets (and the plan's hashes) first, in this process
-    runner = round_loop._Runner(run_dir, True, False, False, role="problems",
+    runner = StageRunner(run_dir, True, False, False, role="problems",
                                 wait=_waiter(0, store), store=store)
     round_loop.run(replace(cfg, recipe=recipe, resume=True), runner=runner)
     if store is not None:

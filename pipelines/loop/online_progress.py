@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.console import printable
-from pipelines.loop.round_loop import stage_role
+from pipelines.loop.runner import stage_role
 
 ROLES = ("generate", "score", "correct", "train", "eval")
 

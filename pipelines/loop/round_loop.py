@@ -39,26 +39,22 @@ docs/training.md, "Resume and carried state").
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import re
-import shutil
-import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-from pipelines.config import identity, option, storage_options_field
+from pipelines.config import option, storage_options_field
 from pipelines.executors.base import EXECUTION_HELP, LoopExecutorOptions
 from pipelines.loop import round_inputs as inputs
 from pipelines.loop import round_stages as stages
 from pipelines.loop.recipe import Recipe, load_recipe
 from pipelines.loop.round_tracking import log_round
+from pipelines.loop.runner import StageRunner
 from scope_data.algos import get_algo
 from scope_data.hashing import config_hash
 
@@ -108,133 +104,11 @@ class RunResult:
     seconds: float = 0.0
 
 
-def stage_role(where: str, name: str) -> str:
-    """The worker role that runs a stage (`scope worker ROLE`): problems, generate, score,
-    correct, train or eval."""
-    return "problems" if where == "problems" else name.split("-")[0]
-
-
-class _Runner:
-    """Runs (or prints) the stages of one run folder, skipping those already done.
-
-    With `role` set (an online worker, `pipelines.loop.online`) it runs only the stages of that
-    role and, before each, waits for the markers of the stages it reads (`wait`); with `store`
-    (a `run_store.RunStore`: `run_dir` mirrors a run folder on an object store) it takes a stage
-    of its role done there, and publishes each stage of its role it finds or completes;
-    `mirror_all`: before each of its stages it also waits for every earlier stage of the plan
-    (the eval worker: metrics read every table of a round); `share`: one of several workers
-    splitting its role's stages by shard (`online.Share`: runs its shards; only one clears a
-    stale output)."""
-
-    def __init__(self, run_dir: Path, resume: bool, dry_run: bool, verbose: bool,
-                 role: str | None = None, wait: Any = None, store: Any = None,
-                 mirror_all: bool = False, share: Any = None):
-        self.run_dir, self.resume, self.dry_run, self.verbose = run_dir, resume, dry_run, verbose
-        self.role, self.wait, self.store, self.share = role, wait, store, share
-        self.mirror_all, self.pending = mirror_all, []
-        self.markers: dict[str, Path] = {}  # stage hash -> its completion marker
-        self.plan: list[tuple[str, Any]] = []
-        self.ran: list[str] = []
-        self.skipped: list[str] = []
-
-    def settle(self, digest: str) -> None:
-        """An online worker about to read a whole round (its metrics) waits for the stage
-        `digest` (the round's training) and every stage still pending; offline: nothing."""
-        if self.role is None or self.dry_run:
-            return
-        if digest in self.markers:
-            self.wait(self.markers[digest], digest)
-        for earlier in self.pending:
-            self.wait(*earlier)
-        self.pending.clear()
-
-    def relative(self, config: dict[str, Any]) -> dict[str, Any]:
-        """Paths inside the run folder written as $RUN_DIR/...: a moved run still resumes."""
-        text = json.dumps(config, default=str)
-        return json.loads(text.replace(str(self.run_dir) + "/", "$RUN_DIR/"))
-
-    def stage(self, where: str, name: str, cfg: Any, upstream: list[str], action: Any,
-              plan: bool = True) -> str:
-        """Run `action(cfg)` unless the marker `where/_stages/name.json` has this config's hash;
-        `plan`: list it in the `--dry-run` plan (False: the loop's own steps, no command)."""
-        body = {"stage": name, "config": self.relative(identity(cfg)),
-                "upstream": upstream}
-        digest = config_hash(body)
-        label = f"{where}/{name}"
-        if plan:
-            self.plan.append((name.split("-")[0] if where != "problems" else "problems", cfg))
-        if self.dry_run:
-            if callable(check := getattr(cfg, "check", None)):
-                check()  # option values (NaN, ranges) are refused before anything runs
-            return digest
-        marker = self.run_dir / where / "_stages" / f"{name}.json"
-        self.markers[digest] = marker
-        if self.role is not None:
-            if stage_role(where, name) != self.role:
-                if self.mirror_all:
-                    self.pending.append((marker, digest))
-                return digest  # another worker's stage, waited for when one of ours reads it
-            for up in upstream:
-                if up in self.markers:
-                    self.wait(self.markers[up], up)
-            for earlier in self.pending:
-                self.wait(*earlier)
-            self.pending.clear()
-            if self.store is not None:
-                self.store.pull(marker, digest)
-        if marker.is_file():
-            old = json.loads(marker.read_text())
-            if old.get("config_hash") == digest and self.resume:
-                self.skipped.append(label)
-                if self.store is not None:
-                    self.store.push(marker)  # a worker killed before it published
-                return digest
-            if old.get("config_hash") == digest:
-                raise FileExistsError(
-                    f"{self.run_dir}: {label} is already done; pass --resume to continue this "
-                    "run, or choose a new --out"
-                )
-            if self.share is None or self.share.clears(marker, digest):
-                _clear_stale_output(self.run_dir, cfg)  # done with another config: rerun afresh
-                marker.unlink(missing_ok=True)
-        t0 = time.time()
-        from pipelines.console import console
-
-        console.print(f"[bold cyan]>> {label}[/]", highlight=False)
-        with (contextlib.nullcontext() if self.verbose  # else stage summaries (stdout) silenced
-              else contextlib.redirect_stdout(io.StringIO())):
-            if self.share is None:
-                action(cfg)
-            elif not self.share.run(action, cfg):
-                return digest  # our shards are done; the worker finishing the last one marks it
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        # a unique temporary: two workers of a split stage may both mark it (same content)
-        tmp = marker.with_name(f".{marker.name}.{uuid.uuid4().hex}.tmp")
-        out = getattr(cfg, "out", None) or getattr(cfg, "output_dir", None)  # not in the hash
-        tmp.write_text(json.dumps({**body, "config_hash": digest,
-                                   "seconds": round(time.time() - t0, 2),
-                                   "output": self.relative({"o": f"{out}"})["o"]}, default=str))
-        tmp.replace(marker)
-        if self.store is not None:
-            self.store.push(marker)
-        self.ran.append(label)
-        return digest
-
-
-def _clear_stale_output(run_dir: Path, cfg: Any) -> None:
-    """Remove a stage's output that this run folder's stage marker shows the loop wrote with
-    another config (stages never write into another config's table: scope_data.ownership)."""
-    out = getattr(cfg, "out", None) or getattr(cfg, "output_dir", None)
-    path = Path(out).resolve() if isinstance(out, str) else None
-    if path is not None and path.is_relative_to(run_dir) and path != run_dir and path.is_dir():
-        shutil.rmtree(path)
-
-
 def round_dir(run_dir: str | Path, r: int) -> Path:
     return Path(run_dir) / f"round-{r:04d}"
 
 
-def run(cfg: RunConfig, runner: _Runner | None = None, max_staleness: int = 0) -> RunResult:
+def run(cfg: RunConfig, runner: StageRunner | None = None, max_staleness: int = 0) -> RunResult:
     """Run (or resume, or print) every round of a recipe; return the metrics table.
 
     `runner`: an online worker's role-filtered runner (`pipelines.loop.online`), which also
@@ -255,7 +129,7 @@ def run(cfg: RunConfig, runner: _Runner | None = None, max_staleness: int = 0) -
             run(dataclasses.replace(cfg, recipe=recipe, dry_run=True))
             _check_run_dir(run_dir, recipe, cfg.resume)
             stages.tracker(recipe, run_dir)  # an unknown or missing tracker fails before a stage
-        runner = _Runner(run_dir, cfg.resume, cfg.dry_run, cfg.verbose)
+        runner = StageRunner(run_dir, cfg.resume, cfg.dry_run, cfg.verbose)
     policy = inputs.initial_policy(recipe, dry_run=cfg.dry_run)
 
     # problems
@@ -310,7 +184,7 @@ def resolve_rounds(cfg: RunConfig) -> tuple[Recipe, int]:
     return recipe, rounds
 
 
-def _problems(runner: _Runner, entry: dict[str, Any], out: Path, exclude_from: str | None,
+def _problems(runner: StageRunner, entry: dict[str, Any], out: Path, exclude_from: str | None,
               upstream: list[str]) -> tuple[str, str]:
     """(table url, hash) of a problem set: an existing table, or generated arith problems."""
     pcfg = inputs.problems_config(entry, str(out), exclude_from=exclude_from)
@@ -348,7 +222,7 @@ def _check_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
     path.write_text(text)
 
 
-def _round(runner: _Runner, recipe: Recipe, run_dir: Path, r: int, latest: tuple[str, str],
+def _round(runner: StageRunner, recipe: Recipe, run_dir: Path, r: int, latest: tuple[str, str],
            behaviour: tuple[str, str, int], train_problems: str, problem_hashes: dict[str, str],
            carried: str | None, rounds: int) -> tuple[str, str, str | None]:
     """generate (with the `behaviour` policy) -> score -> correct -> train (the `latest`
@@ -380,7 +254,7 @@ def _round(runner: _Runner, recipe: Recipe, run_dir: Path, r: int, latest: tuple
     return _train(runner, recipe, rd, where, r, table, h, latest, carried, rounds)
 
 
-def _train(runner: _Runner, recipe: Recipe, rd: Path, where: str, r: int, table: str,
+def _train(runner: StageRunner, recipe: Recipe, rd: Path, where: str, r: int, table: str,
            h: str, latest: tuple[str, str], carried: str | None, rounds: int
            ) -> tuple[str, str, str | None]:
     policy, policy_hash = latest
@@ -389,7 +263,7 @@ def _train(runner: _Runner, recipe: Recipe, rd: Path, where: str, r: int, table:
     return stages.trained_policy(tcfg), h, stages.carried_from(tcfg)
 
 
-def _evaluate(runner: _Runner, recipe: Recipe, run_dir: Path, at: tuple[int, int],
+def _evaluate(runner: StageRunner, recipe: Recipe, run_dir: Path, at: tuple[int, int],
               policy: str, policy_hash: str, eval_sets: dict[str, str],
               problem_hashes: dict[str, str]) -> None:
     """Evaluate the policy after round r of `rounds` (at = (r, rounds)) on each due set."""

@@ -1,0 +1,139 @@
+"""The stage runner of a run folder: runs (or prints, or, for an online worker, waits for) each
+stage of the round loop's plan, skipping those whose completion marker holds the same config
+hash (`pipelines.loop.round_loop` walks the plan; `pipelines.loop.online` runs it per role)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import identity
+from scope_data.hashing import config_hash
+
+
+def stage_role(where: str, name: str) -> str:
+    """The worker role that runs a stage (`scope worker ROLE`): problems, generate, score,
+    correct, train or eval."""
+    return "problems" if where == "problems" else name.split("-")[0]
+
+
+class StageRunner:
+    """Runs (or prints) the stages of one run folder, skipping those already done.
+
+    With `role` set (an online worker, `pipelines.loop.online`) it runs only the stages of that
+    role and, before each, waits for the markers of the stages it reads (`wait`); with `store`
+    (a `run_store.RunStore`: `run_dir` mirrors a run folder on an object store) it takes a stage
+    of its role done there, and publishes each stage of its role it finds or completes;
+    `mirror_all`: before each of its stages it also waits for every earlier stage of the plan
+    (the eval worker: metrics read every table of a round); `share`: one of several workers
+    splitting its role's stages by shard (`online.Share`: runs its shards; only one clears a
+    stale output)."""
+
+    def __init__(self, run_dir: Path, resume: bool, dry_run: bool, verbose: bool,
+                 role: str | None = None, wait: Any = None, store: Any = None,
+                 mirror_all: bool = False, share: Any = None):
+        self.run_dir, self.resume, self.dry_run, self.verbose = run_dir, resume, dry_run, verbose
+        self.role, self.wait, self.store, self.share = role, wait, store, share
+        self.mirror_all, self.pending = mirror_all, []
+        self.markers: dict[str, Path] = {}  # stage hash -> its completion marker
+        self.plan: list[tuple[str, Any]] = []
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+
+    def settle(self, digest: str) -> None:
+        """An online worker about to read a whole round (its metrics) waits for the stage
+        `digest` (the round's training) and every stage still pending; offline: nothing."""
+        if self.role is None or self.dry_run:
+            return
+        if digest in self.markers:
+            self.wait(self.markers[digest], digest)
+        for earlier in self.pending:
+            self.wait(*earlier)
+        self.pending.clear()
+
+    def relative(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Paths inside the run folder written as $RUN_DIR/...: a moved run still resumes."""
+        text = json.dumps(config, default=str)
+        return json.loads(text.replace(str(self.run_dir) + "/", "$RUN_DIR/"))
+
+    def stage(self, where: str, name: str, cfg: Any, upstream: list[str], action: Any,
+              plan: bool = True) -> str:
+        """Run `action(cfg)` unless the marker `where/_stages/name.json` has this config's hash;
+        `plan`: list it in the `--dry-run` plan (False: the loop's own steps, no command)."""
+        body = {"stage": name, "config": self.relative(identity(cfg)),
+                "upstream": upstream}
+        digest = config_hash(body)
+        label = f"{where}/{name}"
+        if plan:
+            self.plan.append((name.split("-")[0] if where != "problems" else "problems", cfg))
+        if self.dry_run:
+            if callable(check := getattr(cfg, "check", None)):
+                check()  # option values (NaN, ranges) are refused before anything runs
+            return digest
+        marker = self.run_dir / where / "_stages" / f"{name}.json"
+        self.markers[digest] = marker
+        if self.role is not None:
+            if stage_role(where, name) != self.role:
+                if self.mirror_all:
+                    self.pending.append((marker, digest))
+                return digest  # another worker's stage, waited for when one of ours reads it
+            for up in upstream:
+                if up in self.markers:
+                    self.wait(self.markers[up], up)
+            for earlier in self.pending:
+                self.wait(*earlier)
+            self.pending.clear()
+            if self.store is not None:
+                self.store.pull(marker, digest)
+        if marker.is_file():
+            old = json.loads(marker.read_text())
+            if old.get("config_hash") == digest and self.resume:
+                self.skipped.append(label)
+                if self.store is not None:
+                    self.store.push(marker)  # a worker killed before it published
+                return digest
+            if old.get("config_hash") == digest:
+                raise FileExistsError(
+                    f"{self.run_dir}: {label} is already done; pass --resume to continue this "
+                    "run, or choose a new --out"
+                )
+            if self.share is None or self.share.clears(marker, digest):
+                _clear_stale_output(self.run_dir, cfg)  # done with another config: rerun afresh
+                marker.unlink(missing_ok=True)
+        t0 = time.time()
+        from pipelines.console import console
+
+        console.print(f"[bold cyan]>> {label}[/]", highlight=False)
+        with (contextlib.nullcontext() if self.verbose  # else stage summaries (stdout) silenced
+              else contextlib.redirect_stdout(io.StringIO())):
+            if self.share is None:
+                action(cfg)
+            elif not self.share.run(action, cfg):
+                return digest  # our shards are done; the worker finishing the last one marks it
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        # a unique temporary: two workers of a split stage may both mark it (same content)
+        tmp = marker.with_name(f".{marker.name}.{uuid.uuid4().hex}.tmp")
+        out = getattr(cfg, "out", None) or getattr(cfg, "output_dir", None)  # not in the hash
+        tmp.write_text(json.dumps({**body, "config_hash": digest,
+                                   "seconds": round(time.time() - t0, 2),
+                                   "output": self.relative({"o": f"{out}"})["o"]}, default=str))
+        tmp.replace(marker)
+        if self.store is not None:
+            self.store.push(marker)
+        self.ran.append(label)
+        return digest
+
+
+def _clear_stale_output(run_dir: Path, cfg: Any) -> None:
+    """Remove a stage's output that this run folder's stage marker shows the loop wrote with
+    another config (stages never write into another config's table: scope_data.ownership)."""
+    out = getattr(cfg, "out", None) or getattr(cfg, "output_dir", None)
+    path = Path(out).resolve() if isinstance(out, str) else None
+    if path is not None and path.is_relative_to(run_dir) and path != run_dir and path.is_dir():
+        shutil.rmtree(path)
