@@ -12,8 +12,9 @@ vllm: `VLLMGenerationEngine.generate` vs `llm.generate` on the SAME `vllm.LLM` i
       detokenization, our wrapper), steadier than tokens/s on a shared machine.
 
 Tokens = generated tokens up to and including EOS. Prints tokens/s of each and the ratio
-ours/raw (target: >= 0.9, i.e. overhead <= 10%; for vllm against the raw call with log-probs). The model is the cached tiny policy
-(`--model DIR`) or a random-init Qwen2 of the tiny shape or `--shape qwen2.5-0.5b` (for GPUs).
+ours/raw (target: >= 0.9, i.e. overhead <= 10%; vllm: against the raw call with log-probs). The
+model is the cached tiny policy (`--model DIR`) or a random-init Qwen2 of the tiny shape or
+`--shape qwen2.5-0.5b` (for GPUs).
 
     python benchmarks/bench_generate.py [--requests 128] [--max-new-tokens 96] [--vllm] [--no-hf]
 """
