@@ -14,7 +14,8 @@ vllm: `VLLMGenerationEngine.generate` vs `llm.generate` on the SAME `vllm.LLM` i
       runs: ours/raw with log-probs 1.158 and 1.017, ours/raw without 0.969 and 0.887;
       front-end CPU per call ours 149-160 ms, raw 342-352, raw without log-probs 74-75 (before
       the engine decoded text itself, ours = raw: 330-357 ms, ratio 0.997 and 1.002). Tokens/s
-      ratios move by +-15% between runs here (the same code measured 0.78 under heavy load).
+      ratios move by +-15% between runs here (before this change the former best-of-2 run gave
+      1.037 at load 0.6-2.6; the 0.78 reported earlier was not reproduced).
 
 Tokens = generated tokens up to and including EOS. Prints tokens/s of each and the ratio
 ours/raw (target: >= 0.9, i.e. overhead <= 10%; vllm: against the raw call with log-probs). The
