@@ -94,6 +94,7 @@ def test_text_equals_vllms_own_detokenizer(runs):
     `llm.generate` with vLLM's detokenizer, also for invalid UTF-8 bytes, special tokens, EOS
     stops and a prefix (the decode is primed with prompt + prefix)."""
     hf, reqs, out = runs
+    assert out["own_decode"] is True  # the char tokenizer is a fast one: ours decoded
     ours = [[(s["token_ids"], s["text"]) for s in rs] for rs in out["results"]]
     assert ours == [[(s["token_ids"], s["text"]) for s in rs] for rs in out["raw"]]
     texts = [s["text"] for rs in out["results"][3:] for s in rs]

@@ -43,6 +43,7 @@ def main() -> None:
         raw = [[{"token_ids": list(o.token_ids), "text": o.text}
                 for o in sorted(out.outputs, key=lambda o: o.index)] for out in outs]
     json.dump({"max_model_len": engine.max_model_len, "same_llm": engine.llm is llm,
+               "own_decode": engine._rust_tokenizer is not None,
                "results": [[dataclasses.asdict(r) for r in rs] for rs in results], "raw": raw},
               open(out_path, "w"))
 
