@@ -38,6 +38,11 @@ def runs(tmp_path_factory):
     reqs = [GenerationRequest(i, temperature=0.0, max_new_tokens=24, seed=1) for i in ids]
     reqs.append(GenerationRequest(ids[0], n=2, temperature=0.7, top_p=0.9, max_new_tokens=24,
                                   seed=5))
+    # random bytes (invalid UTF-8, special tokens, stops on EOS) and a partial response
+    prefix = hf.tokenizer.encode("Start 1", add_special_tokens=False)
+    reqs += [GenerationRequest(ids[1], n=16, temperature=1.0, max_new_tokens=96, seed=9),
+             GenerationRequest(ids[0], n=2, temperature=1.0, max_new_tokens=24, seed=3,
+                               prefix_token_ids=prefix)]
     (tmp / "req.json").write_text(json.dumps([r.__dict__ for r in reqs]))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_LOGGING_LEVEL": "WARNING"}
     proc = subprocess.run(
@@ -82,3 +87,17 @@ def test_sampled_logprobs_are_processed_logprobs(runs):
         assert len(v["token_ids"]) == len(v["logprobs"]) > 0
         ref = processed_logprobs(hf, req, v["token_ids"])
         assert (ref - torch.tensor(v["logprobs"])).abs().max().item() < 2e-2
+
+
+def test_text_equals_vllms_own_detokenizer(runs):
+    """Ours decodes the text itself (`detokenize=False`): same tokens and text as plain
+    `llm.generate` with vLLM's detokenizer, also for invalid UTF-8 bytes, special tokens, EOS
+    stops and a prefix (the decode is primed with prompt + prefix)."""
+    hf, reqs, out = runs
+    assert out["own_decode"] is True  # the char tokenizer is a fast one: ours decoded
+    ours = [[(s["token_ids"], s["text"]) for s in rs] for rs in out["results"]]
+    assert ours == [[(s["token_ids"], s["text"]) for s in rs] for rs in out["raw"]]
+    texts = [s["text"] for rs in out["results"][3:] for s in rs]
+    assert any("\ufffd" in t for t in texts)  # the cases the decode must get right occurred
+    assert any(s["finish_reason"] == "stop" for rs in out["results"] for s in rs)
+    assert any(s["finish_reason"] == "length" for rs in out["results"] for s in rs)

@@ -4,7 +4,9 @@ usage: python tests/vllm_generate_script.py MODEL_DIR REQUESTS.json OUT.json [NE
 REQUESTS.json: a list of GenerationRequest fields; OUT.json: per request, a list of results.
 With NEW_MODEL_DIR the engine first generates once on MODEL_DIR (filling the prefix cache), then
 loads NEW_MODEL_DIR's weights in place and the results written are those after the update
-(`same_llm`: the update kept the running `vllm.LLM`, no restart).
+(`same_llm`: the update kept the running `vllm.LLM`, no restart). Without it, `raw` holds the
+token ids and text of plain `llm.generate` with vLLM's own detokenizer (`detokenize=True`) on the
+same engine and requests, per request and sample.
 """
 
 from __future__ import annotations
@@ -26,11 +28,23 @@ def main() -> None:
     )
     results = engine.generate(requests)
     llm = engine.llm
+    raw = None
     if new_model:
         engine.update_weights(new_model)
         results = engine.generate(requests)
+    else:
+        from vllm import SamplingParams
+
+        outs = llm.generate(
+            [{"prompt_token_ids": r.prompt_token_ids + r.prefix_token_ids} for r in requests],
+            [SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                            max_tokens=r.max_new_tokens, seed=r.seed) for r in requests],
+            use_tqdm=False)
+        raw = [[{"token_ids": list(o.token_ids), "text": o.text}
+                for o in sorted(out.outputs, key=lambda o: o.index)] for out in outs]
     json.dump({"max_model_len": engine.max_model_len, "same_llm": engine.llm is llm,
-               "results": [[dataclasses.asdict(r) for r in rs] for rs in results]},
+               "own_decode": engine._rust_tokenizer is not None,
+               "results": [[dataclasses.asdict(r) for r in rs] for rs in results], "raw": raw},
               open(out_path, "w"))
 
 

