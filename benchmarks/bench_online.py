@@ -102,6 +102,14 @@ def round_of(path: Path, run_dir: Path) -> int:
     return int(top[len("round-"):]) if top.startswith("round-") else -1
 
 
+def loop_compute(run_dir: Path, online: bool) -> float:
+    """Compute of the whole run's generate, score, correct and train stages (offline also its
+    evaluations, which run in series; online the eval worker runs beside the loop: its compute
+    overlaps the others' and is left out, else the shares of a parallel run fall below 0)."""
+    return sum(c for (_, name), (_, c) in stages_of(run_dir).items()
+               if name in LOOP_STAGES or not online)
+
+
 def steady(run_dir: Path, rounds: int, online: bool) -> tuple[float, float]:
     """Rounds 2..R, start-up excluded: seconds per round (the trainer's period, from the end of
     round r-1's train to the end of round r's) and the share of it outside the round's compute
@@ -129,7 +137,7 @@ def one(body: dict, out: Path, online: bool, staleness: int) -> dict:
     run(RunConfig(recipe=str(path), out=str(out), verbose=False, online=online,
                   max_staleness=staleness))
     wall = time.perf_counter() - t0
-    compute = sum(c for _, c in stages_of(out).values())
+    compute = loop_compute(out, online)
     train = train_stage_seconds(out)
     later = train[1:] or train
     row = {"wall_s": wall, "per_round_s": wall / body["rounds"], "compute_s": compute,
