@@ -55,3 +55,15 @@ def test_throughput_from_generate_tables(tmp_path, monkeypatch) -> None:
                       _mark(tmp_path, "round-0002/_stages/generate.json", 4.0)], lines.append)
     assert lines[-1].endswith("| 40 rollouts/s")  # 240 rollouts in 6 s of generate stages
     assert "generate r2 (v1)" in lines[-1]
+
+
+def test_markers_of_one_poll_print_in_plan_order(tmp_path) -> None:
+    progress = OnlineProgress(tmp_path, 0, ROLES, read_local(tmp_path))
+    lines: list[str] = []
+    names = ["round-0001/_stages/train.json", "round-0001/_stages/correct.json",
+             "round-0001/_stages/generate.json", "round-0000/_stages/eval-heldout.json",
+             "round-0001/_stages/score.json"]
+    progress.update([_mark(tmp_path, n, 1.0) for n in names], lines.append)
+    assert [line.split("]")[1].split(" done")[0].strip() for line in lines] == [
+        "round-0000/eval-heldout", "round-0001/generate", "round-0001/score",
+        "round-0001/correct", "round-0001/train"]

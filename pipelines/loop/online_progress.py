@@ -45,9 +45,7 @@ class OnlineProgress:
     def update(self, markers: list[str], echo: Any) -> None:
         """Record markers (`round-XXXX/_stages/<stage>.json`, relative to the run folder) not
         seen before and `echo` a status line for each."""
-        for marker in markers:
-            if marker in self.seen:
-                continue
+        for marker in sorted(set(markers) - self.seen, key=_plan_order):
             self.seen.add(marker)
             where, _, name = marker.partition("/_stages/")
             name = name.removesuffix(".json")
@@ -118,6 +116,14 @@ class OnlineProgress:
         if (period := self.period(last=10**6)) is not None:
             rows.append(("seconds per round (trainer)", round(period, 2)))
         return rows
+
+
+def _plan_order(marker: str) -> tuple[str, int, str]:
+    """Markers seen in one poll, in the order the plan runs them (not by name: generate before
+    correct), so the view never shows a stage done before its input."""
+    where, _, name = marker.partition("/_stages/")
+    role = stage_role(where, name.removesuffix(".json"))
+    return where, ROLES.index(role) if role in ROLES else -1, name
 
 
 def read_local(run_dir: Path) -> Callable[[str], dict[str, Any] | None]:
