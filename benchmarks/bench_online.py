@@ -70,11 +70,12 @@ LOOP_STAGES = ("generate", "score", "correct", "train")
 
 
 def stage_compute(run_dir: Path, marker: Path) -> float:
-    """A finished stage's own compute: engine time of its tables (generation, PRM scoring,
-    teacher calls; eval tables included) or the trainer's optimizer-step time."""
+    """A finished stage's own compute: generation time of its tables, the score and correct
+    stages' work on their rows (eval tables included), or the trainer's optimizer steps."""
+    from pipelines.loop.runner import marker_output, read_marker
     from scope_data.shards import read_manifest
 
-    out = Path(json.loads(marker.read_text())["output"].replace("$RUN_DIR", str(run_dir)))
+    out = Path(marker_output(run_dir, read_marker(marker) or {}))
     total = 0.0
     for manifest in out.rglob(".scope/manifest.parquet"):
         stats = read_manifest(str(manifest.parent.parent)).stats

@@ -248,6 +248,9 @@ def test_only_worker_0_clears_a_stale_output(tmp_path) -> None:
     assert found == [False]
     marker.write_text(json.dumps({"config_hash": "mine"}))  # done meanwhile: nothing to clear
     assert Share(1, 2).clears(marker, "mine") is False
+    marker.write_text(json.dumps({"config_hash": "other"}))  # worker 0 never comes: --timeout
+    with pytest.raises(TimeoutError, match="for worker 0 of 2 to clear .*score.json"):
+        Share(1, 2, timeout=0.2).clears(marker, "mine")
 
 
 def test_split_refusals(tmp_path) -> None:
@@ -257,7 +260,7 @@ def test_split_refusals(tmp_path) -> None:
         run(RunConfig(recipe=str(recipe), out=str(tmp_path / "run"), online=True,
                       online_workers=workers))
 
-    with pytest.raises(ValueError, match=r"recipe score: num_shards 2 is less than its 3 "
+    with pytest.raises(ValueError, match=r"recipe .*, score: num_shards 2 is less than its 3 "
                        r"workers; set `score: \{num_shards: 3\}`"):
         launch(score=3)
     with pytest.raises(ValueError, match="unknown role 'scorer'"):
@@ -285,7 +288,7 @@ def test_split_refusals(tmp_path) -> None:
         worker("generate", -1, 2)
     with pytest.raises(ValueError, match="the eval worker runs alone"):
         worker("eval", 0, 2)
-    with pytest.raises(ValueError, match="recipe correct: num_shards 1 is less than its 2"):
+    with pytest.raises(ValueError, match="recipe .*, correct: num_shards 1 is less than its 2"):
         worker("correct", 1, 2, _recipe("hf:x"))
     with pytest.raises(ValueError, match="object store each worker runs in its own mirror"):
         run_worker(WorkerConfig(role="generate", run="s3://bucket/run", worker_index=0,

@@ -38,23 +38,47 @@ def test_status_lines_follow_the_markers(tmp_path) -> None:
                         "(lag 1) · correct - · train - · eval r0")
     assert lines[6].endswith("train r1 (lag 1) · eval r0 (lag 1)")
     assert lines[-1].endswith("train r2 · eval r0 (lag 2) | 4.0 s/round")
-    rows = dict(progress.summary_rows({"generate-0": {"restarts": 1},
-                                       "generate-1": {"restarts": 2}}))
-    assert rows["generate worker"] == "2 rounds, busy 10%, 3 restarts"
+    rows = dict(progress.summary_rows({"generate": {"restarts": 1}, "eval": {}}))
+    assert rows["generate worker"] == "2 rounds, busy 10%, 1 restarts"  # 1 s of 10 s
     assert rows["eval worker"] == "1 rounds, busy 5%, 0 restarts"
     assert rows["seconds per round (trainer)"] == 4.0
+    # a role split over workers: a marker holds one worker's time, so no busy share
+    rows = dict(progress.summary_rows({"generate-0": {"restarts": 1},
+                                       "generate-1": {"restarts": 2}}))
+    assert rows["generate worker"] == "2 rounds, 2 workers, 3 restarts"
 
 
 def test_throughput_from_generate_tables(tmp_path, monkeypatch) -> None:
     from pipelines.loop import online_progress
 
     monkeypatch.setattr(online_progress, "_rows", lambda run_dir, body: 120)
+    now = [5.0]
+    progress = OnlineProgress(tmp_path, 0, ROLES, read_local(tmp_path), t0=0.0,
+                              clock=lambda: now[0])
+    lines: list[str] = []
+    progress.update([_mark(tmp_path, "round-0001/_stages/generate.json", 2.0)], lines.append)
+    assert "rollouts/s" not in lines[-1]  # one generate stage: no interval yet
+    for at, r in ((7.0, 2), (9.0, 3)):
+        now[0] = at
+        progress.update([_mark(tmp_path, f"round-{r:04d}/_stages/generate.json", 2.0)],
+                        lines.append)
+    assert lines[-1].endswith("| 60 rollouts/s")  # 240 rollouts between 5 s and 9 s
+    assert "generate r3 (v2)" in lines[-1]
+
+
+def test_odd_markers_never_stop_the_view(tmp_path) -> None:
     progress = OnlineProgress(tmp_path, 0, ROLES, read_local(tmp_path))
     lines: list[str] = []
-    progress.update([_mark(tmp_path, "round-0001/_stages/generate.json", 2.0),
-                      _mark(tmp_path, "round-0002/_stages/generate.json", 4.0)], lines.append)
-    assert lines[-1].endswith("| 40 rollouts/s")  # 240 rollouts in 6 s of generate stages
-    assert "generate r2 (v1)" in lines[-1]
+    odd = tmp_path / "round-0001" / "_stages" / "score.json"
+    odd.parent.mkdir(parents=True)
+    odd.write_text("[1, 2]")  # not an object
+    (tmp_path / "round-0001" / "_stages" / "train.json").write_text('{"seconds": null}')
+    progress.update(["round-0001.bak/_stages/generate.json", "round-0001/_stages/score.json",
+                     "round-0001/_stages/train.json", "round-0001/_stages/gone.json"],
+                    lines.append)
+    assert len(lines) == 4
+    assert any("round-0001.bak/generate done" in line for line in lines)
+    assert progress.last_round("train") == 1 and progress.done[(1, "train")][0].seconds == 0.0
 
 
 def test_markers_of_one_poll_print_in_plan_order(tmp_path) -> None:

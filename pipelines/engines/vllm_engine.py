@@ -157,10 +157,20 @@ def _rust_tokenizer(tokenizer: Any) -> Any:
 def _decode(rust_tokenizer: Any, prompt_ids: list[int], ids: list[int]) -> str:
     """The text vLLM 0.32's `FastIncrementalDetokenizer` gives for new tokens `ids` (stop token
     already left out) after `prompt_ids`, with `skip_special_tokens` (vLLM's default); on
-    tokenizers' "Invalid prefix encountered" it restarts the stream without context, like vLLM."""
+    tokenizers' "Invalid prefix encountered" it restarts the stream without context, like vLLM.
+    Unlike it, a prompt ending inside a character does not leak the prompt's text into ours."""
     from tokenizers.decoders import DecodeStream
 
-    stream = DecodeStream(ids=prompt_ids, skip_special_tokens=True)
+    # a prompt ending inside a character (a teacher prefix cut between the byte tokens of one
+    # character): priming with all of it would return the prompt's text with the first piece
+    # (tokenizers 0.23); prime before that character and step its bytes (they emit nothing)
+    cut = len(prompt_ids)
+    while cut > max(0, len(prompt_ids) - 3) and rust_tokenizer.decode(
+            prompt_ids[max(0, cut - 8):cut], skip_special_tokens=True).endswith("\ufffd"):
+        cut -= 1
+    stream = DecodeStream(ids=prompt_ids[:cut], skip_special_tokens=True)
+    for t in prompt_ids[cut:]:
+        stream.step(rust_tokenizer, t)
     parts = []
     for t in ids:
         try:

@@ -18,9 +18,9 @@ whose shard completes the table (the shard store's `finalize`) writes the stage'
 
 `scope run RECIPE --online` is the launcher: it writes the problem sets, starts one worker
 process per role (`--online-workers`: N for a role; logs in RUN_DIR/logs/<role>.log, or
-<role>-<i>.log), shows each stage as it completes, restarts a worker that dies (a rerun
-resumes: finished parts and stages are kept), reports a worker that keeps failing with the tail
-of its log, and rebuilds metrics.parquet at the end.
+<role>-<i>.log), prints a progress line per finished stage (`online_progress`), restarts a
+worker that dies (a rerun resumes: finished parts and stages are kept), reports a worker that
+keeps failing with the tail of its log, and rebuilds metrics.parquet at the end.
 """
 
 from __future__ import annotations
@@ -37,15 +37,16 @@ from typing import Any
 
 from pipelines.config import option, storage_options_field
 from pipelines.loop import round_loop
-from pipelines.loop.runner import StageRunner
+from pipelines.loop.runner import ROLES, StageRunner, read_marker
 from scope_data.algos import get_algo
 
-ROLES = ("generate", "score", "correct", "train", "eval")
 SPLIT_ROLES = ("generate", "score", "correct")  # roles whose stages several workers may split
 REMOTE_SPLIT = ("several workers per role need the run folder on a shared file system: on an "
                 "object store each worker runs in its own mirror, where the others' parts of a "
                 "stage never appear")
-POLL_SECONDS = 0.01  # a worker's marker check is one small read: a hand-off costs ~POLL/2
+# a worker's marker check is one small read: a hand-off costs ~POLL/2 (a heap tidy, at the start
+# of a wait, may add its ~0.25 s when the input arrives right then)
+POLL_SECONDS = 0.01
 REMOTE_POLL_SECONDS = 0.5  # on an object store a check is a request: poll less often
 LAUNCHER_POLL_SECONDS = 0.2  # the launcher only prints progress and watches its workers
 # imported before a worker first waits: else round 1 pays them after generate (5-10 s each)
@@ -82,6 +83,7 @@ class Share:
 
     index: int
     count: int
+    timeout: float = 0.0  # seconds a worker waits for worker 0 (`--timeout`; 0: forever)
 
     def run(self, action: Any, cfg: Any) -> bool:
         """Run our shards of the stage, each as shard jobs do (`action` on the config with
@@ -96,15 +98,17 @@ class Share:
 
     def clears(self, marker: Path, digest: str) -> bool:
         """Whether this worker removes a stage's output that `marker` shows done with another
-        config: worker 0 does (then removes the marker); the others wait until it has."""
+        config: worker 0 does (then removes the marker); the others wait until it has (at most
+        `timeout` seconds, 0: forever)."""
         if self.index == 0:
             return True
-        while True:
-            with contextlib.suppress(OSError, ValueError):
-                if json.loads(marker.read_text()).get("config_hash") != digest:
-                    time.sleep(POLL_SECONDS)
-                    continue
-            return False
+        t0 = time.monotonic()
+        while (body := read_marker(marker)) is not None and body.get("config_hash") != digest:
+            if self.timeout and time.monotonic() - t0 > self.timeout:
+                raise TimeoutError(f"waited {self.timeout:g} s for worker 0 of {self.count} to "
+                                   f"clear {marker}, left by a run with another config")
+            time.sleep(POLL_SECONDS)
+        return False
 
 
 def check_share(role: str, index: int, count: int) -> None:
@@ -116,13 +120,14 @@ def check_share(role: str, index: int, count: int) -> None:
                          f"split only {', '.join(SPLIT_ROLES)}")
 
 
-def check_shards(plan: list[tuple[str, Any]], counts: dict[str, int]) -> None:
-    """Refuse a split stage with fewer shards than its workers (`plan`: the loop's dry run)."""
+def check_shards(recipe: str, plan: list[tuple[str, Any]], counts: dict[str, int]) -> None:
+    """Refuse a split stage with fewer shards than its workers (`plan`: the loop's dry run of
+    the recipe named `recipe`)."""
     for kind, cfg in plan:
         n = counts.get(kind, 1)
         if n > 1 and cfg.num_shards < n:
-            raise ValueError(f"recipe {kind}: num_shards {cfg.num_shards} is less than its {n} "
-                             f"workers; set `{kind}: {{num_shards: {n}}}` (or more) in the recipe")
+            raise ValueError(f"recipe {recipe}, {kind}: num_shards {cfg.num_shards} is less than "
+                             f"its {n} workers; set `{kind}: {{num_shards: {n}}}` (or more)")
 
 
 def worker_counts(counts: dict[str, Any], remote: bool) -> dict[str, int]:
@@ -161,9 +166,8 @@ def _waiter(timeout: float, store: Any = None) -> Any:
         while True:
             if store is not None and store.pull(marker, digest):
                 return
-            with contextlib.suppress(OSError, ValueError):
-                if json.loads(marker.read_text()).get("config_hash") == digest:
-                    return
+            if (read_marker(marker) or {}).get("config_hash") == digest:
+                return
             if not tidied:
                 tidy_heap()
                 tidied = True
@@ -237,12 +241,12 @@ def run_worker(cfg: WorkerConfig) -> round_loop.RunResult:
                                    resume=True, verbose=False)
     share = None
     if cfg.num_workers > 1:
-        share = Share(cfg.worker_index, cfg.num_workers)
-        check_shards(round_loop.run(replace(run_cfg, dry_run=True)).plan,
+        share = Share(cfg.worker_index, cfg.num_workers, cfg.timeout)
+        check_shards(recipe.name, round_loop.run(replace(run_cfg, dry_run=True)).plan,
                      {cfg.role: cfg.num_workers})
     runner = StageRunner(run_dir, True, False, False, role=cfg.role,
-                                wait=_waiter(cfg.timeout, store), store=store,
-                                mirror_all=store is not None and cfg.role == "eval", share=share)
+                         wait=_waiter(cfg.timeout, store), store=store,
+                         mirror_all=store is not None and cfg.role == "eval", share=share)
     from pipelines.training.session import training_session
 
     train = cfg.role == "train"  # the trainer keeps its model and states between rounds
@@ -323,12 +327,13 @@ def launch(cfg: round_loop.RunConfig, max_restarts: int = 2) -> round_loop.RunRe
     run_dir = store.local if store else Path(cfg.out).expanduser().resolve()
     cfg = replace(cfg, out=str(run_dir))
     # every stage config checked first
-    check_shards(round_loop.run(replace(cfg, recipe=recipe, dry_run=True)).plan, counts)
+    check_shards(recipe.name, round_loop.run(replace(cfg, recipe=recipe, dry_run=True)).plan,
+                 counts)
     round_loop._check_run_dir(run_dir, recipe, cfg.resume or store is not None)
     t0 = time.monotonic()
     # the problem sets (and the plan's hashes) first, in this process
     runner = StageRunner(run_dir, True, False, False, role="problems",
-                                wait=_waiter(0, store), store=store)
+                         wait=_waiter(0, store), store=store)
     round_loop.run(replace(cfg, recipe=recipe, resume=True), runner=runner)
     if store is not None:
         store.push_file("recipe.json")

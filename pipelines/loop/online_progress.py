@@ -3,13 +3,15 @@
 Each finished stage prints one line (a terminal or a log file alike) with where every worker
 role stands: the last round it finished, the policy version that sampled the generate worker's
 round, how many rounds each later role lags the generate worker (eval: the trainer), the
-trainer's period (seconds per round) and the generate worker's throughput. At the end,
-`summary_rows` gives one row per role for the closing summary.
+trainer's period (seconds per round) and the run's generation throughput. At the end,
+`summary_rows` gives one row per role for the closing summary. A marker that does not parse
+(an odd folder name, a body that is not an object) still prints its line; it never stops the
+launcher.
 """
 
 from __future__ import annotations
 
-import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.console import printable
-from pipelines.loop.runner import stage_role
+from pipelines.loop.runner import ROLES, marker_output, read_marker, stage_role
 
-ROLES = ("generate", "score", "correct", "train", "eval")
+ROUND = re.compile(r"round-(\d+)")
 
 
 @dataclass
@@ -49,12 +51,14 @@ class OnlineProgress:
             self.seen.add(marker)
             where, _, name = marker.partition("/_stages/")
             name = name.removesuffix(".json")
-            if where.startswith("round-"):
+            if m := ROUND.fullmatch(where):
                 body = self.read_marker(marker) or {}
                 role = stage_role(where, name)
                 rows = _rows(self.run_dir, body) if role == "generate" else None
-                self.done.setdefault((int(where[len("round-"):]), role), []).append(
-                    _Done(float(body.get("seconds", 0.0)), self.elapsed(), rows))
+                seconds = body.get("seconds")
+                self.done.setdefault((int(m.group(1)), role), []).append(_Done(
+                    float(seconds) if isinstance(seconds, (int, float)) else 0.0,
+                    self.elapsed(), rows))
             echo(f"[{self.elapsed():7.1f}s] {printable(where)}/{printable(name)} done | "
                  f"{self.status()}")
 
@@ -96,23 +100,28 @@ class OnlineProgress:
         return (ends[-1] - ends[0]) / (len(ends) - 1)
 
     def rollouts_per_second(self) -> float | None:
-        """Rollouts the generate stages wrote per second of their wall time."""
-        gens = [d for (_, role), ds in self.done.items() if role == "generate" for d in ds
-                if d.rows is not None]
-        seconds = sum(d.seconds for d in gens)
-        return sum(d.rows or 0 for d in gens) / seconds if seconds > 0 else None
+        """Rollouts generated per second of the run's wall time since the first generate
+        stage finished (start-up excluded; several generate workers count together)."""
+        gens = sorted((d.at, d.rows) for (_, role), ds in self.done.items() if role == "generate"
+                      for d in ds if d.rows is not None)
+        if len(gens) < 2 or gens[-1][0] <= gens[0][0]:
+            return None
+        return sum(rows for _, rows in gens[1:]) / (gens[-1][0] - gens[0][0])
 
     def summary_rows(self, workers: dict[str, Any]) -> list[tuple[str, Any]]:
-        """One row per role: rounds finished, busy share of the run's wall time, restarts."""
+        """One row per role: rounds finished, busy share of the run's wall time (a role split
+        over several workers: their count instead; a marker holds one worker's time), restarts.
+        `workers`: worker name (role, or role-i) -> {"restarts": n}."""
         wall = max(self.elapsed(), 1e-9)
         rows = []
         for role in self.roles:
             mine = [d for (_, rr), ds in self.done.items() if rr == role for d in ds]
-            restarts = sum(w.get("restarts", 0) for name, w in workers.items()
-                           if name.split("-")[0] == role)
+            names = [name for name in workers if name.split("-")[0] == role]
+            restarts = sum(workers[name].get("restarts", 0) for name in names)
+            busy = (f"busy {100 * sum(d.seconds for d in mine) / wall:.0f}%" if len(names) <= 1
+                    else f"{len(names)} workers")
             rows.append((f"{role} worker", f"{len({r for r, rr in self.done if rr == role})} "
-                         f"rounds, busy {100 * sum(d.seconds for d in mine) / wall:.0f}%, "
-                         f"{restarts} restarts"))
+                         f"rounds, {busy}, {restarts} restarts"))
         if (period := self.period(last=10**6)) is not None:
             rows.append(("seconds per round (trainer)", round(period, 2)))
         return rows
@@ -128,12 +137,7 @@ def _plan_order(marker: str) -> tuple[str, int, str]:
 
 def read_local(run_dir: Path) -> Callable[[str], dict[str, Any] | None]:
     """A marker reader for a run folder on this machine."""
-    def read(name: str) -> dict[str, Any] | None:
-        try:
-            return json.loads((run_dir / name).read_text())
-        except (OSError, ValueError):
-            return None
-    return read
+    return lambda name: read_marker(run_dir / name)
 
 
 def _rows(run_dir: Path, marker: dict[str, Any]) -> int | None:
@@ -141,7 +145,7 @@ def _rows(run_dir: Path, marker: dict[str, Any]) -> int | None:
     object store mirrors only the markers)."""
     from scope_data.shards import ShardError, read_manifest
 
-    out = str(marker.get("output", "")).replace("$RUN_DIR", str(run_dir))
+    out = marker_output(run_dir, marker)
     try:
         return read_manifest(out).rows if out else None
     except (ShardError, OSError):

@@ -16,11 +16,33 @@ from typing import Any
 from pipelines.config import identity
 from scope_data.hashing import config_hash
 
+ROLES = ("generate", "score", "correct", "train", "eval")  # online worker roles, in plan order
+
 
 def stage_role(where: str, name: str) -> str:
     """The worker role that runs a stage (`scope worker ROLE`): problems, generate, score,
     correct, train or eval."""
     return "problems" if where == "problems" else name.split("-")[0]
+
+
+def read_marker(marker: Path) -> dict[str, Any] | None:
+    """A completion marker's body; None when it is absent, half-written or not an object (a
+    marker another worker is replacing or removing at this moment)."""
+    try:
+        body = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def marker_output(run_dir: Path, body: dict[str, Any]) -> str:
+    """The output folder a marker names (`$RUN_DIR/...`, see `StageRunner.relative`)."""
+    return str(body.get("output", "")).replace("$RUN_DIR", str(run_dir))
+
+
+def _output(cfg: Any) -> Any:
+    """A stage config's output (not part of its hash): `out`, or the trainer's `output_dir`."""
+    return getattr(cfg, "out", None) or getattr(cfg, "output_dir", None)
 
 
 class StageRunner:
@@ -71,7 +93,7 @@ class StageRunner:
         digest = config_hash(body)
         label = f"{where}/{name}"
         if plan:
-            self.plan.append((name.split("-")[0] if where != "problems" else "problems", cfg))
+            self.plan.append((stage_role(where, name), cfg))
         if self.dry_run:
             if callable(check := getattr(cfg, "check", None)):
                 check()  # option values (NaN, ranges) are refused before anything runs
@@ -91,8 +113,7 @@ class StageRunner:
             self.pending.clear()
             if self.store is not None:
                 self.store.pull(marker, digest)
-        if marker.is_file():
-            old = json.loads(marker.read_text())
+        if (old := read_marker(marker)) is not None:
             if old.get("config_hash") == digest and self.resume:
                 self.skipped.append(label)
                 if self.store is not None:
@@ -119,7 +140,7 @@ class StageRunner:
         marker.parent.mkdir(parents=True, exist_ok=True)
         # a unique temporary: two workers of a split stage may both mark it (same content)
         tmp = marker.with_name(f".{marker.name}.{uuid.uuid4().hex}.tmp")
-        out = getattr(cfg, "out", None) or getattr(cfg, "output_dir", None)  # not in the hash
+        out = _output(cfg)
         tmp.write_text(json.dumps({**body, "config_hash": digest,
                                    "seconds": round(time.time() - t0, 2),
                                    "output": self.relative({"o": f"{out}"})["o"]}, default=str))
@@ -133,7 +154,7 @@ class StageRunner:
 def _clear_stale_output(run_dir: Path, cfg: Any) -> None:
     """Remove a stage's output that this run folder's stage marker shows the loop wrote with
     another config (stages never write into another config's table: scope_data.ownership)."""
-    out = getattr(cfg, "out", None) or getattr(cfg, "output_dir", None)
+    out = _output(cfg)
     path = Path(out).resolve() if isinstance(out, str) else None
     if path is not None and path.is_relative_to(run_dir) and path != run_dir and path.is_dir():
         shutil.rmtree(path)
