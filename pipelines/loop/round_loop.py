@@ -117,7 +117,7 @@ def run(cfg: RunConfig, runner: StageRunner | None = None, max_staleness: int = 
     if cfg.online_workers and not cfg.online:
         raise ValueError("--online-workers needs --online")
     if cfg.online and runner is None and not cfg.dry_run:
-        from pipelines.loop.online import launch
+        from pipelines.loop.online_launch import launch
 
         return launch(cfg)
     recipe, rounds = resolve_rounds(cfg)

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipelines.loop.runner import read_marker
 from scope_data.folder import Folder
 
 LOCK = ".train.lock"
@@ -147,10 +148,7 @@ class RunStore:
 
 
 def _hash(marker: Path) -> str | None:
-    try:
-        return json.loads(marker.read_text()).get("config_hash")
-    except (OSError, ValueError):
-        return None
+    return (read_marker(marker) or {}).get("config_hash")
 
 
 def _write_atomic(path: Path, data: str | bytes) -> None:

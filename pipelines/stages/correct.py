@@ -230,7 +230,7 @@ class _Corrector:
         if "steps" not in rows.column_names:
             rows = unscored(rows)
         if rows.num_rows == 0:
-            return SCHEMAS["corrected"].empty_table(), {"rollouts": 0}
+            return SCHEMAS["corrected"].empty_table(), {"rollouts": 0, "correct_seconds": 0.0}
         frame = pl.from_arrow(rows)
         sel = select_corrections(
             frame, mode=cfg.mode, min_prefix_steps=cfg.min_prefix_steps,
