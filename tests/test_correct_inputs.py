@@ -57,7 +57,8 @@ def test_luffy_reads_rollouts_like_scored(tables: tuple[str, str], tmp_path: Pat
     assert all(math.isnan(x) for x in b["threshold"]) and b["steps"].list.len().sum() == 0
     assert b.filter(pl.col("kind") == "corrected")["steps"].equals(
         a.filter(pl.col("kind") == "corrected")["steps"])
-    sa, sb = read_manifest(str(tmp_path / "a")).stats, read_manifest(str(tmp_path / "b")).stats
+    sa, sb = ({k: v for k, v in read_manifest(str(tmp_path / t)).stats.items()
+               if not k.endswith("_seconds")} for t in "ab")  # timings differ run to run
     assert sa == sb and read_manifest(str(tmp_path / "b")).config["mode"] == "luffy"
     with pytest.raises(ValueError, match="--mode scope reads scored tables"):
         run(CorrectConfig(scored=rollouts, out=str(tmp_path / "c"), teacher="oracle:arith"))
