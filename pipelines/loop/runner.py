@@ -10,6 +10,7 @@ import json
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,7 @@ class StageRunner:
 
         console.print(f"[bold cyan]>> {label}[/]", highlight=False)
         with (contextlib.nullcontext() if self.verbose  # else stage summaries (stdout) silenced
-              else contextlib.redirect_stdout(io.StringIO())):
+              else _quiet()):
             if self.share is None:
                 action(cfg)
             elif not self.share.run(action, cfg):
@@ -149,6 +150,15 @@ class StageRunner:
             self.store.push(marker)
         self.ran.append(label)
         return digest
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """A stage's stdout discarded and its summary tables not even rendered."""
+    from pipelines.console import summaries_off
+
+    with contextlib.redirect_stdout(io.StringIO()), summaries_off():
+        yield
 
 
 def _clear_stale_output(run_dir: Path, cfg: Any) -> None:
