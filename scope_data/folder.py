@@ -212,6 +212,24 @@ class Folder:
 _HOST = socket.gethostname().replace(".", "_")
 
 
+def write_local_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
+    """Write a small local file so readers see either the old or the whole new content: a
+    uniquely named sibling temporary renamed into place (several writers may race on one name,
+    e.g. workers marking one stage; the last rename wins). No fsync: for markers and caches
+    that a rerun rewrites (tables go through `Folder.open_atomic`)."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path),
+                       f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def _writer_gone(temp_name: str) -> bool:
     """True when the temporary file `temp_name` was written by a process of this host that no
     longer runs (names hold `<host>-<pid>` of their writer)."""

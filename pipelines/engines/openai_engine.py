@@ -30,7 +30,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -40,6 +39,7 @@ from typing import Any
 
 from pipelines.engines.base import GenerationRequest, GenerationResult
 from pipelines.engines.spec import EngineSpec, load_tokenizer, resolve
+from scope_data.folder import write_local_atomic
 from scope_data.hashing import canonical_json, sha256_hex
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -173,7 +173,7 @@ class OpenAIGenerationEngine:
             raise RuntimeError(f"openai engine: {self.base_url}/completions returned an invalid "
                                f"reply: {problem}")
         if cached is not None:
-            _write_atomic(cached, json.dumps(body))
+            write_local_atomic(cached, json.dumps(body))
         return body
 
     def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -227,11 +227,3 @@ class OpenAIGenerationEngine:
 def _context_length(tokenizer: Any) -> int:
     n = getattr(tokenizer, "model_max_length", None)
     return n if isinstance(n, int) and 0 < n < 10**7 else 32768
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

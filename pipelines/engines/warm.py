@@ -87,7 +87,8 @@ def _can_update(engine: Any, spec: Any, loaded_target: str) -> bool:
             return None
         return {k: v for k, v in data.items() if k not in VOLATILE_CONFIG_KEYS}
 
-    return config(old) is not None and config(old) == config(new) and _same_tokenizer(old, new)
+    loaded = config(old)
+    return loaded is not None and loaded == config(new) and _same_tokenizer(old, new)
 
 
 def _same_tokenizer(old: Path, new: Path) -> bool:

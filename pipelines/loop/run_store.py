@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.loop.runner import read_marker
-from scope_data.folder import Folder
+from scope_data.folder import Folder, write_local_atomic
 
 LOCK = ".train.lock"
 SKIPPED_TRAIN = "train_skipped.json"  # pipelines.loop.round_stages.SKIPPED_TRAIN
@@ -105,7 +105,7 @@ class RunStore:
                 target = local / Path(f).relative_to(remote.rstrip("/"))
                 target.parent.mkdir(parents=True, exist_ok=True)
                 fs.get_file(f, str(target))
-        _write_atomic(marker, json.dumps(body, default=str))
+        write_local_atomic(marker, json.dumps(body, default=str))
         return True
 
     def push(self, marker: Path) -> None:
@@ -136,7 +136,7 @@ class RunStore:
     def pull_file(self, name: str) -> bool:
         if not self.folder.exists(name):
             return False
-        _write_atomic(self.local / name, self.folder.read_bytes(name))
+        write_local_atomic(self.local / name, self.folder.read_bytes(name))
         return True
 
     def markers(self) -> list[str]:
@@ -149,13 +149,6 @@ class RunStore:
 
 def _hash(marker: Path) -> str | None:
     return (read_marker(marker) or {}).get("config_hash")
-
-
-def _write_atomic(path: Path, data: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    tmp.replace(path)
 
 
 class TrainLock:

@@ -9,12 +9,12 @@ import io
 import json
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pipelines.config import identity
+from scope_data.folder import write_local_atomic
 from scope_data.hashing import config_hash
 
 ROLES = ("generate", "score", "correct", "train", "eval")  # online worker roles, in plan order
@@ -76,6 +76,10 @@ class StageRunner:
             return
         if digest in self.markers:
             self.wait(self.markers[digest], digest)
+        self._wait_pending()
+
+    def _wait_pending(self) -> None:
+        """Wait for the other roles' stages recorded by `mirror_all` (the eval worker)."""
         for earlier in self.pending:
             self.wait(*earlier)
         self.pending.clear()
@@ -109,9 +113,7 @@ class StageRunner:
             for up in upstream:
                 if up in self.markers:
                     self.wait(self.markers[up], up)
-            for earlier in self.pending:
-                self.wait(*earlier)
-            self.pending.clear()
+            self._wait_pending()
             if self.store is not None:
                 self.store.pull(marker, digest)
         if (old := read_marker(marker)) is not None:
@@ -138,14 +140,10 @@ class StageRunner:
                 action(cfg)
             elif not self.share.run(action, cfg):
                 return digest  # our shards are done; the worker finishing the last one marks it
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        # a unique temporary: two workers of a split stage may both mark it (same content)
-        tmp = marker.with_name(f".{marker.name}.{uuid.uuid4().hex}.tmp")
-        out = _output(cfg)
-        tmp.write_text(json.dumps({**body, "config_hash": digest,
-                                   "seconds": round(time.time() - t0, 2),
-                                   "output": self.relative({"o": f"{out}"})["o"]}, default=str))
-        tmp.replace(marker)
+        # two workers of a split stage may both mark it (same content): an atomic rename each
+        write_local_atomic(marker, json.dumps({
+            **body, "config_hash": digest, "seconds": round(time.time() - t0, 2),
+            "output": self.relative({"o": f"{_output(cfg)}"})["o"]}, default=str))
         if self.store is not None:
             self.store.push(marker)
         self.ran.append(label)
