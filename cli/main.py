@@ -6,6 +6,8 @@ print its summary and exit non-zero with a one-line message on a user error.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import importlib
 import os
 import pkgutil
@@ -14,6 +16,11 @@ from typing import Annotated
 import typer
 
 import cli
+
+# registered first, so run last: the interpreter's final collections then skip the frozen heap
+# (exit 1.4 s of CPU -> 0.2 s with torch and vLLM imported; an online worker's exit overlaps
+# the other workers' last stages)
+atexit.register(gc.freeze)
 
 app = typer.Typer(
     name="scope",

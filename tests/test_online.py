@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipelines.loop import online
 from pipelines.loop.online import Share, WorkerConfig, _sole_trainer, roles_of, run_worker
 from pipelines.loop.recipe import recipe_from_dict
 from pipelines.loop.round_loop import RunConfig, run
@@ -109,6 +110,31 @@ def test_second_trainer_is_refused(tmp_path) -> None:
     with _sole_trainer(tmp_path), pytest.raises(RuntimeError, match="already has a running"):
         with _sole_trainer(tmp_path):
             pass
+
+
+def test_heap_tidy_scans_the_whole_heap_only_every_few_waits(monkeypatch) -> None:
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    monkeypatch.setattr(online, "FULL_TIDY_EVERY", 3)
+    monkeypatch.setattr(online, "_tidies", 0)
+    try:
+        online.tidy_heap()  # the first tidy is a full one: the heap so far frozen
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # a cycle, frozen by the next tidy while still referenced
+        probe = weakref.ref(a)
+        online.tidy_heap()
+        assert gc.get_freeze_count() > 0
+        del a, b  # now garbage, but only reachable by a full collection of the frozen heap
+        online.tidy_heap()
+        assert probe() is not None  # an incremental tidy leaves frozen cycles alone
+        online.tidy_heap()  # the 4th: unfreezes and collects everything
+        assert probe() is None
+    finally:
+        gc.unfreeze()
 
 
 def test_online_refuses_dynamic_sampling(tmp_path) -> None:
