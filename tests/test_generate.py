@@ -57,6 +57,8 @@ def test_table_shapes_dtypes_and_statuses(setup):
     assert sorted({r["sample_idx"] for r in rows}) == [0, 1, 2]
     stats = result.manifest.stats
     assert stats["status"]["prompt_too_long"] == 3 and stats["responses"] == 12
+    # the stage's timings: generation (with the prompts' rendering) and the verifier apart
+    assert stats["generate_seconds"] > 0 and 0 < stats["grade_seconds"] < stats["generate_seconds"]
     assert t.schema.field("behaviour_logprobs").type == pa.list_(pa.float32())
 
 

@@ -146,6 +146,7 @@ class _Generator:
         if self.engine is None:
             self.engine = load_generation_engine(cfg.policy, **cfg.engine_options())
         problems = rows.to_pylist()
+        t0 = time.perf_counter()  # generate_seconds: prompts rendered and encoded, generation
         texts, ids = render_and_encode(self.engine.tokenizer, [p["prompt"] for p in problems],
                                        cfg.template)
         fits = [len(x) < self.engine.max_model_len for x in ids]
@@ -158,7 +159,6 @@ class _Generator:
         ]
         task = part_task(self.bar, f"generate part {shard_index}", len(requests))
         results = []
-        t0 = time.perf_counter()
         chunk = getattr(self.engine, "chunk_size", CHUNK)
         for start in range(0, len(requests), chunk):
             results += [r[0] for r in self.engine.generate(requests[start : start + chunk])]
@@ -166,7 +166,8 @@ class _Generator:
         seconds = time.perf_counter() - t0
         by_job = dict(zip(jobs, results, strict=True))
         out, stats = [], {"status": {}, "problems": len(problems), "responses": 0, "correct": 0,
-                          "response_tokens": 0, "truncated": 0, "generate_seconds": seconds}
+                          "response_tokens": 0, "truncated": 0, "generate_seconds": seconds,
+                          "grade_seconds": 0.0}
         if cfg.prompts_per_round is not None:  # the round's batch, recorded in the manifest
             stats["round_problems"] = {p["problem_id"]: 1 for p in problems}
         for i, p in enumerate(problems):
@@ -197,7 +198,9 @@ class _Generator:
                   "behaviour_logprobs": r.logprobs, "finish_reason": r.finish_reason}
         if not r.text.strip():
             return {**fields, "status": "empty_response"}
+        t0 = time.perf_counter()  # grade_seconds: the verifier's time
         pred, correct, status = grade_response(p["task"], p["prompt"], p["answer"], r.text)
+        stats["grade_seconds"] += time.perf_counter() - t0
         stats["correct"] += bool(correct)
         return {**fields, "pred_answer": pred, "reward": float(correct), "correct": correct,
                 "status": status}
