@@ -175,6 +175,10 @@ def test_online_k1_generates_one_round_ahead(tmp_path, tiny_policy) -> None:
     initial = ({f"hf:{tiny_policy}"}, {0})
     assert sampled_by(1) == sampled_by(2) == initial  # rounds 1, 2: the initial policy
     assert sampled_by(3) == ({f"hf:{out / 'round-0001' / 'train'}"}, {1})  # round 3: round 1's
+    # the generate worker, done a round ahead, stayed until the last round was trained (its
+    # exit would have slowed that training): its summary is logged after the last train marker
+    last_train = (out / "round-0003" / "_stages" / "train.json").stat().st_mtime
+    assert (out / "logs" / "generate.log").stat().st_mtime >= last_train
 
 
 # -- several workers per role, splitting a stage by shard --------------------------------------

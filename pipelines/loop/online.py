@@ -259,6 +259,8 @@ def run_worker(cfg: WorkerConfig) -> round_loop.RunResult:
           training_session() if train else contextlib.nullcontext() as session):
         _preload(cfg.role)
         result = round_loop.run(run_cfg, runner=runner, max_staleness=cfg.max_staleness)
+        if cfg.role in SPLIT_ROLES:
+            _linger(runner)
     if session is not None:
         from pipelines.console import console
 
@@ -267,6 +269,16 @@ def run_worker(cfg: WorkerConfig) -> round_loop.RunResult:
     if store is not None and cfg.role == "eval":
         store.push_file(round_loop.METRICS_FILE)
     return result
+
+
+def _linger(runner: StageRunner) -> None:
+    """A generate, score or correct worker leaves once the run's last round is trained: its
+    exit (engines torn down; each vLLM process's exit is 1-2 s of CPU) would otherwise slow
+    that round's training on a machine the workers share."""
+    trains = [(digest, m) for digest, m in runner.markers.items() if m.name == "train.json"]
+    if trains:
+        digest, marker = trains[-1]
+        runner.wait(marker, digest)
 
 
 def _preload(role: str) -> None:
