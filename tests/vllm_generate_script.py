@@ -42,7 +42,18 @@ def main() -> None:
             use_tqdm=False)
         raw = [[{"token_ids": list(o.token_ids), "text": o.text}
                 for o in sorted(out.outputs, key=lambda o: o.index)] for out in outs]
+    import time
+
+    import psutil
+
+    def engine_cpu() -> float:  # the CPU seconds of the engine's processes (core and worker)
+        return sum(sum(p.cpu_times()[:2]) for p in psutil.Process().children(recursive=True))
+
+    before = engine_cpu()
+    time.sleep(1.5)  # idle after a generate call
+    idle_cpu = engine_cpu() - before
     json.dump({"max_model_len": engine.max_model_len, "same_llm": engine.llm is llm,
+               "idle_cpu_seconds": idle_cpu,
                "own_decode": engine._rust_tokenizer is not None,
                "results": [[dataclasses.asdict(r) for r in rs] for rs in results], "raw": raw},
               open(out_path, "w"))
