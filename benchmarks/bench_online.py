@@ -62,7 +62,6 @@ def recipe(engine: str, problems: int | None, rounds: int) -> dict:
                 "engine_kwargs": {"enforce_eager": True}}
         for stage in ("generate", "evaluate"):  # copies: a shared dict would dump as a YAML alias
             body[stage].update(copy.deepcopy(vllm))
-        del body["evaluate"]["engine_kwargs"]  # eval has no engine_kwargs option
     return body
 
 

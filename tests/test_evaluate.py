@@ -108,3 +108,13 @@ def test_scope_eval_bad_problems(tmp_path) -> None:
                                    str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 1
     assert "nope" in res.output
+
+
+def test_eval_engine_options_reach_its_generate_stage(tmp_path) -> None:
+    from pipelines.stages.evaluate import EvalConfig, generate_config
+
+    cfg = EvalConfig(model="vllm:/m", problems=str(tmp_path / "p"), out=str(tmp_path / "e"),
+                     max_model_len=256, engine_kwargs={"enforce_eager": True})
+    gen = generate_config(cfg)
+    assert gen.engine_kwargs == {"enforce_eager": True} and gen.max_model_len == 256
+    assert gen.engine_options()["enforce_eager"] is True

@@ -66,6 +66,9 @@ class EvalConfig:
         None, help="vllm: share of GPU memory to use", identity=False)
     max_model_len: int | None = option(None, help="context length cap", identity=False)
     tensor_parallel_size: int = option(1, help="vllm tensor parallelism", identity=False)
+    engine_kwargs: dict[str, Any] = option(
+        default_factory=dict, help="any other engine option, as a JSON object (e.g. vllm "
+        '{"enforce_eager": true})', identity=False)
     storage_options: dict[str, Any] | None = storage_options_field()
 
     def check(self) -> None:
