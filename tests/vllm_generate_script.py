@@ -45,6 +45,7 @@ def main() -> None:
     import time
 
     import psutil
+    from vllm.platforms import current_platform
 
     def engine_cpu() -> float:  # the CPU seconds of the engine's processes (core and worker)
         return sum(sum(p.cpu_times()[:2]) for p in psutil.Process().children(recursive=True))
@@ -53,7 +54,7 @@ def main() -> None:
     time.sleep(1.5)  # idle after a generate call
     idle_cpu = engine_cpu() - before
     json.dump({"max_model_len": engine.max_model_len, "same_llm": engine.llm is llm,
-               "idle_cpu_seconds": idle_cpu,
+               "idle_cpu_seconds": idle_cpu, "cpu_platform": current_platform.is_cpu(),
                "own_decode": engine._rust_tokenizer is not None,
                "results": [[dataclasses.asdict(r) for r in rs] for rs in results], "raw": raw},
               open(out_path, "w"))

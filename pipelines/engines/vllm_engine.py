@@ -32,7 +32,6 @@ from typing import Any
 
 from pipelines.engines.base import GenerationRequest, GenerationResult
 from pipelines.engines.spec import EngineSpec, local_model_path, resolve
-from pipelines.engines.vllm_worker import shorten_idle_spin
 
 CPU_WORKER_EXTENSION = "pipelines.engines.vllm_worker.ScopeWorkerExtension"
 
@@ -82,7 +81,6 @@ class VLLMGenerationEngine:
             # prefill is split across steps; keep prompts whole on CPU.
             kwargs["enable_chunked_prefill"] = False
             kwargs["worker_extension_cls"] = CPU_WORKER_EXTENSION  # in-place weight updates
-            shorten_idle_spin()  # in the engine core (forked from here); the worker: on import
         self._cpu = current_platform.is_cpu()
         self.llm = LLM(**{**kwargs, **(llm_kwargs or {})})
         self.tokenizer = self.llm.get_tokenizer()

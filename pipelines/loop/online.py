@@ -25,6 +25,8 @@ metrics.parquet at the end.
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,6 +45,9 @@ REMOTE_SPLIT = ("several workers per role need the run folder on a shared file s
 # of a wait, may add its few ms, 0.2 s when it is a full one, when the input arrives right then)
 POLL_SECONDS = 0.002
 REMOTE_POLL_SECONDS = 0.5  # on an object store a check is a request: poll less often
+LINGER_POLL_SECONDS = 0.05  # a worker staying for the last round's training (`--linger`)
+# a full heap tidy at most this often: cycles among objects alive at a tidy are freed by it
+FULL_TIDY_SECONDS = 60.0
 # imported before a worker first waits: else round 1 pays them after generate (5-10 s each)
 PRELOAD = {"score": ["transformers"], "correct": ["transformers"],
            "train": ["transformers", "pipelines.training.trainer"]}
@@ -68,6 +73,10 @@ class WorkerConfig:
                                "role: it runs the shards k with k % N == I of each stage")
     num_workers: int = option(1, help="workers splitting each stage of this role by shard "
                               "(generate, score, correct; the stage's num_shards >= N)")
+    linger: bool = option(
+        False, help="generate, score, correct: leave once the run's last round is trained (or "
+        "the launcher is gone), not at once: the local launcher sets it, as workers sharing a "
+        "machine would slow that training by their exit; on a shared file system only")
     storage_options: dict[str, Any] | None = storage_options_field()
 
 
@@ -176,21 +185,21 @@ def tidy_heap() -> None:
     (`gc.freeze`): a collection inside the next stage (the Trainer's `free_memory` runs one at
     every `train()`, 0.25 s in a worker holding torch, transformers and a model) then scans only
     what that stage allocated. The tidy itself scans only what was allocated since the last
-    one (ms), except every FULL_TIDY_EVERY-th, which unfreezes and scans the whole heap (0.2 s
-    of CPU, taken from the stages of the other workers on a small machine): frozen objects
-    freed by reference counts are freed as usual; cycles among them wait for that full tidy."""
+    one (ms); at most every FULL_TIDY_SECONDS it unfreezes and scans the whole heap (0.2 s of
+    CPU, taken from the other workers' stages on a small machine; at paper scale, with rounds
+    of minutes, every tidy is a full one). Frozen objects freed by reference counts are freed
+    as usual; cycles among them (a replaced engine, say) wait for the next full tidy."""
     import gc
 
-    global _tidies
-    if _tidies % FULL_TIDY_EVERY == 0:
+    global _last_full_tidy
+    if time.monotonic() - _last_full_tidy >= FULL_TIDY_SECONDS:
         gc.unfreeze()
-    _tidies += 1
+        _last_full_tidy = time.monotonic()
     gc.collect()
     gc.freeze()
 
 
-FULL_TIDY_EVERY = 16
-_tidies = 0
+_last_full_tidy = -math.inf
 
 
 @contextlib.contextmanager
@@ -259,7 +268,7 @@ def run_worker(cfg: WorkerConfig) -> round_loop.RunResult:
           training_session() if train else contextlib.nullcontext() as session):
         _preload(cfg.role)
         result = round_loop.run(run_cfg, runner=runner, max_staleness=cfg.max_staleness)
-        if cfg.role in SPLIT_ROLES:
+        if cfg.linger and cfg.role in SPLIT_ROLES and store is None:
             _linger(runner)
     if session is not None:
         from pipelines.console import console
@@ -272,13 +281,18 @@ def run_worker(cfg: WorkerConfig) -> round_loop.RunResult:
 
 
 def _linger(runner: StageRunner) -> None:
-    """A generate, score or correct worker leaves once the run's last round is trained: its
-    exit (engines torn down; each vLLM process's exit is 1-2 s of CPU) would otherwise slow
-    that round's training on a machine the workers share."""
+    """`--linger`: a generate, score or correct worker leaves once the run's last round is
+    trained, or its launcher is gone: its exit (engines torn down; 1-2 s of CPU per process
+    with vLLM) would slow that round's training on a machine the workers share."""
     trains = [(digest, m) for digest, m in runner.markers.items() if m.name == "train.json"]
-    if trains:
-        digest, marker = trains[-1]
-        runner.wait(marker, digest)
+    if not trains:
+        return
+    digest, marker = trains[-1]
+    parent, t0 = os.getppid(), time.monotonic()
+    while (read_marker(marker) or {}).get("config_hash") != digest and os.getppid() == parent:
+        time.sleep(LINGER_POLL_SECONDS)
+    print(f"stayed {time.monotonic() - t0:.1f} s, until {runner.relative({'m': str(marker)})['m']}"
+          " was written", flush=True)
 
 
 def _preload(role: str) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipelines.loop import round_loop
 from pipelines.loop.online import (
+    SPLIT_ROLES,
     check_online,
     check_shards,
     marker_waiter,
@@ -101,6 +102,8 @@ def launch(cfg: round_loop.RunConfig, max_restarts: int = 2) -> round_loop.RunRe
                "--run", store.url if store else str(run_dir),
                "--rounds", str(rounds), "--max-staleness", str(cfg.max_staleness),
                "--recipe", str(run_dir / "recipe.json")]
+        if role in SPLIT_ROLES and store is None:
+            cmd.append("--linger")  # their exit would slow the last round's training here
         n = counts.get(role, 1)
         for i in range(n):
             name, share = (role, []) if n == 1 else (
