@@ -138,6 +138,22 @@ def test_heap_tidy_scans_the_whole_heap_only_now_and_then(monkeypatch) -> None:
         gc.unfreeze()
 
 
+def test_linger_ends_with_the_last_train_or_the_launcher(tmp_path, monkeypatch, capsys) -> None:
+    runner = StageRunner(tmp_path, True, False, False, role="score")
+    marker = tmp_path / "round-0002" / "_stages" / "train.json"
+    runner.markers.update({"h1": tmp_path / "round-0001" / "_stages" / "train.json",
+                           "h2": marker})
+    monkeypatch.setattr(online, "LINGER_POLL_SECONDS", 0.0)
+    pids = iter([100, 100, 100])  # the launcher's pid, then gone (the worker re-parented)
+    monkeypatch.setattr(online.os, "getppid", lambda: next(pids, 1))
+    online._linger(runner)
+    assert "until the launcher was gone" in capsys.readouterr().out
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps({"config_hash": "h2"}))  # the last round's train is done
+    online._linger(runner)
+    assert "until $RUN_DIR/round-0002/_stages/train.json was written" in capsys.readouterr().out
+
+
 def test_online_refuses_dynamic_sampling(tmp_path) -> None:
     body = _recipe("hf:x", algo="grpo", dynamic_sampling={"enable": True},
                    generate={"n": 2, "prompts_per_round": 2})

@@ -289,10 +289,13 @@ def _linger(runner: StageRunner) -> None:
         return
     digest, marker = trains[-1]
     parent, t0 = os.getppid(), time.monotonic()
-    while (read_marker(marker) or {}).get("config_hash") != digest and os.getppid() == parent:
+    while not (trained := (read_marker(marker) or {}).get("config_hash") == digest):
+        if os.getppid() != parent:
+            break
         time.sleep(LINGER_POLL_SECONDS)
-    print(f"stayed {time.monotonic() - t0:.1f} s, until {runner.relative({'m': str(marker)})['m']}"
-          " was written", flush=True)
+    until = (f"{runner.relative({'m': str(marker)})['m']} was written" if trained
+             else "the launcher was gone")
+    print(f"stayed {time.monotonic() - t0:.1f} s, until {until}", flush=True)
 
 
 def _preload(role: str) -> None:
