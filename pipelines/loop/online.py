@@ -34,7 +34,7 @@ from typing import Any
 
 from pipelines.config import option, storage_options_field
 from pipelines.loop import round_loop
-from pipelines.loop.runner import ROLES, StageRunner, read_marker
+from pipelines.loop.runner import ROLES, StageRunner, marker_hash, read_marker
 from scope_data.algos import get_algo
 
 SPLIT_ROLES = ("generate", "score", "correct")  # roles whose stages several workers may split
@@ -169,7 +169,7 @@ def marker_waiter(timeout: float, store: Any = None) -> Any:
         while True:
             if store is not None and store.pull(marker, digest):
                 return
-            if (read_marker(marker) or {}).get("config_hash") == digest:
+            if marker_hash(marker) == digest:
                 return
             if not tidied:
                 tidy_heap()
@@ -289,7 +289,7 @@ def _linger(runner: StageRunner) -> None:
         return
     digest, marker = trains[-1]
     parent, t0 = os.getppid(), time.monotonic()
-    while not (trained := (read_marker(marker) or {}).get("config_hash") == digest):
+    while not (trained := marker_hash(marker) == digest):
         if os.getppid() != parent:
             break
         time.sleep(LINGER_POLL_SECONDS)

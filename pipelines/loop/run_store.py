@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipelines.loop.runner import read_marker
+from pipelines.loop.runner import marker_hash
 from scope_data.folder import Folder, write_local_atomic
 
 LOCK = ".train.lock"
@@ -83,7 +83,7 @@ class RunStore:
     def pull(self, marker: Path, digest: str) -> bool:
         """Copy a stage done on the store with config hash `digest` into the mirror (output,
         then marker); False when the store does not hold it (yet)."""
-        if _hash(marker) == digest:
+        if marker_hash(marker) == digest:
             return True
         name = self.rel(marker)
         body = self.read_json(name)
@@ -145,10 +145,6 @@ class RunStore:
         fs.invalidate_cache(self.folder.root)
         root = self.folder.root.rstrip("/")
         return sorted(p[len(root) + 1:] for p in fs.glob(f"{root}/*/_stages/*.json"))
-
-
-def _hash(marker: Path) -> str | None:
-    return (read_marker(marker) or {}).get("config_hash")
 
 
 class TrainLock:

@@ -36,6 +36,11 @@ def read_marker(marker: Path) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
+def marker_hash(marker: Path) -> str | None:
+    """The config hash a completion marker holds; None when there is no readable marker."""
+    return (read_marker(marker) or {}).get("config_hash")
+
+
 def marker_output(run_dir: Path, body: dict[str, Any]) -> str:
     """The output folder a marker names (`$RUN_DIR/...`, see `StageRunner.relative`)."""
     return str(body.get("output", "")).replace("$RUN_DIR", str(run_dir))
